@@ -1,0 +1,1 @@
+"""The agent registry: services register, heartbeat and are discovered by capability."""

@@ -1,0 +1,53 @@
+"""The registry's app factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from registry import routes
+from registry.metrics import RegistryMetrics
+from registry.settings import RegistrySettings
+from registry.store import AgentStore, Clock, reap_periodically
+from services.common.database import create_db_engine
+from services.common.http import install_plumbing
+
+
+def create_app(settings: RegistrySettings, clock: Clock = time.time) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_db_engine(settings.database_url)
+        store = AgentStore(
+            engine, clock, default_ttl=settings.ttl_seconds, reap_after=settings.reap_after_seconds
+        )
+        await asyncio.to_thread(store.create_tables)
+        app.state.store = store
+        app.state.registry_metrics = metrics = RegistryMetrics(app.state.metrics_registry, store)
+        reaper = asyncio.create_task(
+            reap_periodically(store, settings.reap_interval_seconds, on_reaped=metrics.reaped.inc),
+            name="registry-reaper",
+        )
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            engine.dispose()
+
+    app = FastAPI(
+        title="local-llm-swarm registry",
+        summary="Agents register, heartbeat and are discovered by capability.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.started = time.monotonic()
+    install_plumbing(app, max_body_bytes=settings.max_body_bytes)
+    app.include_router(routes.writes)
+    app.include_router(routes.router)
+    return app

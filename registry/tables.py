@@ -1,0 +1,46 @@
+"""Storage of the registry. Plain portable SQL: the same tables on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index
+from sqlmodel import Field, SQLModel
+
+
+class AgentRow(SQLModel, table=True):
+    __tablename__ = "agents"
+
+    agent_id: str = Field(primary_key=True, max_length=128)
+    name: str = Field(max_length=128)
+    tier: str = Field(max_length=64, index=True)
+    role: str = Field(max_length=64, index=True)
+    endpoint: str = Field(max_length=2048)
+    transport: str = Field(max_length=64)
+    cost_per_1k_tokens: float
+    capabilities: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    # "metadata" is taken by SQLAlchemy's declarative base; the column keeps the API name.
+    meta: dict[str, Any] = Field(sa_column=Column("metadata", JSON, nullable=False))
+    ttl_seconds: float
+    # The agent's own check ("passing"/"warning"/"critical"); expiry overrides it.
+    check_status: str = Field(max_length=16)
+    output: str = Field(default="", max_length=1024)
+    in_flight: int | None = None
+    latency_ms: float | None = None
+    # Epoch seconds from the registry's clock.
+    registered_at: float
+    last_heartbeat: float
+    expires_at: float = Field(index=True)
+
+
+class CapabilityRow(SQLModel, table=True):
+    """One row per (agent, capability): discovery is an indexed lookup, not a JSON scan."""
+
+    __tablename__ = "agent_capabilities"
+    __table_args__ = (Index("ix_agent_capabilities_capability", "capability", "agent_id"),)
+
+    agent_id: str = Field(foreign_key="agents.agent_id", primary_key=True, max_length=128)
+    capability: str = Field(primary_key=True, max_length=64)
+
+
+TABLES = [AgentRow.__table__, CapabilityRow.__table__]

@@ -1,0 +1,141 @@
+"""Agents as the registry stores and discovers them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
+
+MAX_CAPABILITIES = 32
+MAX_METADATA_KEYS = 64
+DEFAULT_PAGE_SIZE = 100
+
+
+def _normalize_token(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+# A capability or label as agents declare it: trimmed, lower-case, bounded.
+Capability = Annotated[
+    str,
+    BeforeValidator(_normalize_token),
+    StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.:-]*$"),
+]
+Token = Annotated[
+    str,
+    BeforeValidator(_normalize_token),
+    StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$"),
+]
+Identifier = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+]
+
+
+def _dedupe(values: list[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def _check_endpoint(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("endpoint must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("endpoint has no host")
+    if parts.username or parts.password:
+        raise ValueError("endpoint must not carry credentials")
+    if parts.query or parts.fragment:
+        raise ValueError("endpoint must not have a query or fragment")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"endpoint port is invalid: {exc}") from None
+    return value.rstrip("/")
+
+
+Capabilities = Annotated[
+    list[Capability], Field(max_length=MAX_CAPABILITIES), AfterValidator(_dedupe)
+]
+Endpoint = Annotated[
+    str, StringConstraints(strip_whitespace=True, max_length=2_048), AfterValidator(_check_endpoint)
+]
+CheckStatus = Literal["passing", "warning", "critical"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AgentDefinition(Strict):
+    """What a service sends to ``POST /register``."""
+
+    agent_id: Identifier
+    name: str = Field(min_length=1, max_length=128)
+    tier: Token = "local"
+    role: Token
+    capabilities: Capabilities = Field(min_length=1)
+    endpoint: Endpoint
+    transport: Token = "http"
+    cost_per_1k_tokens: float = Field(default=0.0, ge=0, le=1_000)
+    metadata: dict[str, Any] = Field(default_factory=dict, max_length=MAX_METADATA_KEYS)
+    ttl_seconds: float | None = Field(
+        default=None, gt=0, le=86_400, description="Heartbeat TTL; the registry default if unset."
+    )
+
+
+class AgentRecord(BaseModel):
+    """An agent as the registry answers it, with liveness computed at read time."""
+
+    agent_id: str
+    name: str
+    tier: str
+    role: str
+    capabilities: list[str]
+    endpoint: str
+    transport: str
+    cost_per_1k_tokens: float
+    metadata: dict[str, Any]
+    ttl_seconds: float
+    status: CheckStatus
+    output: str = ""
+    registered_at: datetime
+    last_heartbeat: datetime
+    expires_at: datetime
+    in_flight: int | None = None
+    latency_ms: float | None = None
+
+
+class Heartbeat(Strict):
+    """Optional body of ``POST /heartbeat/{agent_id}``: the agent's own check and live stats."""
+
+    status: CheckStatus = "passing"
+    output: str = Field(default="", max_length=1_024)
+    in_flight: int | None = Field(default=None, ge=0, le=1_000_000)
+    latency_ms: float | None = Field(default=None, ge=0, le=86_400_000)
+
+
+class HeartbeatAck(BaseModel):
+    agent_id: str
+    status: CheckStatus
+    expires_at: datetime
+
+
+class DiscoverRequest(Strict):
+    capabilities: Capabilities = Field(default_factory=list)
+    match: Literal["all", "any"] = "all"
+    tier: Token | None = None
+    role: Token | None = None
+    include_unhealthy: bool = False
+    limit: int = Field(default=DEFAULT_PAGE_SIZE, ge=1)
+
+
+class AgentList(BaseModel):
+    agents: list[AgentRecord]

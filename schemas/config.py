@@ -1,0 +1,234 @@
+"""The swarm configuration: one profile file, validated once, shared by every daemon.
+
+A profile (``config/swarm.yaml`` by default, ``SWARM_CONFIG`` to pick another) describes
+the whole topology. ``SWARM_*`` environment variables override single values, with
+``__`` between nested keys (``SWARM_REGISTRY__PORT=7000``,
+``SWARM_WRAPPERS__REASONER__PORT=9050``); the two documented top-level names
+``SWARM_DATABASE_URL`` and ``SWARM_REGISTRY_TOKEN`` are plain fields.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from schemas.agents import Capability, Identifier, Token
+from schemas.errors import describe_validation_errors
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PROFILE = PROJECT_ROOT / "config" / "swarm.yaml"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0, le=86_400)]
+
+
+class ConfigError(Exception):
+    """A profile that cannot be used; the message is one line naming the key."""
+
+
+def _check_allowlist_entry(entry: str) -> str:
+    entry = entry.strip().lower()
+    if not entry:
+        raise ValueError("empty allowlist entry")
+    if "/" in entry:
+        ipaddress.ip_network(entry, strict=False)  # raises ValueError with the reason
+    return entry
+
+
+AllowlistEntry = Annotated[str, AfterValidator(_check_allowlist_entry)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RegistryConfig(Section):
+    host: str | None = None
+    port: Port = 6121
+    url: str | None = Field(
+        default=None, description="Where clients reach the registry; default http://host:port."
+    )
+    ttl_seconds: Seconds = 30.0
+    reap_after_seconds: Seconds = Field(
+        default=300.0, description="Grace after expiry before a critical agent is removed."
+    )
+    reap_interval_seconds: Seconds = 5.0
+    endpoint_allowlist: list[AllowlistEntry] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1", "localhost"], max_length=256
+    )
+    max_body_bytes: int = Field(default=65_536, ge=1_024, le=16 * 1024 * 1024)
+    max_page_size: int = Field(default=1_000, ge=1, le=100_000)
+
+
+class BackendConfig(Section):
+    """A model backend speaking the Ollama API: a real Ollama or the embedded model host."""
+
+    kind: Literal["embedded", "ollama"]
+    host: str | None = None
+    port: Port
+    model: str = Field(min_length=1, max_length=200)
+
+
+class WrapperConfig(Section):
+    """One model service. Adding a model to the swarm is adding one of these."""
+
+    agent_id: Identifier
+    name: str = Field(min_length=1, max_length=128)
+    host: str | None = None
+    port: Port
+    model: str = Field(min_length=1, max_length=200)
+    backend: str = Field(
+        min_length=1, description="Name of a backend entry, or the name of another wrapper."
+    )
+    prompt_style: Literal["chat", "completion"] = "chat"
+    capabilities: list[Capability] = Field(min_length=1, max_length=32)
+    tier: Token = "local"
+    role: Token
+    cost_per_1k_tokens: float = Field(default=0.0, ge=0)
+    context_length: int | None = Field(default=None, ge=128)
+    max_tokens_limit: int = Field(default=2_048, ge=1)
+    prompts: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProviderConfig(Section):
+    """A cloud provider; a candidate only while the env var named by api_key_env is set."""
+
+    kind: Literal["openai", "anthropic"]
+    base_url: str
+    api_key_env: str = Field(pattern=r"^[A-Z_][A-Z0-9_]*$")
+    models: dict[Capability, str] = Field(description="capability -> model name")
+    price_per_1k_input: float = Field(ge=0)
+    price_per_1k_output: float = Field(ge=0)
+
+
+class RouterConfig(Section):
+    host: str | None = None
+    port: Port = 6103
+    capability_fallbacks: dict[Capability, list[Capability]] = Field(default_factory=dict)
+    reference_price_per_1k_tokens: float = Field(default=0.002, ge=0)
+
+
+class SwarmSettings(BaseSettings):
+    """The whole profile, after ``SWARM_*`` overrides."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SWARM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    host: str = "127.0.0.1"
+    data_dir: Path | None = Field(
+        default=None, description="State (databases, logs); default: the user's data directory."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    database_url: str | None = Field(
+        default=None, description="Any SQLAlchemy URL; default: SQLite files under data_dir."
+    )
+    registry_token: SecretStr | None = None
+
+    registry: RegistryConfig = RegistryConfig()
+    router: RouterConfig = RouterConfig()
+    backends: dict[Identifier, BackendConfig] = Field(default_factory=dict)
+    wrappers: dict[Identifier, WrapperConfig] = Field(default_factory=dict)
+    providers: dict[Identifier, ProviderConfig] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The profile arrives as init kwargs; the environment overrides it.
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _check_topology(self) -> SwarmSettings:
+        seen: dict[tuple[str, int], str] = {}
+        for key, host, port in self._listeners():
+            other = seen.setdefault((host, port), key)
+            if other != key:
+                raise ValueError(f"{key}: port {port} is already used by {other}")
+        for name, wrapper in self.wrappers.items():
+            if wrapper.backend not in self.backends and wrapper.backend not in self.wrappers:
+                raise ValueError(
+                    f"wrappers.{name}.backend: {wrapper.backend!r} names no backend or wrapper"
+                )
+            if wrapper.backend == name:
+                raise ValueError(f"wrappers.{name}.backend: a wrapper cannot be its own backend")
+        return self
+
+    def _listeners(self):
+        yield "registry.port", self.registry.host or self.host, self.registry.port
+        yield "router.port", self.router.host or self.host, self.router.port
+        for name, backend in self.backends.items():
+            yield f"backends.{name}.port", backend.host or self.host, backend.port
+        for name, wrapper in self.wrappers.items():
+            yield f"wrappers.{name}.port", wrapper.host or self.host, wrapper.port
+
+    @property
+    def state_dir(self) -> Path:
+        if self.data_dir is not None:
+            return self.data_dir
+        import platformdirs
+
+        return Path(platformdirs.user_data_dir("local-llm-swarm", appauthor=False))
+
+    def sqlite_url(self, name: str) -> str:
+        """The database URL for one store: SWARM_DATABASE_URL, else a SQLite file."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.state_dir / f'{name}.db'}"
+
+    @property
+    def registry_url(self) -> str:
+        if self.registry.url:
+            return self.registry.url.rstrip("/")
+        return f"http://{_url_host(self.registry.host or self.host)}:{self.registry.port}"
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def profile_path() -> Path:
+    return Path(os.environ.get("SWARM_CONFIG") or DEFAULT_PROFILE)
+
+
+def load_settings(path: Path | None = None) -> SwarmSettings:
+    """Read and validate a profile; raise ConfigError with one line naming the key."""
+    path = path or profile_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config {path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise ConfigError(f"config {path}:{line}: not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: the top level must be a mapping")
+    try:
+        return SwarmSettings(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"config {path}: {describe_validation_errors(exc.errors())}") from None

@@ -1,0 +1,57 @@
+"""Health and info answers of the daemons."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+HealthStatus = Literal["healthy", "degraded", "unhealthy"]
+
+
+class ServiceHealth(BaseModel):
+    """``GET /health`` of every daemon; 200 when healthy, 503 otherwise."""
+
+    status: HealthStatus
+    service: str
+    port: int
+    uptime_seconds: float
+    reason: str | None = None
+
+
+class RegistryHealth(ServiceHealth):
+    database: Literal["ok", "error"]
+    agents: int | None = None
+
+
+class WrapperHealth(ServiceHealth):
+    ollama_backend: str
+    model: str
+    model_loaded: bool
+
+
+class ModelInfo(BaseModel):
+    name: str
+    parameters: str | None = None
+    quantization: str | None = None
+    context_length: int | None = None
+    embedding_dim: int | None = None
+
+
+class Performance(BaseModel):
+    """Figures measured live over the recent requests."""
+
+    avg_throughput_tok_s: float | None = None
+    avg_latency_ms: float | None = None
+    p95_latency_ms: float | None = None
+
+
+class ServiceInfo(BaseModel):
+    """``GET /info`` of a wrapper."""
+
+    service_name: str
+    version: str
+    model: ModelInfo
+    capabilities: list[str]
+    performance: Performance
+    endpoints: list[str]

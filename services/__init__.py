@@ -1,0 +1,1 @@
+"""The swarm's services: the generic model wrapper and the shared daemon plumbing."""

@@ -1,0 +1,1 @@
+"""HTTP plumbing shared by every daemon of the swarm (registry, router, wrappers)."""

@@ -1,0 +1,155 @@
+"""The profile: loaded and validated in one place, overridable by SWARM_* env vars."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from schemas.config import ConfigError, load_settings
+from tests.conftest import REPO, process_env
+
+PROFILES = sorted((REPO / "config").glob("swarm*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in [n for n in __import__("os").environ if n.startswith("SWARM_")]:
+        monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
+def test_shipped_profiles_are_valid(profile):
+    settings = load_settings(profile)
+    assert {"reasoner", "classifier", "tlc_domain_classifier"} <= settings.wrappers.keys()
+    assert settings.wrappers["tlc_domain_classifier"].port == 8052
+    assert settings.wrappers["tlc_domain_classifier"].backend == "classifier"
+
+
+def test_default_profile_matches_the_design():
+    settings = load_settings()
+    assert settings.host == "127.0.0.1"
+    assert (settings.registry.port, settings.router.port) == (6121, 6103)
+    ports = {name: w.port for name, w in settings.wrappers.items()}
+    assert ports == {"reasoner": 8050, "classifier": 8051, "tlc_domain_classifier": 8052}
+    assert {b.kind for b in settings.backends.values()} == {"embedded"}
+    assert settings.registry_url == "http://127.0.0.1:6121"
+    assert settings.registry_token is None
+
+
+def test_ollama_profile_matches_the_design():
+    settings = load_settings(REPO / "config" / "swarm.ollama.yaml")
+    agents = {
+        w.agent_id: (w.model, settings.backends[w.backend].port)
+        for w in settings.wrappers.values()
+        if w.backend in settings.backends
+    }
+    assert agents == {
+        "llm_llama31_8b": ("llama3.1:8b", 11434),
+        "llm_tinyllama_1b": ("tinyllama:1.1b", 11435),
+    }
+
+
+def test_swarm_config_picks_the_profile(monkeypatch, tmp_path):
+    profile = tmp_path / "p.yaml"
+    profile.write_text("registry: {port: 7001}\n")
+    monkeypatch.setenv("SWARM_CONFIG", str(profile))
+    assert load_settings().registry.port == 7001
+
+
+def test_env_overrides_single_values(monkeypatch, tmp_path):
+    monkeypatch.setenv("SWARM_REGISTRY__PORT", "7121")
+    monkeypatch.setenv("SWARM_WRAPPERS__REASONER__PORT", "9050")
+    monkeypatch.setenv("SWARM_DATABASE_URL", "postgresql+psycopg://db.example/swarm")
+    monkeypatch.setenv("SWARM_REGISTRY_TOKEN", "s3cret")
+    monkeypatch.setenv("SWARM_DATA_DIR", str(tmp_path))
+    settings = load_settings()
+    assert settings.registry.port == 7121
+    assert settings.wrappers["reasoner"].port == 9050
+    # The rest of the entry still comes from the profile.
+    assert settings.wrappers["reasoner"].model == "smollm2:135m"
+    assert settings.sqlite_url("registry") == "postgresql+psycopg://db.example/swarm"
+    assert settings.registry_token.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings)
+
+
+def test_default_database_is_sqlite_under_the_data_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("SWARM_DATA_DIR", str(tmp_path))
+    assert load_settings().sqlite_url("registry") == f"sqlite:///{tmp_path}/registry.db"
+
+
+@pytest.mark.parametrize(
+    ("env", "yaml", "expected"),
+    [
+        (
+            {"SWARM_REGISTRY__PORT": "99999"},
+            "",
+            "registry.port: Input should be less than or equal to 65535 (got '99999')",
+        ),
+        ({"SWARM_REGISTRY__PORT": "abc"}, "", "registry.port: Input should be a valid integer"),
+        (
+            {},
+            "registry: {ttl_seconds: -1}\n",
+            "registry.ttl_seconds: Input should be greater than 0",
+        ),
+        ({}, "registry: {prot: 1}\n", "registry.prot: Extra inputs are not permitted"),
+        ({}, "registry: {endpoint_allowlist: ['10.0.0.0/33']}\n", "registry.endpoint_allowlist.0"),
+        (
+            {"SWARM_LOG_LEVEL": "loud"},
+            "",
+            "log_level: Input should be 'debug', 'info', 'warning' or 'error'",
+        ),
+        ({}, "router: {port: 6121}\n", "router.port: port 6121 is already used by registry.port"),
+        (
+            {},
+            "wrappers: {x: {agent_id: x, name: x, port: 9000, model: m, backend: nowhere,"
+            " capabilities: [a], role: r}}\n",
+            "wrappers.x.backend: 'nowhere' names no backend or wrapper",
+        ),
+        ({}, "registry: [1, 2\n", "not valid YAML"),
+        ({}, "- a list\n", "the top level must be a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(monkeypatch, tmp_path, env, yaml, expected):
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(profile)
+    message = str(caught.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_profile_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot read"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_token_value_never_appears_in_errors(monkeypatch, tmp_path):
+    profile = tmp_path / "p.yaml"
+    profile.write_text("registry_token: 8675309\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(profile)
+    assert "registry_token: Input should be a valid string" in str(caught.value)
+    assert "8675309" not in str(caught.value)
+
+
+@pytest.mark.process
+def test_a_daemon_with_a_bad_value_stops_with_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "registry"],
+        cwd=REPO,
+        env=process_env(tmp_path, SWARM_REGISTRY__TTL_SECONDS="soon"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "registry.ttl_seconds: Input should be a valid number" in lines[0]
+    assert Path(lines[0].split("config ", 1)[1].split(":", 1)[0]).name == "swarm.yaml"
