@@ -13,7 +13,7 @@ from registry import routes
 from registry.metrics import RegistryMetrics
 from registry.settings import RegistrySettings
 from registry.store import AgentStore, Clock, reap_periodically
-from services.common.database import create_db_engine
+from services.common.database import create_db_engine, db_runner
 from services.common.http import install_plumbing
 
 
@@ -24,11 +24,14 @@ def create_app(settings: RegistrySettings, clock: Clock = time.time) -> FastAPI:
         store = AgentStore(
             engine, clock, default_ttl=settings.ttl_seconds, reap_after=settings.reap_after_seconds
         )
-        await asyncio.to_thread(store.create_tables)
-        app.state.store = store
-        app.state.registry_metrics = metrics = RegistryMetrics(app.state.metrics_registry, store)
+        run = db_runner(engine)
+        await run(store.create_tables)
+        metrics = RegistryMetrics(app.state.metrics_registry, store)
+        app.state.registry = routes.Registry(settings, store, run, metrics)
         reaper = asyncio.create_task(
-            reap_periodically(store, settings.reap_interval_seconds, on_reaped=metrics.reaped.inc),
+            reap_periodically(
+                store, settings.reap_interval_seconds, run=run, on_reaped=metrics.reaped.inc
+            ),
             name="registry-reaper",
         )
         try:
@@ -45,7 +48,6 @@ def create_app(settings: RegistrySettings, clock: Clock = time.time) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.state.settings = settings
     app.state.started = time.monotonic()
     install_plumbing(app, max_body_bytes=settings.max_body_bytes)
     app.include_router(routes.writes)

@@ -14,12 +14,14 @@ class RegistryMetrics:
         self.registrations = Counter(
             "registry_registrations_total", "Accepted registrations.", registry=registry
         )
-        self.heartbeats = Counter(
+        heartbeats = Counter(
             "registry_heartbeats_total",
             "Heartbeats by result (ok, unknown_agent).",
             ["result"],
             registry=registry,
         )
+        self.heartbeats_ok = heartbeats.labels("ok")
+        self.heartbeats_unknown = heartbeats.labels("unknown_agent")
         self.deregistrations = Counter(
             "registry_deregistrations_total", "Agents deregistered by request.", registry=registry
         )

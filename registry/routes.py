@@ -1,9 +1,14 @@
-"""The registry's HTTP API (DESIGN section 3)."""
+"""The registry's HTTP API (DESIGN section 3).
+
+Endpoints are async and reach the store through ``app.state.run`` (see
+``services.common.database.db_runner``): inline for SQLite, in a worker thread otherwise.
+"""
 
 from __future__ import annotations
 
 import hmac
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
@@ -27,26 +32,30 @@ from schemas.agents import (
 )
 from schemas.errors import ErrorEnvelope
 from schemas.health import RegistryHealth
+from services.common.database import Runner
 from services.common.errors import NotFound, Unauthorized, ValidationFailed
 
 ERRORS = {status: {"model": ErrorEnvelope} for status in (401, 404, 413, 422)}
 
 
-def get_store(request: Request) -> AgentStore:
-    return request.app.state.store
+@dataclass(frozen=True)
+class Registry:
+    """What the routes work with; the app's lifespan creates it."""
+
+    settings: RegistrySettings
+    store: AgentStore
+    run: Runner
+    metrics: RegistryMetrics
 
 
-def get_settings(request: Request) -> RegistrySettings:
-    return request.app.state.settings
+# Async dependencies: FastAPI would run plain functions in the thread pool.
+async def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
 
 
-def get_metrics(request: Request) -> RegistryMetrics:
-    return request.app.state.registry_metrics
-
-
-def require_writer(request: Request) -> None:
+async def require_writer(request: Request) -> None:
     """Writes need ``Authorization: Bearer <token>`` when a token is configured."""
-    token = request.app.state.settings.token
+    token = request.app.state.registry.settings.token
     if token is None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
@@ -55,9 +64,7 @@ def require_writer(request: Request) -> None:
         raise Unauthorized()
 
 
-Store = Annotated[AgentStore, Depends(get_store)]
-Settings = Annotated[RegistrySettings, Depends(get_settings)]
-Metrics = Annotated[RegistryMetrics, Depends(get_metrics)]
+State = Annotated[Registry, Depends(get_registry)]
 AgentId = Annotated[Identifier, Path()]
 
 router = APIRouter(responses=ERRORS)
@@ -80,40 +87,36 @@ def _check_page(limit: int, settings: RegistrySettings) -> None:
 
 
 @writes.post("/register", response_model=AgentRecord, summary="Register or update an agent")
-def register(definition: AgentDefinition, store: Store, settings: Settings, metrics: Metrics):
-    check_endpoint(definition.endpoint, settings.endpoint_allowlist)
-    record = store.register(definition)
-    metrics.registrations.inc()
+async def register(definition: AgentDefinition, registry: State):
+    check_endpoint(definition.endpoint, registry.settings.endpoint_allowlist)
+    record = await registry.run(registry.store.register, definition)
+    registry.metrics.registrations.inc()
     return _json(record)
 
 
 @writes.post("/heartbeat/{agent_id}", response_model=HeartbeatAck, summary="Refresh liveness")
-def heartbeat(
-    agent_id: AgentId,
-    store: Store,
-    metrics: Metrics,
-    beat: Annotated[Heartbeat | None, Body()] = None,
+async def heartbeat(
+    agent_id: AgentId, registry: State, beat: Annotated[Heartbeat | None, Body()] = None
 ):
     try:
-        ack = store.heartbeat(agent_id, beat or Heartbeat())
+        ack = await registry.run(registry.store.heartbeat, agent_id, beat or Heartbeat())
     except NotFound:
-        metrics.heartbeats.labels("unknown_agent").inc()
+        registry.metrics.heartbeats_unknown.inc()
         raise
-    metrics.heartbeats.labels("ok").inc()
+    registry.metrics.heartbeats_ok.inc()
     return _json(ack)
 
 
 @writes.delete("/agents/{agent_id}", status_code=204, summary="Deregister an agent")
-def deregister(agent_id: AgentId, store: Store, metrics: Metrics) -> Response:
-    store.deregister(agent_id)
-    metrics.deregistrations.inc()
+async def deregister(agent_id: AgentId, registry: State) -> Response:
+    await registry.run(registry.store.deregister, agent_id)
+    registry.metrics.deregistrations.inc()
     return Response(status_code=204)
 
 
 @router.get("/agents", response_model=AgentList, summary="List agents")
-def list_agents(
-    store: Store,
-    settings: Settings,
+async def list_agents(
+    registry: State,
     capability: Annotated[str | None, Query(max_length=64)] = None,
     status: CheckStatus | None = None,
     tier: Token | None = None,
@@ -121,37 +124,41 @@ def list_agents(
     limit: Annotated[int, Query(ge=1)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ):
-    _check_page(limit, settings)
-    agents = store.list(
-        capability=capability.strip().lower() if capability else None,
-        status=status,
-        tier=tier,
-        role=role,
-        limit=limit,
-        offset=offset,
-    )
-    return _json(AgentList.model_construct(agents=agents))
+    _check_page(limit, registry.settings)
+
+    def page():
+        return registry.store.list(
+            capability=capability.strip().lower() if capability else None,
+            status=status,
+            tier=tier,
+            role=role,
+            limit=limit,
+            offset=offset,
+        )
+
+    return _json(AgentList.model_construct(agents=await registry.run(page)))
 
 
 @router.get("/agents/{agent_id}", response_model=AgentRecord, summary="One agent")
-def get_agent(agent_id: AgentId, store: Store):
-    return _json(store.get(agent_id))
+async def get_agent(agent_id: AgentId, registry: State):
+    return _json(await registry.run(registry.store.get, agent_id))
 
 
 @router.post("/discover", response_model=AgentList, summary="Find agents by capability")
-def discover(request: DiscoverRequest, store: Store, settings: Settings):
-    _check_page(request.limit, settings)
-    return _json(AgentList.model_construct(agents=store.discover(request)))
+async def discover(request: DiscoverRequest, registry: State):
+    _check_page(request.limit, registry.settings)
+    agents = await registry.run(registry.store.discover, request)
+    return _json(AgentList.model_construct(agents=agents))
 
 
 @router.get("/health", response_model=RegistryHealth, responses={503: {"model": RegistryHealth}})
-def health(request: Request, store: Store, settings: Settings):
+async def health(request: Request, registry: State):
     uptime = round(time.monotonic() - request.app.state.started, 3)
-    base = {"service": "registry", "port": settings.port, "uptime_seconds": uptime}
+    base = {"service": "registry", "port": registry.settings.port, "uptime_seconds": uptime}
     try:
-        counts = store.count_by_status()
+        agents = await registry.run(registry.store.count)
     except Exception as exc:
         reason = f"database unavailable: {type(exc).__name__}"
         body = RegistryHealth(status="unhealthy", database="error", reason=reason, **base)
         return JSONResponse(body.model_dump(), status_code=503)
-    return RegistryHealth(status="healthy", database="ok", agents=sum(counts.values()), **base)
+    return RegistryHealth(status="healthy", database="ok", agents=agents, **base)

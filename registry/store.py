@@ -3,6 +3,9 @@
 Liveness follows Consul's TTL checks: each heartbeat moves ``expires_at`` to now + TTL.
 Past it an agent is ``critical`` and not discovered; ``reap_after`` seconds later the
 reaper removes it. Nothing here sleeps: time comes from the injected clock.
+
+Queries use SQLAlchemy Core over the SQLModel tables: these are the hot paths, and the
+ORM's identity map and session bookkeeping cost more than the queries themselves.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Engine, case, delete, func, or_, select, update
+from pydantic import TypeAdapter
+from sqlalchemy import Engine, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
 
 from registry.tables import TABLES, AgentRow, CapabilityRow
 from schemas.agents import (
@@ -25,15 +29,43 @@ from schemas.agents import (
     Heartbeat,
     HeartbeatAck,
 )
+from services.common.database import Runner
 from services.common.errors import NotFound
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
+AGENTS = AgentRow.__table__
+CAPABILITIES = CapabilityRow.__table__
+STORED_FIELDS = [name for name in AgentRecord.model_fields if name != "status"]
+_RECORDS = TypeAdapter(list[AgentRecord])
+# How far _rarest_first counts a capability: enough to tell rare from common.
+RAREST_PROBE = 1_000
 
-def _when(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC)
+
+def record_columns(now: float | Any) -> list:
+    """The columns of an AgentRecord, with the status computed by the database at ``now``."""
+    status = case((AGENTS.c.expires_at < now, "critical"), else_=AGENTS.c.check_status)
+    return [AGENTS.c[name] for name in STORED_FIELDS] + [status.label("status")]
+
+
+_RECORD_KEYS = [*STORED_FIELDS, "status"]
+
+_HEARTBEAT = (
+    update(AGENTS)
+    .where(AGENTS.c.agent_id == bindparam("target"))
+    .values(
+        last_heartbeat=bindparam("now"),
+        expires_at=AGENTS.c.ttl_seconds + bindparam("now"),
+        check_status=bindparam("status"),
+        output=bindparam("output"),
+        in_flight=bindparam("in_flight"),
+        latency_ms=bindparam("latency_ms"),
+    )
+    .returning(AGENTS.c.expires_at)
+)
+_GET = select(*record_columns(bindparam("now"))).where(AGENTS.c.agent_id == bindparam("target"))
 
 
 class AgentStore:
@@ -52,8 +84,8 @@ class AgentStore:
         """Insert or replace an agent; registering also counts as a heartbeat."""
         now = self.clock()
         ttl = definition.ttl_seconds or self.default_ttl
-        values = definition.model_dump(exclude={"agent_id", "metadata", "ttl_seconds"}) | {
-            "meta": definition.metadata,
+        agent_id = definition.agent_id
+        values = definition.model_dump(exclude={"agent_id", "ttl_seconds"}) | {
             "ttl_seconds": ttl,
             "check_status": "passing",
             "output": "",
@@ -62,68 +94,52 @@ class AgentStore:
             "last_heartbeat": now,
             "expires_at": now + ttl,
         }
-        agent_id = definition.agent_id
+        capability_rows = [{"agent_id": agent_id, "capability": c} for c in definition.capabilities]
         # Two first registrations of one agent can race to INSERT; the loser retries
         # and takes the UPDATE path. Portable, unlike dialect-specific upserts.
         for attempt in range(3):
             try:
-                with Session(self.engine) as session:
-                    updated = session.exec(
-                        update(AgentRow).where(AgentRow.agent_id == agent_id).values(**values)
+                with self.engine.begin() as conn:
+                    updated = conn.execute(
+                        update(AGENTS).where(AGENTS.c.agent_id == agent_id).values(values)
                     )
                     if updated.rowcount == 0:
-                        session.add(AgentRow(agent_id=agent_id, registered_at=now, **values))
-                        session.flush()
-                    session.exec(delete(CapabilityRow).where(CapabilityRow.agent_id == agent_id))
-                    session.add_all(
-                        CapabilityRow(agent_id=agent_id, capability=capability)
-                        for capability in definition.capabilities
-                    )
-                    session.commit()
-                    row = session.get(AgentRow, agent_id)
-                    return self._record(row, now)
+                        row = values | {"agent_id": agent_id, "registered_at": now}
+                        conn.execute(insert(AGENTS).values(row))
+                    conn.execute(delete(CAPABILITIES).where(CAPABILITIES.c.agent_id == agent_id))
+                    conn.execute(insert(CAPABILITIES), capability_rows)
+                    stored = conn.execute(_GET, {"target": agent_id, "now": now}).one()
+                return _records([stored])[0]
             except IntegrityError:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
     def heartbeat(self, agent_id: str, beat: Heartbeat) -> HeartbeatAck:
-        now = self.clock()
-        with Session(self.engine) as session:
-            result = session.exec(
-                update(AgentRow)
-                .where(AgentRow.agent_id == agent_id)
-                .values(
-                    last_heartbeat=now,
-                    expires_at=AgentRow.ttl_seconds + now,
-                    check_status=beat.status,
-                    output=beat.output,
-                    in_flight=beat.in_flight,
-                    latency_ms=beat.latency_ms,
-                )
-            )
-            if result.rowcount == 0:
-                raise NotFound(f"agent {agent_id!r} is not registered", code="agent_not_found")
-            expires_at = session.exec(
-                select(AgentRow.expires_at).where(AgentRow.agent_id == agent_id)
-            ).scalar_one()
-            session.commit()
-        return HeartbeatAck(agent_id=agent_id, status=beat.status, expires_at=_when(expires_at))
+        params = beat.model_dump() | {"target": agent_id, "now": self.clock()}
+        with self.engine.begin() as conn:
+            expires_at = conn.execute(_HEARTBEAT, params).scalar()
+        if expires_at is None:
+            raise _not_found(agent_id)
+        return HeartbeatAck(
+            agent_id=agent_id,
+            status=beat.status,
+            expires_at=datetime.fromtimestamp(expires_at, UTC),
+        )
 
     def deregister(self, agent_id: str) -> None:
-        with Session(self.engine) as session:
-            session.exec(delete(CapabilityRow).where(CapabilityRow.agent_id == agent_id))
-            removed = session.exec(delete(AgentRow).where(AgentRow.agent_id == agent_id))
-            session.commit()
+        with self.engine.begin() as conn:
+            conn.execute(delete(CAPABILITIES).where(CAPABILITIES.c.agent_id == agent_id))
+            removed = conn.execute(delete(AGENTS).where(AGENTS.c.agent_id == agent_id))
         if removed.rowcount == 0:
-            raise NotFound(f"agent {agent_id!r} is not registered", code="agent_not_found")
+            raise _not_found(agent_id)
 
     def get(self, agent_id: str) -> AgentRecord:
-        with Session(self.engine) as session:
-            row = session.get(AgentRow, agent_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(_GET, {"target": agent_id, "now": self.clock()}).first()
         if row is None:
-            raise NotFound(f"agent {agent_id!r} is not registered", code="agent_not_found")
-        return self._record(row, self.clock())
+            raise _not_found(agent_id)
+        return _records([row])[0]
 
     def list(
         self,
@@ -136,104 +152,155 @@ class AgentStore:
         offset: int = 0,
     ) -> list[AgentRecord]:
         now = self.clock()
-        query = select(AgentRow)
-        if capability:
-            query = query.where(AgentRow.agent_id.in_(_having_capabilities([capability], "all")))
         if status == "critical":
-            query = query.where(or_(AgentRow.expires_at < now, AgentRow.check_status == "critical"))
+            health = [or_(AGENTS.c.expires_at < now, AGENTS.c.check_status == "critical")]
         elif status is not None:
-            query = query.where(AgentRow.expires_at >= now, AgentRow.check_status == status)
-        return self._select(_filtered(query, tier, role).offset(offset).limit(limit), now)
+            health = [AGENTS.c.expires_at >= now, AGENTS.c.check_status == status]
+        else:
+            health = []
+        conditions = [*health, *_labels(tier, role)]
+        query = _having_all([capability] if capability else [], conditions, now)
+        return self._fetch(query.offset(offset).limit(limit))
 
     def discover(self, request: DiscoverRequest) -> list[AgentRecord]:
         now = self.clock()
-        query = select(AgentRow)
-        if request.capabilities:
-            query = query.where(
-                AgentRow.agent_id.in_(_having_capabilities(request.capabilities, request.match))
-            )
+        conditions = _labels(request.tier, request.role)
         if not request.include_unhealthy:
-            query = query.where(AgentRow.expires_at >= now, AgentRow.check_status != "critical")
-        query = _filtered(query, request.tier, request.role).limit(request.limit)
-        return self._select(query, now)
+            conditions += [AGENTS.c.expires_at >= now, AGENTS.c.check_status != "critical"]
+        with self.engine.connect() as conn:
+            if request.match == "any" and len(request.capabilities) > 1:
+                query = _having_any(request.capabilities, conditions, now, request.limit)
+            else:
+                capabilities = _rarest_first(conn, request.capabilities)
+                query = _having_all(capabilities, conditions, now)
+            return _records(conn.execute(query.limit(request.limit)).all())
 
     def reap(self) -> list[str]:
         """Remove agents critical for longer than the grace; return their ids."""
         cutoff = self.clock() - self.reap_after
-        with Session(self.engine) as session:
-            expired = select(AgentRow.agent_id).where(AgentRow.expires_at < cutoff)
-            agent_ids = list(session.exec(expired).scalars())
+        with self.engine.begin() as conn:
+            expired = select(AGENTS.c.agent_id).where(AGENTS.c.expires_at < cutoff)
+            agent_ids = list(conn.execute(expired).scalars())
             if agent_ids:
-                session.exec(delete(CapabilityRow).where(CapabilityRow.agent_id.in_(agent_ids)))
-                session.exec(delete(AgentRow).where(AgentRow.agent_id.in_(agent_ids)))
-                session.commit()
+                conn.execute(delete(CAPABILITIES).where(CAPABILITIES.c.agent_id.in_(agent_ids)))
+                conn.execute(delete(AGENTS).where(AGENTS.c.agent_id.in_(agent_ids)))
         return agent_ids
+
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(AGENTS)).scalar_one()
 
     def count_by_status(self) -> dict[str, int]:
         now = self.clock()
-        expired = func.sum(case((AgentRow.expires_at < now, 1), else_=0))
-        query = select(AgentRow.check_status, func.count(), expired).group_by(AgentRow.check_status)
-        with Session(self.engine) as session:
-            rows = session.exec(query).all()
+        expired = func.sum(case((AGENTS.c.expires_at < now, 1), else_=0))
+        query = select(AGENTS.c.check_status, func.count(), expired).group_by(AGENTS.c.check_status)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
         counts = {"passing": 0, "warning": 0, "critical": 0}
         for check_status, total, expired_count in rows:
             counts["critical"] += expired_count or 0
             counts[check_status] += total - (expired_count or 0)
         return counts
 
-    def _select(self, query, now: float) -> list[AgentRecord]:
-        with Session(self.engine) as session:
-            rows = session.exec(query.order_by(AgentRow.agent_id)).scalars().all()
-        return [self._record(row, now) for row in rows]
-
-    @staticmethod
-    def _record(row: AgentRow, now: float) -> AgentRecord:
-        status = "critical" if now > row.expires_at else row.check_status
-        # Rows were validated on the way in; construct without validating again.
-        return AgentRecord.model_construct(
-            agent_id=row.agent_id,
-            name=row.name,
-            tier=row.tier,
-            role=row.role,
-            capabilities=row.capabilities,
-            endpoint=row.endpoint,
-            transport=row.transport,
-            cost_per_1k_tokens=row.cost_per_1k_tokens,
-            metadata=row.meta,
-            ttl_seconds=row.ttl_seconds,
-            status=status,
-            output=row.output,
-            registered_at=_when(row.registered_at),
-            last_heartbeat=_when(row.last_heartbeat),
-            expires_at=_when(row.expires_at),
-            in_flight=row.in_flight,
-            latency_ms=row.latency_ms,
-        )
+    def _fetch(self, query) -> list[AgentRecord]:
+        with self.engine.connect() as conn:
+            return _records(conn.execute(query).all())
 
 
-def _having_capabilities(capabilities: list[str], match: str):
-    query = (
-        select(CapabilityRow.agent_id)
-        .where(CapabilityRow.capability.in_(capabilities))
-        .group_by(CapabilityRow.agent_id)
-    )
-    if match == "all":
-        query = query.having(func.count() == len(capabilities))
-    return query
+def _records(rows) -> list[AgentRecord]:
+    # One validation pass in pydantic-core for the whole page: epoch floats become
+    # datetimes there, much faster than building each record in Python.
+    return _RECORDS.validate_python([dict(zip(_RECORD_KEYS, row, strict=True)) for row in rows])
 
 
-def _filtered(query, tier: str | None, role: str | None):
+def _not_found(agent_id: str) -> NotFound:
+    return NotFound(f"agent {agent_id!r} is not registered", code="agent_not_found")
+
+
+def _labels(tier: str | None, role: str | None) -> list:
+    conditions = []
     if tier:
-        query = query.where(AgentRow.tier == tier)
+        conditions.append(AGENTS.c.tier == tier)
     if role:
-        query = query.where(AgentRow.role == role)
+        conditions.append(AGENTS.c.role == role)
+    return conditions
+
+
+def _rarest_first(conn, capabilities: list[str]) -> list[str]:
+    """Order capabilities rarest first, counting each only up to a bound.
+
+    The first capability drives the walk in _having_all; driving by a popular one would
+    probe thousands of agents to find the few that also have a rare one.
+    """
+    if len(capabilities) < 2:
+        return capabilities
+    counts = [
+        select(func.count())
+        .select_from(
+            select(CAPABILITIES.c.agent_id)
+            .where(CAPABILITIES.c.capability == capability)
+            .limit(RAREST_PROBE)
+            .subquery()
+        )
+        .scalar_subquery()
+        for capability in capabilities
+    ]
+    found = conn.execute(select(*counts)).one()
+    return [capability for _, capability in sorted(zip(found, capabilities, strict=True))]
+
+
+def _having_all(capabilities: list[str], conditions: list, now: float):
+    """Agents with every capability, in agent_id order.
+
+    The (capability, agent_id) index of the first capability drives, the others are probed
+    through the primary key, and the walk stops at the LIMIT instead of collecting every
+    match first.
+    """
+    columns = record_columns(now)
+    if not capabilities:
+        return select(*columns).where(*conditions).order_by(AGENTS.c.agent_id)
+    first, *others = capabilities
+    query = (
+        select(*columns)
+        .select_from(CAPABILITIES.join(AGENTS, CAPABILITIES.c.agent_id == AGENTS.c.agent_id))
+        .where(CAPABILITIES.c.capability == first, *conditions)
+        .order_by(CAPABILITIES.c.agent_id)
+    )
+    for other in others:
+        probe = CAPABILITIES.alias()
+        query = query.where(
+            select(probe.c.agent_id)
+            .where(probe.c.agent_id == AGENTS.c.agent_id, probe.c.capability == other)
+            .exists()
+        )
     return query
+
+
+def _having_any(capabilities: list[str], conditions: list, now: float, limit: int):
+    """Up to ``limit`` agents with any of the capabilities, in agent_id order.
+
+    The capability indexes are read only until enough matches are found (an agent appears
+    once per capability it matches, hence limit x capabilities), instead of walking every
+    agent or sorting every match.
+    """
+    matches = (
+        select(CAPABILITIES.c.agent_id)
+        .select_from(CAPABILITIES.join(AGENTS, CAPABILITIES.c.agent_id == AGENTS.c.agent_id))
+        .where(CAPABILITIES.c.capability.in_(capabilities), *conditions)
+        .limit(limit * len(capabilities))
+    )
+    return (
+        select(*record_columns(now))
+        .where(AGENTS.c.agent_id.in_(matches))
+        .order_by(AGENTS.c.agent_id)
+    )
 
 
 async def reap_periodically(
     store: AgentStore,
     interval: float,
     *,
+    run: Runner,
     on_reaped: Callable[[int], object] = lambda count: None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> None:
@@ -241,7 +308,7 @@ async def reap_periodically(
     while True:
         await sleep(interval)
         try:
-            removed = await asyncio.to_thread(store.reap)
+            removed = await run(store.reap)
         except Exception:
             log.exception("reaping expired agents failed")
             continue

@@ -10,6 +10,8 @@ from sqlmodel import Field, SQLModel
 
 class AgentRow(SQLModel, table=True):
     __tablename__ = "agents"
+    # Counting agents by status (metrics) reads this index alone, not the rows.
+    __table_args__ = (Index("ix_agents_status_expiry", "check_status", "expires_at"),)
 
     agent_id: str = Field(primary_key=True, max_length=128)
     name: str = Field(max_length=128)

@@ -244,7 +244,7 @@ def test_concurrent_upserts_of_the_same_agent(registry_settings, agent, clock):
 
 
 def test_concurrent_store_upserts_from_threads(registry, agent):
-    store = registry.app.state.store
+    store = registry.app.state.registry.store
     from schemas.agents import AgentDefinition
 
     definitions = [AgentDefinition(**agent | {"name": f"t{n}"}) for n in range(24)]
@@ -278,8 +278,8 @@ def test_health_and_metrics(registry, agent):
 
 
 def test_health_is_503_when_the_database_fails(registry):
-    registry.app.state.store.engine.dispose()
-    registry.app.state.store.engine = __import__("sqlalchemy").create_engine(
+    registry.app.state.registry.store.engine.dispose()
+    registry.app.state.registry.store.engine = __import__("sqlalchemy").create_engine(
         "sqlite:////nonexistent/dir/registry.db"
     )
     response = registry.get("/health")

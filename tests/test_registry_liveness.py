@@ -44,7 +44,7 @@ def test_each_agent_has_its_own_ttl(registry, agent, clock):
 
 
 def test_reaping_removes_agents_only_after_the_grace(registry, agent, clock):
-    store = registry.app.state.store
+    store = registry.app.state.registry.store
     registry.post("/register", json=agent | {"agent_id": "stale"})
     registry.post("/register", json=agent | {"agent_id": "fresh"})
     clock.advance(30 + 299)
@@ -60,7 +60,7 @@ def test_reaping_removes_agents_only_after_the_grace(registry, agent, clock):
 
 
 def test_the_reaper_runs_in_the_background(registry, agent, clock):
-    store = registry.app.state.store
+    store = registry.app.state.registry.store
     registry.post("/register", json=agent)
     reaped: list[int] = []
 
@@ -74,8 +74,11 @@ def test_the_reaper_runs_in_the_background(registry, agent, clock):
         clock.advance(200)
 
     sleeps: list[float] = []
+    run = registry.app.state.registry.run
     with pytest.raises(Stop):
-        asyncio.run(reap_periodically(store, 7.5, on_reaped=reaped.append, sleep=fake_sleep))
+        asyncio.run(
+            reap_periodically(store, 7.5, run=run, on_reaped=reaped.append, sleep=fake_sleep)
+        )
     assert sleeps == [7.5, 7.5, 7.5]
     # 600 s after the last heartbeat: past TTL (30) + grace (300), removed on the 2nd round.
     assert reaped == [1]
@@ -83,7 +86,7 @@ def test_the_reaper_runs_in_the_background(registry, agent, clock):
 
 
 def test_a_failing_reap_round_is_survived(registry, clock, caplog):
-    store = registry.app.state.store
+    store = registry.app.state.registry.store
     rounds = []
 
     def broken_reap():
@@ -99,7 +102,9 @@ def test_a_failing_reap_round_is_survived(registry, clock, caplog):
 
     store.reap = broken_reap
     with pytest.raises(Stop):
-        asyncio.run(reap_periodically(store, 1, sleep=fake_sleep))
+        asyncio.run(
+            reap_periodically(store, 1, run=registry.app.state.registry.run, sleep=fake_sleep)
+        )
     assert len(rounds) == 2
     assert "reaping expired agents failed" in caplog.text
 
