@@ -40,8 +40,9 @@ AGENTS = AgentRow.__table__
 CAPABILITIES = CapabilityRow.__table__
 STORED_FIELDS = [name for name in AgentRecord.model_fields if name != "status"]
 _RECORDS = TypeAdapter(list[AgentRecord])
-# How far _rarest_first counts a capability: enough to tell rare from common.
-RAREST_PROBE = 1_000
+# How far _rarest_first counts a capability: far enough to tell rare from common, short
+# enough that counting a capability every agent has stays well under a millisecond.
+RAREST_PROBE = 2_000
 
 
 def record_columns(now: float | Any) -> list:
@@ -160,7 +161,9 @@ class AgentStore:
             health = []
         conditions = [*health, *_labels(tier, role)]
         query = _having_all([capability] if capability else [], conditions, now)
-        return self._fetch(query.offset(offset).limit(limit))
+        # Pages need a stable order; discovery does not, and is faster without one.
+        query = query.order_by(AGENTS.c.agent_id).offset(offset).limit(limit)
+        return self._fetch(query)
 
     def discover(self, request: DiscoverRequest) -> list[AgentRecord]:
         now = self.clock()
@@ -173,7 +176,8 @@ class AgentStore:
             else:
                 capabilities = _rarest_first(conn, request.capabilities)
                 query = _having_all(capabilities, conditions, now)
-            return _records(conn.execute(query.limit(request.limit)).all())
+            found = _records(conn.execute(query.limit(request.limit)).all())
+        return sorted(found, key=lambda record: record.agent_id)
 
     def reap(self) -> list[str]:
         """Remove agents critical for longer than the grace; return their ids."""
@@ -250,21 +254,20 @@ def _rarest_first(conn, capabilities: list[str]) -> list[str]:
 
 
 def _having_all(capabilities: list[str], conditions: list, now: float):
-    """Agents with every capability, in agent_id order.
+    """Agents with every capability.
 
-    The (capability, agent_id) index of the first capability drives, the others are probed
-    through the primary key, and the walk stops at the LIMIT instead of collecting every
-    match first.
+    Unordered, so that the database can drive the walk by whichever index is most
+    selective (the first capability's, or the role's) and stop at the LIMIT; the other
+    capabilities are probed through the primary key.
     """
     columns = record_columns(now)
     if not capabilities:
-        return select(*columns).where(*conditions).order_by(AGENTS.c.agent_id)
+        return select(*columns).where(*conditions)
     first, *others = capabilities
     query = (
         select(*columns)
         .select_from(CAPABILITIES.join(AGENTS, CAPABILITIES.c.agent_id == AGENTS.c.agent_id))
         .where(CAPABILITIES.c.capability == first, *conditions)
-        .order_by(CAPABILITIES.c.agent_id)
     )
     for other in others:
         probe = CAPABILITIES.alias()
@@ -277,7 +280,7 @@ def _having_all(capabilities: list[str], conditions: list, now: float):
 
 
 def _having_any(capabilities: list[str], conditions: list, now: float, limit: int):
-    """Up to ``limit`` agents with any of the capabilities, in agent_id order.
+    """Up to ``limit`` agents with any of the capabilities.
 
     The capability indexes are read only until enough matches are found (an agent appears
     once per capability it matches, hence limit x capabilities), instead of walking every
@@ -289,11 +292,7 @@ def _having_any(capabilities: list[str], conditions: list, now: float, limit: in
         .where(CAPABILITIES.c.capability.in_(capabilities), *conditions)
         .limit(limit * len(capabilities))
     )
-    return (
-        select(*record_columns(now))
-        .where(AGENTS.c.agent_id.in_(matches))
-        .order_by(AGENTS.c.agent_id)
-    )
+    return select(*record_columns(now)).where(AGENTS.c.agent_id.in_(matches))
 
 
 async def reap_periodically(

@@ -145,11 +145,28 @@ def fleet(registry, agent):
         ({"capabilities": ["reasoning"], "tier": "local"}, ["reasoner"]),
         ({"capabilities": ["nothing_has_this"]}, []),
         ({}, ["classifier", "reasoner", "remote", "tlc"]),
-        ({"limit": 2}, ["classifier", "reasoner"]),
     ],
 )
 def test_discover(fleet, query, expected):
     assert ids(fleet.post("/discover", json=query)) == expected
+
+
+@pytest.mark.parametrize(
+    ("query", "matching"),
+    [
+        ({"capabilities": ["classification"]}, {"classifier", "remote", "tlc"}),
+        (
+            {"capabilities": ["classification", "planning"], "match": "any"},
+            {"classifier", "reasoner", "remote", "tlc"},
+        ),
+    ],
+)
+def test_discover_is_bounded_by_limit(fleet, query, matching):
+    """Past the limit, which matches come back is the database's choice; the page is sorted."""
+    found = ids(fleet.post("/discover", json=query | {"limit": 2}))
+    assert len(found) == 2
+    assert set(found) <= matching
+    assert found == sorted(found)
 
 
 def test_discover_returns_healthy_agents_unless_asked(fleet, clock):
