@@ -275,40 +275,34 @@ class Logprob(TokenLogprob):
 # All are optional because Ollama omits zero values (prompt_eval_count on a cached prompt).
 
 
-class GenerateResponse(BaseModel):
+class _ModelAnswer(BaseModel):
+    """What generate and chat answers share: timings in ns and token counts (any omitted)."""
+
+    model: str
+    created_at: Timestamp
+    done: bool
+    done_reason: DoneReason | None = None
+    total_duration: Nanoseconds | None = None
+    load_duration: Nanoseconds | None = None
+    prompt_eval_count: Count | None = None
+    prompt_eval_duration: Nanoseconds | None = None
+    eval_count: Count | None = None
+    eval_duration: Nanoseconds | None = None
+    logprobs: list[Logprob] | None = None
+
+
+class GenerateResponse(_ModelAnswer):
     """Answer of ``POST /api/generate``, or one NDJSON line of its stream."""
 
-    model: str
-    created_at: Timestamp
     response: str = ""
     thinking: str | None = None
-    done: bool
-    done_reason: DoneReason | None = None
     context: list[int] | None = None
-    total_duration: Nanoseconds | None = None
-    load_duration: Nanoseconds | None = None
-    prompt_eval_count: Count | None = None
-    prompt_eval_duration: Nanoseconds | None = None
-    eval_count: Count | None = None
-    eval_duration: Nanoseconds | None = None
-    logprobs: list[Logprob] | None = None
 
 
-class ChatResponse(BaseModel):
+class ChatResponse(_ModelAnswer):
     """Answer of ``POST /api/chat``, or one NDJSON line of its stream."""
 
-    model: str
-    created_at: Timestamp
     message: Message
-    done: bool
-    done_reason: DoneReason | None = None
-    total_duration: Nanoseconds | None = None
-    load_duration: Nanoseconds | None = None
-    prompt_eval_count: Count | None = None
-    prompt_eval_duration: Nanoseconds | None = None
-    eval_count: Count | None = None
-    eval_duration: Nanoseconds | None = None
-    logprobs: list[Logprob] | None = None
 
 
 class ModelDetails(BaseModel):
