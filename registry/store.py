@@ -69,11 +69,40 @@ _HEARTBEAT = (
 _GET = select(*record_columns(bindparam("now"))).where(AGENTS.c.agent_id == bindparam("target"))
 
 
+class Prepared:
+    """A statement compiled once for the engine's dialect and run on the driver's cursor.
+
+    Heartbeats are the registry's hottest write: SQLAlchemy's per-execution bookkeeping
+    costs more than SQLite's update itself. Compiling per dialect keeps it portable.
+    """
+
+    def __init__(self, engine: Engine, statement) -> None:
+        compiled = statement.compile(dialect=engine.dialect)
+        self.engine = engine
+        self.sql = str(compiled)
+        self.positions = compiled.positiontup if compiled.positional else None
+
+    def run(self, params: dict[str, Any]) -> tuple | None:
+        """Execute in its own transaction; return the first row, if any."""
+        values = params if self.positions is None else [params[n] for n in self.positions]
+        connection = self.engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(self.sql, values)
+            row = cursor.fetchone()
+            cursor.close()
+            connection.commit()
+        finally:
+            connection.close()  # back to the pool, rolled back if not committed
+        return row
+
+
 class AgentStore:
     def __init__(
         self, engine: Engine, clock: Clock, *, default_ttl: float, reap_after: float
     ) -> None:
         self.engine = engine
+        self._heartbeat = Prepared(engine, _HEARTBEAT)
         self.clock = clock
         self.default_ttl = default_ttl
         self.reap_after = reap_after
@@ -118,14 +147,13 @@ class AgentStore:
 
     def heartbeat(self, agent_id: str, beat: Heartbeat) -> HeartbeatAck:
         params = beat.model_dump() | {"target": agent_id, "now": self.clock()}
-        with self.engine.begin() as conn:
-            expires_at = conn.execute(_HEARTBEAT, params).scalar()
-        if expires_at is None:
+        row = self._heartbeat.run(params)
+        if row is None:
             raise _not_found(agent_id)
         return HeartbeatAck(
             agent_id=agent_id,
             status=beat.status,
-            expires_at=datetime.fromtimestamp(expires_at, UTC),
+            expires_at=datetime.fromtimestamp(row[0], UTC),
         )
 
     def deregister(self, agent_id: str) -> None:
