@@ -142,7 +142,7 @@ def count_matches(agents: list[dict], body: dict) -> int:
     return matching
 
 
-def make_queries(agents: list[dict]) -> list[Query]:
+def make_queries(agents: list[dict], limit: int | None = None) -> list[Query]:
     """Realistic discovery mix; the rare capability is the least used one actually present."""
     usage = Counter(cap for agent in agents for cap in agent["capabilities"])
     rarest = min(usage, key=lambda cap: (usage[cap], cap))
@@ -156,6 +156,8 @@ def make_queries(agents: list[dict]) -> list[Query]:
         },
         "cap + role filter": {"capabilities": ["summarization"], "role": "summarizer"},
     }
+    if limit is not None:
+        bodies = {kind: body | {"limit": limit} for kind, body in bodies.items()}
     return [Query(kind, body, count_matches(agents, body)) for kind, body in bodies.items()]
 
 
@@ -609,6 +611,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=30, help="untimed requests per kind first")
     parser.add_argument("--fill-workers", type=int, default=4, help="client processes for the fill")
     parser.add_argument("--hb-workers", type=int, default=8, help="heartbeat client processes")
+    parser.add_argument(
+        "--limit", type=int, help="discovery page size (default: the registry's, 100)"
+    )
     parser.add_argument("--seed", type=int, default=20_240_601, help="random seed for the data")
     return parser.parse_args(argv)
 
@@ -638,7 +643,7 @@ def run(args: argparse.Namespace, process: subprocess.Popen, port: int) -> dict:
     fill_result = fill(ctx, port, process.pid, agents, args.fill_workers)
     memory_after_fill = read_memory_mb(process.pid)
 
-    probes = discover_probes(make_queries(agents))
+    probes = discover_probes(make_queries(agents, args.limit))
     # /health counts agents by status (a table scan), so beside it a single-row read.
     health_full = Probe(f"GET /health, {args.agents:,} agents", "GET", "/health")
     one_id = agents[len(agents) // 2]["agent_id"]
