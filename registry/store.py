@@ -39,6 +39,7 @@ Clock = Callable[[], float]
 AGENTS = AgentRow.__table__
 CAPABILITIES = CapabilityRow.__table__
 STORED_FIELDS = [name for name in AgentRecord.model_fields if name != "status"]
+_RECORD_KEYS = [*STORED_FIELDS, "status"]
 _RECORDS = TypeAdapter(list[AgentRecord])
 # How far _rarest_first counts a capability: far enough to tell rare from common, short
 # enough that counting a capability every agent has stays well under a millisecond.
@@ -50,8 +51,6 @@ def record_columns(now: float | Any) -> list:
     status = case((AGENTS.c.expires_at < now, "critical"), else_=AGENTS.c.check_status)
     return [AGENTS.c[name] for name in STORED_FIELDS] + [status.label("status")]
 
-
-_RECORD_KEYS = [*STORED_FIELDS, "status"]
 
 _HEARTBEAT = (
     update(AGENTS)
