@@ -71,10 +71,10 @@ router = APIRouter(responses=ERRORS)
 writes = APIRouter(dependencies=[Depends(require_writer)], responses=ERRORS)
 
 
-def _json(model: BaseModel, status_code: int = 200) -> Response:
+def _json(model: BaseModel) -> Response:
     # Records are built from stored, already validated rows: serialize them once, without
     # FastAPI validating the response model again on the hot discovery path.
-    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 def _check_page(limit: int, settings: RegistrySettings) -> None:
