@@ -20,6 +20,7 @@ from registry.metrics import RegistryMetrics
 from registry.settings import RegistrySettings
 from registry.store import AgentStore
 from schemas.agents import (
+    DEFAULT_PAGE_SIZE,
     AgentDefinition,
     AgentList,
     AgentRecord,
@@ -121,7 +122,7 @@ async def list_agents(
     status: CheckStatus | None = None,
     tier: Token | None = None,
     role: Token | None = None,
-    limit: Annotated[int, Query(ge=1)] = 100,
+    limit: Annotated[int, Query(ge=1)] = DEFAULT_PAGE_SIZE,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ):
     _check_page(limit, registry.settings)

@@ -18,6 +18,9 @@ from pydantic import (
 MAX_CAPABILITIES = 32
 MAX_METADATA_KEYS = 64
 DEFAULT_PAGE_SIZE = 100
+# Discovery answers candidates for a routing decision, which needs a handful, not a page
+# (Consul's DNS interface answers 3). Bigger answers are a `limit` away.
+DISCOVER_DEFAULT_LIMIT = 20
 
 
 def _normalize_token(value: Any) -> Any:
@@ -134,7 +137,7 @@ class DiscoverRequest(Strict):
     tier: Token | None = None
     role: Token | None = None
     include_unhealthy: bool = False
-    limit: int = Field(default=DEFAULT_PAGE_SIZE, ge=1)
+    limit: int = Field(default=DISCOVER_DEFAULT_LIMIT, ge=1)
 
 
 class AgentList(BaseModel):

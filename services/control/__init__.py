@@ -1,0 +1,1 @@
+"""Running the whole swarm: which daemons a profile has, supervisord's config, health waits."""
