@@ -85,7 +85,10 @@ class BackendConfig(Section):
         default=2_048, ge=128, le=131_072, description="Embedded host: the context it loads."
     )
     threads: int | None = Field(
-        default=None, ge=1, le=256, description="Embedded host: llama.cpp threads (all cores)."
+        default=None,
+        ge=1,
+        le=256,
+        description="Embedded host: llama.cpp threads (default: all cores but one).",
     )
 
 

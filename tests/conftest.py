@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import json
@@ -12,15 +13,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+import httpx2
+import ollama
+import openai
 import pytest
+import respx
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from registry.app import create_app
 from registry.settings import RegistrySettings
+from services.wrapper.app import create_app as create_wrapper_app
+from services.wrapper.registration import Registrar
+from services.wrapper.settings import WrapperSettings
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -206,3 +217,247 @@ def start_registry_process(tmp_path):
         process.wait(timeout=10)
         if process.stdout:
             process.stdout.close()
+
+
+class Daemons:
+    """Real daemon subprocesses of one test scope, logging to files, killed at teardown."""
+
+    def __init__(self, directory: Path, **env: str) -> None:
+        self.directory = directory
+        self.env = process_env(directory, **env)
+        self.running: dict[str, subprocess.Popen] = {}
+
+    def start(
+        self, name: str, *argv: str, url: str, health: str = "/health", deadline: float = 60.0
+    ) -> subprocess.Popen:
+        log = (self.directory / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", *argv], cwd=REPO, env=self.env, stdout=log, stderr=log
+        )
+        log.close()
+        self.running[name] = process
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if process.poll() is not None:
+                raise AssertionError(f"{name} exited with {process.returncode}:\n{self.log(name)}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}{health}", timeout=2).status_code == 200:
+                    return process
+            time.sleep(0.1)
+        raise AssertionError(f"{name} not healthy within {deadline}s:\n{self.log(name)}")
+
+    def log(self, name: str) -> str:
+        return (self.directory / f"{name}.log").read_text(errors="replace")[-4_000:]
+
+    def stop(self, name: str, timeout: float = 15.0) -> int:
+        """SIGTERM, as supervisord stops a program; return the exit code."""
+        process = self.running.pop(name)
+        process.terminate()
+        return process.wait(timeout=timeout)
+
+    def kill_all(self) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+        self.running.clear()
+
+
+OLLAMA_DATA = DATA / "ollama"
+BACKEND = "http://ollama.test:11434"
+WRAPPER = "http://wrapper.test"
+MODEL = "llama3.2"  # the model of the Ollama fixtures
+LIMIT = 512
+CONTEXT = 4096
+
+
+# --- wrappers (only the Ollama backend is mocked) ---------------------------------------
+
+
+def read(name: str) -> Any:
+    """An Ollama API fixture from tests/data/ollama/."""
+    return json.loads((OLLAMA_DATA / name).read_text())
+
+
+def read_lines(name: str) -> list[dict]:
+    return [json.loads(line) for line in (OLLAMA_DATA / name).read_text().splitlines() if line]
+
+
+def make_settings(**changes: Any) -> WrapperSettings:
+    values = {
+        "service": "reasoner",
+        "agent_id": "llm_test_reasoner",
+        "name": "Test reasoner",
+        "port": 8050,
+        "model": MODEL,
+        "backend": "ollama",
+        "capabilities": ["reasoning", "planning"],
+        "role": "reasoner",
+        "context_length": CONTEXT,
+        "max_tokens_limit": LIMIT,
+        "backend_url": BACKEND,
+        "registry_url": "http://registry.test",
+        "endpoint": "http://127.0.0.1:8050",
+    }
+    return WrapperSettings(**values | changes)
+
+
+class BackendStream(httpx.AsyncByteStream):
+    """A streamed backend body, line by line; it can hang after its lines, like a model
+    still generating, and records whether the wrapper closed it."""
+
+    def __init__(self, lines: Iterable[dict], *, hang: bool = False) -> None:
+        self.lines = [json.dumps(line).encode() + b"\n" for line in lines]
+        self.hang = hang
+        self.sent = 0
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for line in self.lines:
+            self.sent += 1
+            yield line
+        if self.hang:
+            await asyncio.Event().wait()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def streamed(lines: Iterable[dict], **kwargs: Any) -> httpx.Response:
+    body = BackendStream(lines, **kwargs)
+    return httpx.Response(200, stream=body, headers={"Content-Type": "application/x-ndjson"})
+
+
+def sent_json(route: respx.Route) -> dict:
+    """The body of the last request the wrapper sent on a backend route."""
+    return json.loads(route.calls.last.request.content)
+
+
+class Sleeper:
+    """An injectable sleep that waits until the test lets it go; records every delay."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+        self.waiting: list[asyncio.Future] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append(future)
+        await future
+
+    async def asleep(self, count: int | None = None, within: float = 5.0) -> None:
+        """Wait until the caller sleeps (the ``count``-th time, when given)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while not (self.waiting and (count is None or len(self.delays) >= count)):
+            if loop.time() > deadline:
+                raise AssertionError(f"nobody slept; delays so far: {self.delays}")
+            await asyncio.sleep(0.001)
+
+    async def wake(self) -> None:
+        """End the current sleep and wait for the next one."""
+        await self.asleep()
+        done = len(self.delays)
+        self.waiting.pop(0).set_result(None)
+        await self.asleep(done + 1)
+
+
+@dataclass
+class Running:
+    """A wrapper app with its lifespan running, and clients on it."""
+
+    app: FastAPI
+    settings: WrapperSettings
+    clock: FakeClock
+    sleeper: Sleeper | None
+    stop: Callable[[], Awaitable[None]]  # ends the lifespan, as SIGTERM does under uvicorn
+    http: httpx.AsyncClient = field(init=False)
+    openai: openai.AsyncOpenAI = field(init=False)
+    ollama: ollama.AsyncClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url=WRAPPER)
+        self.openai = openai.AsyncOpenAI(
+            base_url=f"{WRAPPER}/v1",
+            api_key="unused",
+            max_retries=0,
+            http_client=httpx2.AsyncClient(transport=httpx2.ASGITransport(app=self.app)),
+        )
+        self.ollama = ollama.AsyncClient(WRAPPER, transport=httpx.ASGITransport(app=self.app))
+
+    @property
+    def registrar(self) -> Registrar:
+        return self.app.state.registrar
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def backend() -> Iterable[respx.MockRouter]:
+    """The Ollama backend: metadata routes answer; each test adds its model routes."""
+    with respx.mock(base_url=BACKEND, assert_all_called=False) as mock:
+        mock.post("/api/show", name="show").respond(json=read("show.json"))
+        mock.get("/api/tags", name="tags").respond(json=read("tags.json"))
+        mock.get("/api/version", name="version").respond(json=read("version.json"))
+        mock.get("/api/ps", name="ps").respond(json=read("ps.json"))
+        yield mock
+
+
+@pytest.fixture
+async def start_wrapper(backend, registry_http):
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(
+            settings: WrapperSettings | None = None,
+            *,
+            registry_client: httpx.AsyncClient | None = None,
+            sleeper: Sleeper | None = None,
+            **kwargs: Any,
+        ) -> Running:
+            settings = settings or make_settings()
+            clock = FakeClock(1_000.0)
+            # The official client on httpx's default transport, which respx mocks (the
+            # wrapper's own aiohttp pool is tested against a real server).
+            client = ollama.AsyncClient(settings.backend_url, timeout=httpx.Timeout(5.0))
+            stack.push_async_callback(client.close)
+            kwargs.setdefault("backend", client)
+            if sleeper is not None:
+                kwargs["sleep"] = sleeper
+            app = create_wrapper_app(
+                settings, registry_client=registry_client or registry_http, clock=clock, **kwargs
+            )
+            lifespan = contextlib.AsyncExitStack()
+            await lifespan.enter_async_context(app.router.lifespan_context(app))
+            stack.push_async_callback(lifespan.aclose)
+            return Running(app, settings, clock, sleeper, stop=lifespan.aclose)
+
+        yield start
+
+
+@pytest.fixture
+async def wrapper(start_wrapper) -> Running:
+    return await start_wrapper()
+
+
+@pytest.fixture
+def wrapper_registry_settings(tmp_path) -> RegistrySettings:
+    # One real registry is enough here; the registry's own tests cover PostgreSQL.
+    return RegistrySettings(
+        database_url=f"sqlite:///{tmp_path / 'wrapper-registry.db'}", reap_interval_seconds=86_400
+    )
+
+
+@pytest.fixture
+def wrapper_registry(make_registry, wrapper_registry_settings) -> TestClient:
+    return make_registry(wrapper_registry_settings)
+
+
+@pytest.fixture
+def registry_http(wrapper_registry) -> httpx.AsyncClient:
+    """The real registry app, reached in-process by a wrapper."""
+    transport = httpx.ASGITransport(app=wrapper_registry.app)
+    return httpx.AsyncClient(transport=transport, base_url="http://registry.test")

@@ -7,7 +7,11 @@ from prometheus_client import CollectorRegistry
 
 from services.common.errors import install_error_handlers
 from services.common.metrics import HttpMetrics, MetricsMiddleware, metrics_endpoint
-from services.common.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from services.common.middleware import (
+    BodyLimitMiddleware,
+    OllamaJsonBodyMiddleware,
+    RequestIdMiddleware,
+)
 
 
 def install_plumbing(app: FastAPI, *, max_body_bytes: int) -> CollectorRegistry:
@@ -16,6 +20,7 @@ def install_plumbing(app: FastAPI, *, max_body_bytes: int) -> CollectorRegistry:
     app.state.metrics_registry = registry
     install_error_handlers(app)
     # Added innermost first: the request id wraps everything, so even a 413 carries it.
+    app.add_middleware(OllamaJsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=HttpMetrics(registry))
     app.add_middleware(RequestIdMiddleware)

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware shared by the daemons: request ids and body limits.
+"""Pure ASGI middleware shared by the daemons: request ids, body limits, Ollama bodies.
 
 Pure ASGI rather than BaseHTTPMiddleware: these sit on every request, and streamed
 responses must pass through them unbuffered.
@@ -12,7 +12,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.context import REQUEST_ID_HEADER, reset_request_id, set_request_id
-from services.common.errors import PayloadTooLarge, error_response
+from services.common.errors import PayloadTooLarge, error_response, is_ollama_path
 
 _HEADER = REQUEST_ID_HEADER.lower().encode()
 _VALID_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
@@ -95,3 +95,20 @@ class BodyLimitMiddleware:
             await send(message)
 
         await self.app(scope, counting_receive, guarded_send)
+
+
+class OllamaJsonBodyMiddleware:
+    """Read bodies of Ollama-style paths as JSON whatever their Content-Type.
+
+    Ollama ignores the header, so its documented ``curl ... -d '{...}'`` (sent as a form)
+    works; FastAPI would refuse such a body. Other paths keep the strict behaviour.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and is_ollama_path(scope["path"]):
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = scope | {"headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)

@@ -1,0 +1,56 @@
+"""``python -m services.modelhost (--model NAME | --backend NAME) [--host H] [--port P]``"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pydantic import ValidationError
+
+from schemas.config import ConfigError
+from schemas.errors import describe_validation_errors
+from services.common.server import serve, settings_or_exit
+from services.modelhost.app import create_app
+from services.modelhost.catalog import CATALOG, ModelUnavailable, lookup, package_dir
+from services.modelhost.settings import ModelHostSettings
+
+
+def _exit(message: str) -> None:
+    print(f"modelhost: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.modelhost", description=__doc__)
+    parser.add_argument("--model", help=f"a packaged model: {', '.join(sorted(CATALOG))}")
+    parser.add_argument("--backend", help="take model, host, port, ... from backends.NAME")
+    parser.add_argument("--host", help="address to bind (default from the profile: 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind (default 11434)")
+    parser.add_argument("--context-length", type=int, help="context to load (default 2048)")
+    parser.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
+    args = parser.parse_args(argv)
+    if not args.model and not args.backend:
+        parser.error("give --model NAME or --backend NAME")
+    swarm = settings_or_exit("modelhost")
+    try:
+        settings = ModelHostSettings.from_swarm(
+            swarm,
+            backend=args.backend,
+            model=args.model,
+            host=args.host,
+            port=args.port,
+            context_length=args.context_length,
+            threads=args.threads,
+        )
+        package_dir(lookup(settings.model))  # fail here, in one line, not in the lifespan
+    except ConfigError as exc:
+        _exit(str(exc))
+    except ValidationError as exc:
+        _exit(describe_validation_errors(exc.errors()))
+    except ModelUnavailable as exc:
+        _exit(str(exc))
+    serve(create_app(settings), host=settings.host, port=settings.port, log_level=swarm.log_level)
+
+
+if __name__ == "__main__":
+    main()

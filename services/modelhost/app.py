@@ -1,0 +1,48 @@
+"""The model host's app factory."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+from fastapi import FastAPI
+
+from services.common.http import install_plumbing
+from services.modelhost import routes
+from services.modelhost.engine import Engine, load_engine
+from services.modelhost.settings import ModelHostSettings
+
+
+def create_app(settings: ModelHostSettings, engine: Engine | None = None) -> FastAPI:
+    """The app; it loads ``settings.model`` at start-up unless given a loaded ``engine``.
+
+    An injected engine stays the caller's: the app does not close it (tests share one).
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = engine is None
+        app.state.engine = engine or await anyio.to_thread.run_sync(load_engine, settings)
+        # The model and start-up objects live as long as the process: keep them out of the
+        # collector's scans, which would otherwise pause streams.
+        gc.freeze()
+        try:
+            yield
+        finally:
+            if owned:
+                app.state.engine.close()
+
+    app = FastAPI(
+        title="local-llm-swarm model host",
+        summary="The Ollama API subset over llama-cpp-python, for GGUF models from PyPI.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.started = time.monotonic()
+    install_plumbing(app, max_body_bytes=settings.max_body_bytes)
+    app.include_router(routes.router)
+    return app

@@ -1,0 +1,1 @@
+"""The generic model wrapper: one implementation, one profile entry per model service."""

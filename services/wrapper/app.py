@@ -1,0 +1,105 @@
+"""The wrapper's app factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import random as random_module
+import time
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import ollama
+from fastapi import FastAPI
+
+from services.common.http import install_plumbing
+from services.wrapper import ollama_routes, openai_routes, status_routes
+from services.wrapper.backend import Backend, make_client
+from services.wrapper.registration import REGISTRY_TIMEOUT, Registrar, Sleep
+from services.wrapper.service import Wrapper, wall_clock
+from services.wrapper.settings import WrapperSettings
+from services.wrapper.stats import Stats
+
+
+def create_app(
+    settings: WrapperSettings,
+    *,
+    backend: ollama.AsyncClient | None = None,
+    registry_client: httpx.AsyncClient | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Sleep = asyncio.sleep,
+    random: Callable[[], float] = random_module.random,
+) -> FastAPI:
+    """The wrapper for one profile entry.
+
+    ``backend`` and ``registry_client`` are used as given (and left open) when passed;
+    otherwise the lifespan creates and closes them. ``clock`` times calls and uptime;
+    ``sleep`` and ``random`` drive the registration backoff.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as owned:
+            client = backend
+            if client is None:
+                client = make_client(
+                    settings.backend_url,
+                    connect_timeout=settings.connect_timeout_seconds,
+                    read_timeout=settings.read_timeout_seconds,
+                )
+                owned.push_async_callback(client.close)
+            http = registry_client
+            if http is None:
+                http = httpx.AsyncClient(base_url=settings.registry_url, timeout=REGISTRY_TIMEOUT)
+                owned.push_async_callback(http.aclose)
+            stats = Stats(
+                app.state.metrics_registry,
+                model=settings.model,
+                cost_per_1k_tokens=settings.cost_per_1k_tokens,
+                clock=clock,
+            )
+            wrapper = Wrapper(
+                settings,
+                Backend(client, url=settings.backend_url, model=settings.model),
+                stats,
+                clock=clock,
+                started=clock(),
+                created=wall_clock(),
+            )
+            registrar = Registrar(
+                http,
+                definition=wrapper.agent_definition,
+                check=wrapper.heartbeat,
+                interval=settings.heartbeat_interval_seconds,
+                token=settings.registry_token,
+                sleep=sleep,
+                random=random,
+            )
+            app.state.wrapper = wrapper
+            app.state.registrar = registrar
+            # The wrapper serves at once; registration retries in the background.
+            registration = asyncio.create_task(registrar.run(), name="wrapper-registration")
+            # Start-up objects live as long as the process: keep them out of the
+            # collector's scans, which otherwise pause requests.
+            gc.freeze()
+            try:
+                yield
+            finally:
+                registration.cancel()
+                await asyncio.gather(registration, return_exceptions=True)
+                await registrar.deregister()
+
+    app = FastAPI(
+        title=f"local-llm-swarm wrapper: {settings.name}",
+        summary="One local model behind the OpenAI and Ollama APIs.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_plumbing(app, max_body_bytes=settings.max_body_bytes)
+    routers = (openai_routes.router, ollama_routes.router, status_routes.router)
+    for router in routers:
+        app.include_router(router)
+    paths = {route.path for router in routers for route in router.routes if hasattr(route, "path")}
+    app.state.endpoints = sorted(paths | {"/metrics"})
+    return app

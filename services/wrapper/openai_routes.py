@@ -1,0 +1,145 @@
+"""The OpenAI side: ``/v1/chat/completions`` (and ``/chat/completions``), ``/v1/models``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from schemas import ollama as api
+from schemas import openai
+from schemas.errors import ErrorEnvelope
+from services.common.errors import ServiceUnavailable, SwarmError
+from services.wrapper import translate
+from services.wrapper.service import (
+    Job,
+    check_max_tokens,
+    close,
+    first_chunk,
+    new_completion_id,
+    wall_clock,
+    wrapper_of,
+)
+from services.wrapper.stats import Call
+from services.wrapper.streaming import SSE_DONE, json_response, sse, sse_error, sse_response
+
+log = logging.getLogger(__name__)
+
+ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 413, 422, 503)}
+router = APIRouter(tags=["OpenAI"], responses=ERRORS)
+
+
+@router.post(
+    "/v1/chat/completions", response_model=openai.ChatCompletion, summary="Chat completion"
+)
+@router.post("/chat/completions", response_model=openai.ChatCompletion, include_in_schema=False)
+async def chat_completions(body: openai.ChatCompletionRequest, request: Request) -> Response:
+    wrapper = wrapper_of(request)
+    settings = wrapper.settings
+    call = wrapper.stats.begin("openai", body.stream)
+    try:
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        check_max_tokens(body.max_output_tokens, settings.max_tokens_limit, param)
+        limit = settings.max_tokens_limit
+        job = wrapper.chat_job(translate.ollama_chat_request(body, settings.model, limit))
+        completion_id = new_completion_id()
+        created = wall_clock()
+        if not body.stream:
+            answer = await wrapper.run(job)
+            assert isinstance(answer, api.ChatResponse)
+            usage = translate.usage(answer, prompt=job.prompt, completion=answer.message.content)
+            call.done(usage.prompt_tokens, usage.completion_tokens)
+            completion = translate.chat_completion(
+                answer, completion_id=completion_id, created=created, usage=usage
+            )
+            return json_response(completion)
+        stream = wrapper.stream(job)
+        first = await first_chunk(stream)
+    except SwarmError as exc:
+        call.failed(exc.code)
+        raise
+    except BaseException:
+        call.failed("internal_error")
+        raise
+    call.first_token()
+    events = _events(first, stream, call, job, completion_id, created, body.include_usage)
+    return sse_response(events)
+
+
+async def _events(
+    first: api.ChatResponse,
+    stream: AsyncIterator[api.ChatResponse],
+    call: Call,
+    job: Job,
+    completion_id: str,
+    created: int,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    model = first.model
+
+    def event(
+        delta: openai.ChunkDelta | None = None,
+        finish: openai.FinishReason | None = None,
+        logprobs: openai.ChoiceLogprobs | None = None,
+    ) -> bytes:
+        return sse(
+            translate.chunk(
+                completion_id, created, model, delta=delta, finish=finish, logprobs=logprobs
+            )
+        )
+
+    chunks = 0
+    tool_calls = False
+    final = None
+    # OpenAI's first chunk names the role; it goes out with the first content, one write.
+    head = event(openai.ChunkDelta(role="assistant", content=""))
+    try:
+        piece = first
+        while True:
+            message = piece.message
+            calls = translate.chunk_tool_calls(message.tool_calls, completion_id)
+            if message.content or calls or piece.logprobs:
+                chunks += 1 if message.content else 0
+                tool_calls = tool_calls or bool(calls)
+                delta = openai.ChunkDelta(content=message.content or None, tool_calls=calls)
+                yield head + event(delta, logprobs=translate.openai_logprobs(piece.logprobs))
+                head = b""
+            if piece.done:
+                final = piece
+                break
+            piece = await anext(stream, None)
+            if piece is None:
+                break
+        if final is None:
+            raise ServiceUnavailable(
+                "the model backend ended the stream before the answer was complete",
+                code="backend_error",
+            )
+        usage = translate.usage(final, prompt=job.prompt, chunks=chunks)
+        call.done(usage.prompt_tokens, usage.completion_tokens)
+        tail = head + event(finish=translate.finish_reason(final.done_reason, tool_calls))
+        if include_usage:
+            tail += sse(translate.usage_chunk(completion_id, created, model, usage))
+        yield tail + SSE_DONE  # the end in one write
+    except SwarmError as exc:
+        call.failed(exc.code)
+        log.warning("stream failed: %s", exc.message)
+        yield head + sse_error(exc) + SSE_DONE
+    except Exception:
+        call.failed("internal_error")
+        log.exception("stream failed")
+        yield head + sse_error(SwarmError("internal error")) + SSE_DONE
+    finally:
+        call.failed("client_disconnected")  # a no-op when the call already ended
+        await close(stream)
+
+
+@router.get("/v1/models", response_model=openai.ModelList, summary="The model served")
+async def models(request: Request) -> Response:
+    wrapper = wrapper_of(request)
+    model = openai.Model(
+        id=wrapper.settings.model, created=wrapper.created, owned_by="local-llm-swarm"
+    )
+    return json_response(openai.ModelList(data=[model]))

@@ -1,0 +1,162 @@
+"""Being discoverable: register with the registry, heartbeat, deregister.
+
+Registration retries with exponential backoff and full jitter until the registry answers
+(the wrapper serves meanwhile); heartbeats carry the wrapper's own check and live stats; a
+404 (the registry forgot the agent) or a changed definition (model facts learnt late)
+registers again; a graceful shutdown deregisters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random as random_module
+from collections.abc import Awaitable, Callable
+
+import httpx
+from pydantic import SecretStr
+
+from schemas.agents import AgentDefinition, Heartbeat
+from schemas.health import ModelInfo
+from services.wrapper.settings import WrapperSettings
+
+log = logging.getLogger(__name__)
+
+BACKOFF_BASE_SECONDS = 0.5
+BACKOFF_CAP_SECONDS = 30.0
+REGISTRY_TIMEOUT = httpx.Timeout(5.0)
+DEREGISTER_TIMEOUT_SECONDS = 2.0
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def backoff_delay(
+    attempt: int,
+    random: Callable[[], float],
+    *,
+    base: float = BACKOFF_BASE_SECONDS,
+    cap: float = BACKOFF_CAP_SECONDS,
+) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**attempt)] (attempt counts from 0)."""
+    return random() * min(cap, base * 2 ** min(attempt, 32))
+
+
+def agent_definition(settings: WrapperSettings, facts: ModelInfo | None) -> AgentDefinition:
+    """What the wrapper registers: its labels, its own URL, and the model's measured facts."""
+    metadata = {
+        "model": settings.model,
+        "parameters": facts and facts.parameters,
+        "quantization": facts and facts.quantization,
+        "context_length": (facts and facts.context_length) or settings.context_length,
+        "embedding_dim": facts and facts.embedding_dim,
+        "prompt_style": settings.prompt_style,
+        "backend": settings.backend_url,
+    }
+    return AgentDefinition(
+        agent_id=settings.agent_id,
+        name=settings.name,
+        tier=settings.tier,
+        role=settings.role,
+        capabilities=settings.capabilities,
+        endpoint=settings.endpoint,
+        cost_per_1k_tokens=settings.cost_per_1k_tokens,
+        metadata={key: value for key, value in metadata.items() if value is not None},
+    )
+
+
+class Registrar:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        definition: Callable[[], Awaitable[AgentDefinition]],
+        check: Callable[[], Awaitable[Heartbeat]],
+        interval: float,
+        token: SecretStr | None = None,
+        sleep: Sleep = asyncio.sleep,
+        random: Callable[[], float] = random_module.random,
+    ) -> None:
+        self.http = http
+        self.definition = definition
+        self.check = check
+        self.interval = interval
+        self.headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+        self.sleep = sleep
+        self.random = random
+        self.registered: AgentDefinition | None = None
+
+    async def run(self) -> None:
+        """Register, then heartbeat every interval until cancelled. The first heartbeat
+        follows the registration at once: it tells the registry the backend's state."""
+        await self.register()
+        while True:
+            try:
+                await self.beat()
+            except httpx.HTTPError as exc:
+                log.warning("heartbeat failed, registry unreachable: %s", _describe(exc))
+            except Exception:
+                log.exception("heartbeat failed")
+            await self.sleep(self.interval)
+
+    async def register(self) -> None:
+        """Register, retrying with backoff until the registry accepts."""
+        attempt = 0
+        while True:
+            try:
+                definition = await self.definition()
+                response = await self.http.post(
+                    "/register", json=definition.model_dump(mode="json"), headers=self.headers
+                )
+            except httpx.HTTPError as exc:
+                problem = f"registry unreachable: {_describe(exc)}"
+            except Exception as exc:
+                log.exception("registration failed")
+                problem = _describe(exc)
+            else:
+                if response.status_code == 200:
+                    self.registered = definition
+                    log.info("registered %s at %s", definition.agent_id, definition.endpoint)
+                    return
+                problem = f"registry answered {response.status_code}: {response.text[:200]}"
+            delay = backoff_delay(attempt, self.random)
+            log.warning("registration failed (%s); retrying in %.2f s", problem, delay)
+            attempt += 1
+            await self.sleep(delay)
+
+    async def beat(self) -> None:
+        if await self.definition() != self.registered:
+            await self.register()
+            return
+        assert self.registered is not None
+        beat = await self.check()
+        response = await self.http.post(
+            f"/heartbeat/{self.registered.agent_id}",
+            json=beat.model_dump(exclude_none=True),
+            headers=self.headers,
+        )
+        if response.status_code == 404:
+            log.info("the registry does not know %s: registering again", self.registered.agent_id)
+            await self.register()
+        elif response.status_code != 200:
+            log.warning("heartbeat refused: %s %s", response.status_code, response.text[:200])
+
+    async def deregister(self) -> None:
+        if self.registered is None:
+            return
+        agent_id = self.registered.agent_id
+        try:
+            response = await self.http.delete(
+                f"/agents/{agent_id}", headers=self.headers, timeout=DEREGISTER_TIMEOUT_SECONDS
+            )
+        except httpx.HTTPError as exc:
+            log.warning("could not deregister %s: %s", agent_id, _describe(exc))
+            return
+        if response.status_code in (204, 404):
+            log.info("deregistered %s", agent_id)
+            self.registered = None
+        else:
+            log.warning("deregistration refused: %s %s", response.status_code, response.text[:200])
+
+
+def _describe(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__

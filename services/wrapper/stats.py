@@ -1,0 +1,185 @@
+"""Live figures of a wrapper: a window of recent calls for ``/info`` and heartbeats, and the
+LLM metrics for ``/metrics`` (on the app's own CollectorRegistry)."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from schemas.health import Performance
+
+# A generation takes tens of milliseconds (a short classification on a tiny model) to
+# minutes (a long answer on a big model on CPU).
+DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+# The first token comes after the prompt is read: milliseconds to a minute.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+WINDOW = 256
+
+
+class LlmMetrics:
+    def __init__(self, registry: CollectorRegistry, model: str) -> None:
+        self.requests = Counter(
+            "llm_requests_total",
+            "Model calls by API and outcome.",
+            ["model", "api", "stream", "status"],
+            registry=registry,
+        )
+        self.input_tokens = Counter(
+            "llm_input_tokens_total",
+            "Prompt tokens of finished model calls.",
+            ["model"],
+            registry=registry,
+        ).labels(model)
+        self.output_tokens = Counter(
+            "llm_output_tokens_total",
+            "Completion tokens of finished model calls.",
+            ["model"],
+            registry=registry,
+        ).labels(model)
+        self.duration = Histogram(
+            "llm_request_duration_seconds",
+            "Model call time, from the request to the last token.",
+            ["model", "api", "stream"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "llm_time_to_first_token_seconds",
+            "Streamed model calls: time from the request to the first chunk.",
+            ["model", "api"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.active = Gauge(
+            "llm_active_requests", "Model calls in progress.", ["model"], registry=registry
+        ).labels(model)
+        self.errors = Counter(
+            "llm_errors_total",
+            "Failed model calls by error type.",
+            ["model", "type"],
+            registry=registry,
+        )
+        self.cost = Counter(
+            "llm_cost_total",
+            "Cost of the tokens served, at the configured cost_per_1k_tokens.",
+            ["model"],
+            registry=registry,
+        ).labels(model)
+        self.model = model
+        self._series: dict[tuple[str, str], Series] = {}
+
+    def series(self, api: str, stream: str) -> Series:
+        """The labelled children of one kind of call, looked up once."""
+        found = self._series.get((api, stream))
+        if found is None:
+            model = self.model
+            found = self._series[(api, stream)] = Series(
+                ok=self.requests.labels(model, api, stream, "ok"),
+                error=self.requests.labels(model, api, stream, "error"),
+                duration=self.duration.labels(model, api, stream),
+                time_to_first_token=self.time_to_first_token.labels(model, api),
+            )
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    ok: Any
+    error: Any
+    duration: Any
+    time_to_first_token: Any
+
+
+class Stats:
+    """What the wrapper measures about its own calls."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        model: str,
+        cost_per_1k_tokens: float,
+        clock: Callable[[], float],
+        window: int = WINDOW,
+    ) -> None:
+        self.metrics = LlmMetrics(registry, model)
+        self.model = model
+        self.cost_per_1k_tokens = cost_per_1k_tokens
+        self.clock = clock
+        self.in_flight = 0
+        # (latency seconds, completion tokens) of the last successful calls
+        self.recent: deque[tuple[float, int]] = deque(maxlen=window)
+
+    def begin(self, api: str, stream: bool) -> Call:
+        self.in_flight += 1
+        self.metrics.active.inc()
+        return Call(self, api, stream)
+
+    def performance(self) -> Performance:
+        if not self.recent:
+            return Performance()
+        latencies = sorted(latency for latency, _ in self.recent)
+        seconds = sum(latencies)
+        tokens = sum(count for _, count in self.recent)
+        p95 = latencies[max(0, math.ceil(0.95 * len(latencies)) - 1)]  # nearest rank
+        return Performance(
+            avg_throughput_tok_s=round(tokens / seconds, 2) if seconds > 0 else None,
+            avg_latency_ms=round(seconds / len(latencies) * 1000, 3),
+            p95_latency_ms=round(p95 * 1000, 3),
+        )
+
+    def average_latency_ms(self) -> float | None:
+        if not self.recent:
+            return None
+        return round(sum(latency for latency, _ in self.recent) / len(self.recent) * 1000, 3)
+
+
+class Call:
+    """One model call; it ends once, with ``done`` or ``failed``."""
+
+    __slots__ = ("ended", "first_token_at", "series", "started", "stats")
+
+    def __init__(self, stats: Stats, api: str, stream: bool) -> None:
+        self.stats = stats
+        self.series = stats.metrics.series(api, "true" if stream else "false")
+        self.started = stats.clock()
+        self.first_token_at: float | None = None
+        self.ended = False
+
+    def first_token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = self.stats.clock()
+            self.series.time_to_first_token.observe(self.first_token_at - self.started)
+
+    def done(self, prompt_tokens: int, completion_tokens: int) -> None:
+        if self._end():
+            return
+        stats, metrics = self.stats, self.stats.metrics
+        elapsed = stats.clock() - self.started
+        stats.recent.append((elapsed, completion_tokens))
+        self.series.ok.inc()
+        self.series.duration.observe(elapsed)
+        metrics.input_tokens.inc(prompt_tokens)
+        metrics.output_tokens.inc(completion_tokens)
+        if stats.cost_per_1k_tokens:
+            metrics.cost.inc((prompt_tokens + completion_tokens) / 1000 * stats.cost_per_1k_tokens)
+
+    def failed(self, error_type: str) -> None:
+        if self._end():
+            return
+        self.series.error.inc()
+        self.stats.metrics.errors.labels(self.stats.model, error_type).inc()
+
+    def _end(self) -> bool:
+        """Mark the call ended; True when it already was."""
+        if self.ended:
+            return True
+        self.ended = True
+        self.stats.in_flight -= 1
+        self.stats.metrics.active.dec()
+        return False

@@ -1,0 +1,60 @@
+"""``GET /health`` and ``GET /info``."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from schemas.health import ModelInfo, ServiceInfo, WrapperHealth
+from services.wrapper.service import wrapper_of
+from services.wrapper.streaming import json_response
+
+router = APIRouter(tags=["Service"])
+
+
+@router.get("/health", response_model=WrapperHealth, responses={503: {"model": WrapperHealth}})
+async def health(request: Request) -> Response:
+    """Healthy when the backend answers and has the model; 503 with the reason otherwise."""
+    wrapper = wrapper_of(request)
+    status = await wrapper.backend.probe()
+    body = WrapperHealth(
+        status="healthy" if status.healthy else "unhealthy",
+        service=wrapper.settings.service,
+        port=wrapper.settings.port,
+        uptime_seconds=wrapper.uptime(),
+        reason=status.reason,
+        ollama_backend=wrapper.settings.backend_url,
+        model=wrapper.settings.model,
+        model_loaded=status.model_available,
+    )
+    # Every documented key, even when null.
+    return json_response(body, exclude_none=False, status=200 if status.healthy else 503)
+
+
+@router.get("/info", response_model=ServiceInfo)
+async def info(request: Request) -> Response:
+    """The model's facts (from the backend's ``/api/show``) and live performance figures."""
+    wrapper = wrapper_of(request)
+    settings = wrapper.settings
+    facts = await wrapper.backend.model_facts() or ModelInfo(name=settings.model)
+    model = facts.model_copy(
+        update={"context_length": facts.context_length or settings.context_length}
+    )
+    body = ServiceInfo(
+        service_name=settings.name,
+        version=_version(request),
+        model=model,
+        capabilities=settings.capabilities,
+        performance=wrapper.stats.performance(),
+        endpoints=request.app.state.endpoints,
+    )
+    return json_response(body, exclude_none=False)
+
+
+def _version(request: Request) -> str:
+    try:
+        return metadata.version("local-llm-swarm")
+    except metadata.PackageNotFoundError:
+        return request.app.version

