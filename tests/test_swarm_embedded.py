@@ -124,7 +124,9 @@ def test_the_wrapper_registers_what_the_backend_says_about_its_model(swarm):
     assert agent["cost_per_1k_tokens"] == 0
     assert set(agent["capabilities"]) >= {"reasoning", "planning"}
     assert agent["metadata"]["model"] == "smollm2:135m"
-    assert agent["metadata"]["context_length"] == context
+    assert agent["metadata"]["model_context_length"] == context
+    # What callers may send: the profile's limit, within what the model was trained for.
+    assert agent["metadata"]["context_length"] == min(context, 2048)
     assert agent["metadata"]["quantization"] == show["details"]["quantization_level"]
 
 

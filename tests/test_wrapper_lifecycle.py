@@ -80,17 +80,19 @@ async def test_it_registers_itself_with_the_models_measured_facts(
     )
     assert record["capabilities"] == settings.capabilities
     assert record["cost_per_1k_tokens"] == settings.cost_per_1k_tokens
+    trained = shown["model_info"][f"{architecture}.context_length"]
     assert record["metadata"] == {
         "model": MODEL,
         "parameters": shown["details"]["parameter_size"],
         "quantization": shown["details"]["quantization_level"],
-        # measured by the backend, not the profile's figure
-        "context_length": shown["model_info"][f"{architecture}.context_length"],
+        # what callers may send: the smaller of the profile's and the measured length
+        "context_length": min(settings.context_length, trained),
+        "model_context_length": trained,  # measured by the backend
         "embedding_dim": shown["model_info"][f"{architecture}.embedding_length"],
         "prompt_style": settings.prompt_style,
         "backend": BACKEND,
     }
-    assert record["metadata"]["context_length"] != settings.context_length
+    assert trained != settings.context_length  # so the test tells them apart
 
 
 async def test_heartbeats_carry_the_live_stats_and_the_backends_health(
@@ -347,7 +349,7 @@ def test_the_process_registers_serves_and_deregisters_on_sigterm(tmp_path, start
         record = httpx.get(agent).json()
         assert record["endpoint"] == url
         assert (
-            record["metadata"]["context_length"]
+            record["metadata"]["model_context_length"]
             == read("show.json")["model_info"]["llama.context_length"]
         )
         process.send_signal(signal.SIGTERM)

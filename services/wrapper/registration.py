@@ -41,13 +41,20 @@ def backoff_delay(
     return random() * min(cap, base * 2 ** min(attempt, 32))
 
 
-def agent_definition(settings: WrapperSettings, facts: ModelInfo | None) -> AgentDefinition:
-    """What the wrapper registers: its labels, its own URL, and the model's measured facts."""
+def agent_definition(
+    settings: WrapperSettings, facts: ModelInfo | None, context_length: int | None
+) -> AgentDefinition:
+    """What the wrapper registers: its labels, its own URL, and the model's measured facts.
+
+    ``context_length`` is what a caller may send (the smaller of the configured and the
+    measured length); ``model_context_length`` is what the model was trained for.
+    """
     metadata = {
         "model": settings.model,
         "parameters": facts and facts.parameters,
         "quantization": facts and facts.quantization,
-        "context_length": (facts and facts.context_length) or settings.context_length,
+        "context_length": context_length,
+        "model_context_length": facts and facts.context_length,
         "embedding_dim": facts and facts.embedding_dim,
         "prompt_style": settings.prompt_style,
         "backend": settings.backend_url,

@@ -111,7 +111,8 @@ class Wrapper:
         return round(self.clock() - self.started, 3)
 
     async def agent_definition(self) -> AgentDefinition:
-        return agent_definition(self.settings, await self.backend.model_facts())
+        facts = await self.backend.model_facts()
+        return agent_definition(self.settings, facts, self.context_limit())
 
     async def heartbeat(self) -> Heartbeat:
         status = await self.backend.probe()
