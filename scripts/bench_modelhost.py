@@ -24,7 +24,6 @@ import argparse
 import os
 import platform
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import httpx
 import ollama
+from bench_wrapper import free_port, load_average
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -45,12 +45,6 @@ from services.modelhost.settings import ModelHostSettings, default_threads  # no
 PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 SEED = 42
 BUDGET = 0.97
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class TokenClock:
@@ -119,11 +113,6 @@ def host_run(
         raise SystemExit(f"the host generated {final and final.eval_count} tokens, not {count}")
     own = final.eval_count / (final.eval_duration / 1e9)
     return clock.rate(count), own, "".join(text)
-
-
-def load_average() -> str:
-    """Other work on the machine skews every figure here; the reader should see it."""
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def rates_cell(rates: list[float]) -> str:
