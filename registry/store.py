@@ -11,6 +11,7 @@ ORM's identity map and session bookkeeping cost more than the queries themselves
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -41,7 +42,7 @@ CAPABILITIES = CapabilityRow.__table__
 STORED_FIELDS = [name for name in AgentRecord.model_fields if name != "status"]
 _RECORD_KEYS = [*STORED_FIELDS, "status"]
 _RECORDS = TypeAdapter(list[AgentRecord])
-# How far _rarest_first counts a capability: far enough to tell rare from common, short
+# How far _rarity_query counts a capability: far enough to tell rare from common, short
 # enough that counting a capability every agent has stays well under a millisecond.
 RAREST_PROBE = 2_000
 
@@ -193,17 +194,25 @@ class AgentStore:
         return self._fetch(query)
 
     def discover(self, request: DiscoverRequest) -> list[AgentRecord]:
-        now = self.clock()
-        conditions = _labels(request.tier, request.role)
-        if not request.include_unhealthy:
-            conditions += [AGENTS.c.expires_at >= now, AGENTS.c.check_status != "critical"]
+        params: dict[str, Any] = {"now": self.clock(), "limit": request.limit}
+        capabilities = request.capabilities
+        match_any = request.match == "any" and len(capabilities) > 1
         with self.engine.connect() as conn:
-            if request.match == "any" and len(request.capabilities) > 1:
-                query = _having_any(request.capabilities, conditions, now, request.limit)
-            else:
-                capabilities = _rarest_first(conn, request.capabilities)
-                query = _having_all(capabilities, conditions, now)
-            found = _records(conn.execute(query.limit(request.limit)).all())
+            if not match_any and len(capabilities) > 1:
+                counts = conn.execute(_rarity_query(len(capabilities)), _numbered(capabilities))
+                found = counts.one()
+                capabilities = [c for _, c in sorted(zip(found, capabilities, strict=True))]
+            params |= _numbered(capabilities)
+            params |= {"tier": request.tier, "role": request.role}
+            params["probe_limit"] = request.limit * len(capabilities)
+            shape = (
+                match_any,
+                len(capabilities),
+                request.tier is not None,
+                request.role is not None,
+                not request.include_unhealthy,
+            )
+            found = _records(conn.execute(_discover_query(*shape), params).all())
         return sorted(found, key=lambda record: record.agent_id)
 
     def reap(self) -> list[str]:
@@ -248,23 +257,32 @@ def _not_found(agent_id: str) -> NotFound:
     return NotFound(f"agent {agent_id!r} is not registered", code="agent_not_found")
 
 
-def _labels(tier: str | None, role: str | None) -> list:
+def _labels(tier: Any, role: Any) -> list:
     conditions = []
-    if tier:
+    if tier is not None:
         conditions.append(AGENTS.c.tier == tier)
-    if role:
+    if role is not None:
         conditions.append(AGENTS.c.role == role)
     return conditions
 
 
-def _rarest_first(conn, capabilities: list[str]) -> list[str]:
-    """Order capabilities rarest first, counting each only up to a bound.
+def _numbered(capabilities: list[str]) -> dict[str, str]:
+    return {f"capability_{i}": capability for i, capability in enumerate(capabilities)}
+
+
+def _capability_params(count: int) -> list:
+    return [bindparam(f"capability_{i}") for i in range(count)]
+
+
+# Discovery statements are built once per shape and reused with bound values: building a
+# statement costs SQLAlchemy more than SQLite takes to run it.
+@functools.lru_cache(maxsize=512)
+def _rarity_query(count: int):
+    """How many agents have each capability, counted up to RAREST_PROBE.
 
     The first capability drives the walk in _having_all; driving by a popular one would
     probe thousands of agents to find the few that also have a rare one.
     """
-    if len(capabilities) < 2:
-        return capabilities
     counts = [
         select(func.count())
         .select_from(
@@ -274,13 +292,28 @@ def _rarest_first(conn, capabilities: list[str]) -> list[str]:
             .subquery()
         )
         .scalar_subquery()
-        for capability in capabilities
+        for capability in _capability_params(count)
     ]
-    found = conn.execute(select(*counts)).one()
-    return [capability for _, capability in sorted(zip(found, capabilities, strict=True))]
+    return select(*counts)
 
 
-def _having_all(capabilities: list[str], conditions: list, now: float):
+@functools.lru_cache(maxsize=512)
+def _discover_query(match_any: bool, count: int, tier: bool, role: bool, healthy_only: bool):
+    """Discovery of one shape; values bind as now, limit, probe_limit, tier, role and
+    capability_0.. (rarest first for match all)."""
+    now = bindparam("now")
+    conditions = _labels(bindparam("tier") if tier else None, bindparam("role") if role else None)
+    if healthy_only:
+        conditions += [AGENTS.c.expires_at >= now, AGENTS.c.check_status != "critical"]
+    capabilities = _capability_params(count)
+    if match_any:
+        query = _having_any(capabilities, conditions, now, bindparam("probe_limit"))
+    else:
+        query = _having_all(capabilities, conditions, now)
+    return query.limit(bindparam("limit"))
+
+
+def _having_all(capabilities: list, conditions: list, now: Any):
     """Agents with every capability.
 
     Unordered, so that the database can drive the walk by whichever index is most
@@ -306,18 +339,18 @@ def _having_all(capabilities: list[str], conditions: list, now: float):
     return query
 
 
-def _having_any(capabilities: list[str], conditions: list, now: float, limit: int):
-    """Up to ``limit`` agents with any of the capabilities.
+def _having_any(capabilities: list, conditions: list, now: Any, probe_limit: Any):
+    """Agents with any of the capabilities.
 
     The capability indexes are read only until enough matches are found (an agent appears
-    once per capability it matches, hence limit x capabilities), instead of walking every
-    agent or sorting every match.
+    once per capability it matches, hence probe_limit = limit x capabilities), instead of
+    walking every agent or sorting every match.
     """
     matches = (
         select(CAPABILITIES.c.agent_id)
         .select_from(CAPABILITIES.join(AGENTS, CAPABILITIES.c.agent_id == AGENTS.c.agent_id))
         .where(CAPABILITIES.c.capability.in_(capabilities), *conditions)
-        .limit(limit * len(capabilities))
+        .limit(probe_limit)
     )
     return select(*record_columns(now)).where(AGENTS.c.agent_id.in_(matches))
 
