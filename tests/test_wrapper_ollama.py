@@ -158,6 +158,14 @@ async def test_a_down_backend_is_a_503_ollama_error(wrapper, backend):
     assert response.json().keys() == {"error"}
 
 
+async def test_a_busy_backend_is_a_503_ollama_error(wrapper, backend):
+    backend.post("/api/generate").respond(503, json=read("error_busy.json"))
+    with pytest.raises(ollama.ResponseError) as failed:
+        await wrapper.ollama.generate(MODEL, "Why?")
+    assert failed.value.status_code == 503
+    assert "server busy" in failed.value.error
+
+
 async def test_a_missing_model_is_a_503_naming_it(wrapper, backend):
     backend.post("/api/generate").respond(404, json=read("error_model_not_found.json"))
     with pytest.raises(ollama.ResponseError) as failed:

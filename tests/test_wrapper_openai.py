@@ -521,6 +521,18 @@ async def test_a_missing_model_is_a_503_that_says_so(wrapper, backend):
 
 
 @pytest.mark.anyio
+async def test_a_busy_backend_is_a_503_to_retry(wrapper, backend):
+    busy = read("error_busy.json")
+    backend.post("/api/chat").respond(503, json=busy)
+    with pytest.raises(openai.APIStatusError) as failed:
+        await wrapper.openai.chat.completions.create(model="any", messages=MESSAGES)
+    assert failed.value.status_code == 503
+    assert failed.value.body["code"] == "backend_busy"
+    assert busy["error"] in failed.value.body["message"]
+    assert failed.value.response.headers["retry-after"]
+
+
+@pytest.mark.anyio
 async def test_the_request_id_goes_to_the_backend_and_back(wrapper, backend):
     route = backend.post("/api/chat").respond(json=read("chat_response.json"))
     raw = await wrapper.openai.chat.completions.with_raw_response.create(

@@ -190,6 +190,12 @@ class Backend:
                 )
             if exc.status_code == 400:
                 return BadRequest(f"{where} refused the request: {message}", code="backend_refused")
+            if exc.status_code in (429, 503):  # Ollama's queue is full: worth a retry soon
+                return ServiceUnavailable(
+                    f"{where} is busy: {message}",
+                    code="backend_busy",
+                    headers={"Retry-After": RETRY_AFTER_SECONDS},
+                )
             return ServiceUnavailable(f"{where} failed: {message}", code="backend_error")
         # A connection that cannot be made is a backend that is not there, however the
         # transport names it (aiohttp's refusals arrive as httpx.ConnectTimeout).
