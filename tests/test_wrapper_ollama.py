@@ -416,6 +416,7 @@ class OllamaServer:
         self.pace = False
         self.close_after_answer = False
         self.silent = False
+        self.handlers: set[asyncio.Task] = set()
 
     async def __aenter__(self) -> OllamaServer:
         self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
@@ -424,11 +425,16 @@ class OllamaServer:
 
     async def __aexit__(self, *exc) -> None:
         self.server.close()
+        # Python 3.11's server leaves its connection handlers running: end them here.
+        for handler in self.handlers:
+            handler.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.server.wait_closed(), 1)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.handlers.add(asyncio.current_task())
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
