@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 import ollama
-from bench_wrapper import free_port, load_average
+from benchlib import free_port, load_average
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))

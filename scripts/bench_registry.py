@@ -13,10 +13,8 @@ the exit code is non-zero only when the registry failed to start or requests err
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -32,10 +30,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchlib import (
+    HOST,
+    cpu_seconds,
+    free_port,
+    ignore_sigint,
+    load_average,
+    memory_mb,
+    percentile,
+    start,
+    stop,
+    wait_ready,
+)
+
 from schemas.agents import DISCOVER_DEFAULT_LIMIT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 # Budgets (DESIGN): discovery p99 at 10,000 agents, heartbeat throughput, resident memory.
@@ -191,18 +200,7 @@ def timed_request(
     return status, payload, time.perf_counter_ns() - started
 
 
-def ignore_sigint() -> None:
-    """Pool initializer: Ctrl-C is the parent's to handle; it terminates the pool."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 # ---------------------------------------------------------------------------- registry process
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -218,64 +216,14 @@ def start_registry(port: int, data_dir: Path, log_path: Path) -> subprocess.Pope
     env = {key: value for key, value in os.environ.items() if not key.startswith("SWARM_")}
     env |= {"SWARM_DATA_DIR": str(data_dir), "SWARM_REGISTRY__TTL_SECONDS": "3600"}
     command = [sys.executable, "-m", "registry", "--host", HOST, "--port", str(port)]
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # Own session: a terminal Ctrl-C reaches only us, and we stop the registry.
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-
-
-def wait_healthy(process: subprocess.Popen, port: int, deadline_s: float) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"registry exited with code {process.returncode} while starting")
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            # Short timeout: something else may hold the port and never answer.
-            conn = connect(port, timeout_s=1)
-            try:
-                if request(conn, "GET", "/health")[0] == 200:
-                    return
-            finally:
-                conn.close()
-        time.sleep(0.05)
-    raise RuntimeError(f"registry not healthy within {deadline_s:.0f} s")
-
-
-def stop_registry(process: subprocess.Popen) -> None:
-    """SIGTERM for a clean shutdown, SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def read_memory_mb(pid: int) -> dict[str, float]:
-    """VmRSS (now) and VmHWM (peak) from /proc, in MB."""
-    figures = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            figures[key] = int(value.split()[0]) / 1024
-    return figures
-
-
-def read_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()  # the command name may contain spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return start(
+        command,
+        env,
+        log_path,
+        # Own session: a terminal Ctrl-C reaches only us, and we stop the registry.
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
 
 
 def error_log_lines(log_path: Path) -> list[str]:
@@ -309,10 +257,10 @@ def fill(ctx, port: int, pid: int, agents: list[dict], workers: int) -> dict:
     slices = [bodies[i::workers] for i in range(workers)]
     with ctx.Pool(workers, initializer=ignore_sigint) as pool:
         pool.apply(time.sleep, (0,))  # most of the pool's start-up, before the clock starts
-        cpu_started, started = read_cpu_seconds(pid), time.perf_counter_ns()
+        cpu_started, started = cpu_seconds(pid), time.perf_counter_ns()
         results = pool.starmap(register_batch, [(port, chunk) for chunk in slices])
         elapsed_s = (time.perf_counter_ns() - started) / 1e9
-        registry_cores = (read_cpu_seconds(pid) - cpu_started) / elapsed_s
+        registry_cores = (cpu_seconds(pid) - cpu_started) / elapsed_s
     ok = sum(count for count, _ in results)
     errors = [error for _, batch in results for error in batch]
     return {
@@ -326,12 +274,6 @@ def fill(ctx, port: int, pid: int, agents: list[dict], workers: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- latency
-
-
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile of already sorted values."""
-    rank = max(1, math.ceil(fraction * len(sorted_values)))
-    return sorted_values[rank - 1]
 
 
 def summarize_ns(samples_ns: list[int]) -> dict[str, float]:
@@ -455,9 +397,9 @@ def heartbeat_load(ctx, port: int, pid: int, agent_ids: list[str], args) -> dict
             ],
         )
         time.sleep(max(0.0, start_at - time.monotonic()))
-        server_cpu_started = read_cpu_seconds(pid)
+        server_cpu_started = cpu_seconds(pid)
         results = pending.get()
-        server_cpu_s = read_cpu_seconds(pid) - server_cpu_started
+        server_cpu_s = cpu_seconds(pid) - server_cpu_started
     window_s = max(result["finished"] for result in results) - start_at
     latencies = [ns for result in results for ns in result["latencies_ns"]]
     bad: Counter[str] = Counter()
@@ -628,22 +570,17 @@ def check_discovery_counts(probes: list[Probe]) -> list[str]:
     ]
 
 
-def load_average() -> str:
-    """Other work on the machine skews every figure here; the reader should see it."""
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
 def run(args: argparse.Namespace, process: subprocess.Popen, port: int) -> dict:
     """All phases against a running, healthy registry; return the figures."""
     # spawn, not fork: workers start clean, and the default changes in Python 3.14 anyway.
     ctx = multiprocessing.get_context("spawn")
-    memory_at_start = read_memory_mb(process.pid)  # what the imports alone cost
+    memory_at_start = memory_mb(process.pid)  # what the imports alone cost
     floor = Probe("GET /health, empty registry (floor)", "GET", "/health")
     measure_sequential(port, [floor], args.requests, args.warmup)
 
     agents = make_agents(args.agents, args.seed)
     fill_result = fill(ctx, port, process.pid, agents, args.fill_workers)
-    memory_after_fill = read_memory_mb(process.pid)
+    memory_after_fill = memory_mb(process.pid)
 
     probes = discover_probes(make_queries(agents, args.limit))
     # /health counts agents by status (a table scan), so beside it a single-row read.
@@ -666,7 +603,7 @@ def run(args: argparse.Namespace, process: subprocess.Popen, port: int) -> dict:
         "memory": {
             "at_start": memory_at_start,
             "after_fill": memory_after_fill,
-            "at_end": read_memory_mb(process.pid),
+            "at_end": memory_mb(process.pid),
         },
         "discovery_mismatches": check_discovery_counts(probes),
         "_probes": all_probes,
@@ -684,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         process = start_registry(port, Path(tmp) / "data", log_path)
         try:
             try:
-                wait_healthy(process, port, deadline_s=30)
+                wait_ready(process, port, "/health", deadline_s=30)
             except RuntimeError as exc:
                 print(f"bench_registry: {exc}\n{log_path.read_text()[-3000:]}", file=sys.stderr)
                 return 2
@@ -696,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench_registry: request failed: {exc!r}", file=sys.stderr)
             return 1
         finally:
-            stop_registry(process)
+            stop(process)
         results["registry_log_errors"] = error_log_lines(log_path)
     results["command"] = shlex.join(sys.orig_argv)
     results["machine"] = {

@@ -40,18 +40,26 @@ import os
 import platform
 import shlex
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
+from benchlib import (
+    HOST,
+    cpu_seconds,
+    free_port,
+    ignore_sigint,
+    load_average,
+    memory_mb,
+    percentile,
+    start,
+    stop,
+    wait_ready,
+)
+
 WRAPPER = "reasoner"  # a wrapper of the default profile; only its backend and port change
 MODEL = "smollm2:135m"
 BUDGET_MS = 1.0  # added p50, CPU per request, added TTFT p50
@@ -165,66 +173,6 @@ def serve_fake(port: int) -> None:
 # --- processes -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            argv, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-        )
-
-
-def wait_ready(process: subprocess.Popen, port: int, path: str, deadline_s: float = 30) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        with contextlib.suppress(OSError):
-            conn = http.client.HTTPConnection(HOST, port, timeout=2)
-            conn.request("GET", path)
-            if conn.getresponse().status == 200:
-                conn.close()
-                return
-            conn.close()
-        time.sleep(0.1)
-    raise RuntimeError(f"{process.args} not ready on {path} within {deadline_s}s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def memory_mb(pid: int) -> dict[str, float]:
-    """VmRSS (now) and VmHWM (the peak so far) of a process, in MB, from /proc/<pid>/status."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            values[name] = int(value.split()[0]) / 1024  # kB
-    return values
-
-
-def load_average() -> str:
-    """Other work on the machine skews every figure here; the reader should see it."""
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
 def wrapper_env(state: Path, wrapper_port: int, backend_port: int) -> dict[str, str]:
     """The default profile's wrapper, moved to ``wrapper_port`` and pointed at a backend on
     ``backend_port``; its registry URL is a port where nothing listens (it retries)."""
@@ -320,11 +268,6 @@ def run(
 # Each window ends with a pause, so the calls still in flight finish before the next starts.
 GAP_S = 0.2
 TARGETS = {"direct": "/api/chat", "via": "/v1/chat/completions"}
-
-
-def ignore_sigint() -> None:
-    """Pool initializer: Ctrl-C is the parent's to handle; it terminates the pool."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def client_worker(
@@ -427,11 +370,6 @@ def run_concurrent(
         "cpu_ms_per_request": statistics.median(per_call) * 1000,
         "client_cores": sum(result["cpu_s"] for result in results) / (span + lead),
     }
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
 
 
 def verdict(value: float, budget: float, unit: str = "ms", at_least: bool = False) -> str:
