@@ -180,16 +180,24 @@ def process_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
     return env
 
 
-def wait_healthy(url: str, process: subprocess.Popen, deadline: float = 20.0) -> None:
+def wait_healthy(
+    url: str,
+    process: subprocess.Popen,
+    deadline: float = 20.0,
+    *,
+    health: str = "/health",
+    output: Callable[[], str] = lambda: "",
+) -> None:
+    """Until ``GET url+health`` answers 200; ``output`` tells what the process said on failure."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         if process.poll() is not None:
-            raise AssertionError(f"{process.args} exited with {process.returncode}")
+            raise AssertionError(f"{process.args} exited with {process.returncode}:\n{output()}")
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}{health}", timeout=2).status_code == 200:
                 return
         time.sleep(0.05)
-    raise AssertionError(f"{url} did not become healthy within {deadline}s")
+    raise AssertionError(f"{url}{health} not healthy within {deadline}s:\n{output()}")
 
 
 @pytest.fixture
@@ -236,15 +244,8 @@ class Daemons:
         )
         log.close()
         self.running[name] = process
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
-            if process.poll() is not None:
-                raise AssertionError(f"{name} exited with {process.returncode}:\n{self.log(name)}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}{health}", timeout=2).status_code == 200:
-                    return process
-            time.sleep(0.1)
-        raise AssertionError(f"{name} not healthy within {deadline}s:\n{self.log(name)}")
+        wait_healthy(url, process, deadline, health=health, output=lambda: self.log(name))
+        return process
 
     def log(self, name: str) -> str:
         return (self.directory / f"{name}.log").read_text(errors="replace")[-4_000:]
