@@ -329,6 +329,17 @@ def streamed(lines: Iterable[dict], **kwargs: Any) -> httpx.Response:
     return httpx.Response(200, stream=body, headers={"Content-Type": "application/x-ndjson"})
 
 
+def streamed_or_whole(lines: list[dict], whole: dict) -> Callable[[httpx.Request], httpx.Response]:
+    """A backend route answering as the request's ``stream`` asks: NDJSON lines or one body."""
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content)["stream"]:
+            return streamed(lines)
+        return httpx.Response(200, json=whole)
+
+    return respond
+
+
 def sent_json(route: respx.Route) -> dict:
     """The body of the last request the wrapper sent on a backend route."""
     return json.loads(route.calls.last.request.content)

@@ -29,6 +29,7 @@ from tests.conftest import (
     read_lines,
     sent_json,
     streamed,
+    streamed_or_whole,
 )
 
 pytestmark = pytest.mark.anyio
@@ -83,13 +84,7 @@ async def test_chat_streams_ndjson_by_default_as_ollama_does(wrapper, backend):
 async def test_generate_streams_and_answers_whole(wrapper, backend, path):
     lines = read_lines("generate_stream.ndjson")
     answer = read("generate_response.json")
-
-    def respond(request: httpx.Request) -> httpx.Response:
-        if json.loads(request.content)["stream"]:
-            return streamed(lines)
-        return httpx.Response(200, json=answer)
-
-    route = backend.post("/api/generate").mock(side_effect=respond)
+    route = backend.post("/api/generate").mock(side_effect=streamed_or_whole(lines, answer))
     response = await wrapper.http.post(path, json={"model": MODEL, "prompt": "Why?"})
     assert ndjson(response.text) == lines
     whole = await wrapper.http.post(path, json={"model": MODEL, "prompt": "Why?", "stream": False})
@@ -359,13 +354,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 async def test_metrics_count_requests_tokens_and_errors(wrapper, backend):
     whole = read("chat_response.json")
     lines = read_lines("chat_stream_no_counts.ndjson")
-
-    def respond(request: httpx.Request) -> httpx.Response:
-        if json.loads(request.content)["stream"]:
-            return streamed(lines)
-        return httpx.Response(200, json=whole)
-
-    backend.post("/api/chat").mock(side_effect=respond)
+    backend.post("/api/chat").mock(side_effect=streamed_or_whole(lines, whole))
     await wrapper.ollama.chat(MODEL, PROMPT)
     stream = await wrapper.openai.chat.completions.create(model="x", messages=PROMPT, stream=True)
     _ = [chunk async for chunk in stream]
