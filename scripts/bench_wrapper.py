@@ -170,6 +170,39 @@ def serve_fake(port: int) -> None:
     asyncio.run(main())
 
 
+def serve_passthrough(port: int, backend_port: int) -> None:
+    """The reference hop of DESIGN 7: a bare aiohttp pass-through to the fake, streaming
+    its answers back chunk by chunk. What any Python hop costs on this machine today."""
+    import uvloop
+    from aiohttp import ClientSession, web
+
+    backend = f"http://{HOST}:{backend_port}"
+
+    async def session(app: web.Application):
+        app["session"] = ClientSession()
+        yield
+        await app["session"].close()
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        async with request.app["session"].request(
+            request.method, backend + request.path, data=body, headers=HEADERS
+        ) as answer:
+            response = web.StreamResponse(status=answer.status)
+            response.content_type = answer.content_type
+            await response.prepare(request)
+            async for chunk in answer.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    app = web.Application()
+    app.cleanup_ctx.append(session)
+    app.router.add_route("*", "/{path:.*}", forward)
+    uvloop.install()
+    web.run_app(app, host=HOST, port=port, access_log=None, print=None)
+
+
 # --- processes -----------------------------------------------------------------------------
 
 
@@ -218,51 +251,69 @@ def bodies(scenario: str) -> tuple[bytes, bytes]:
 def run(
     scenario: str,
     direct: int,
-    wrapper: int,
-    wrapper_pid: int,
+    reference: tuple[int, int],
+    wrapper: tuple[int, int],
     requests: int,
     warmup: int,
     rounds: int,
 ) -> dict:
-    """Alternate direct and wrapped calls; per measure, the median over ``rounds`` of each
-    round's p50 (a round disturbed by another process on the machine does not decide),
-    and the p99 of all calls."""
+    """Call the fake directly, through the reference pass-through and through the wrapper,
+    in turn; ``reference`` and ``wrapper`` are (port, pid). Per measure, the median over
+    ``rounds`` of each round's p50 (a round disturbed by another process on the machine
+    does not decide), and the p99 of all calls; per hop, the median of the rounds' CPU
+    per call."""
     direct_body, via_body = bodies(scenario)
-    to_fake = http.client.HTTPConnection(HOST, direct)
-    to_wrapper = http.client.HTTPConnection(HOST, wrapper)
+    targets = {
+        "direct": (http.client.HTTPConnection(HOST, direct), "/api/chat", direct_body, None),
+        "reference": (
+            http.client.HTTPConnection(HOST, reference[0]),
+            "/api/chat",
+            direct_body,
+            reference[1],
+        ),
+        "via": (
+            http.client.HTTPConnection(HOST, wrapper[0]),
+            "/v1/chat/completions",
+            via_body,
+            wrapper[1],
+        ),
+    }
     for _ in range(warmup):
-        call(to_fake, "/api/chat", direct_body)
-        call(to_wrapper, "/v1/chat/completions", via_body)
-    names = ("direct", "via", "direct_ttfb", "via_ttfb")
+        for conn, path, body, _ in targets.values():
+            call(conn, path, body)
+    names = [name + measure for name in targets for measure in ("", "_ttfb")]
     every: dict[str, list[float]] = {name: [] for name in names}
     round_p50s: dict[str, list[float]] = {name: [] for name in names}
-    round_cpu: list[float] = []
+    round_cpu: dict[str, list[float]] = {"reference": [], "via": []}
     per_round = max(1, requests // rounds)
     for _ in range(rounds):
         samples: dict[str, list[float]] = {name: [] for name in names}
-        wrapper_cpu = 0.0
+        cpu = dict.fromkeys(round_cpu, 0.0)
         for _ in range(per_round):
-            first, total = call(to_fake, "/api/chat", direct_body)
-            samples["direct"].append(total)
-            samples["direct_ttfb"].append(first)
-            before = cpu_seconds(wrapper_pid)
-            first, total = call(to_wrapper, "/v1/chat/completions", via_body)
-            wrapper_cpu += cpu_seconds(wrapper_pid) - before
-            samples["via"].append(total)
-            samples["via_ttfb"].append(first)
+            for name, (conn, path, body, pid) in targets.items():
+                before = cpu_seconds(pid) if pid else 0.0
+                first, total = call(conn, path, body)
+                if pid:
+                    cpu[name] += cpu_seconds(pid) - before
+                samples[name].append(total)
+                samples[name + "_ttfb"].append(first)
         for name in names:
             every[name] += samples[name]
             round_p50s[name].append(percentile(samples[name], 0.50))
-        round_cpu.append(wrapper_cpu / per_round)
-    to_fake.close()
-    to_wrapper.close()
+        for name, seconds in cpu.items():
+            round_cpu[name].append(seconds / per_round)
+    for conn, *_ in targets.values():
+        conn.close()
     return {
         name: {
             "p50": statistics.median(round_p50s[name]) / 1e6,
             "p99": percentile(every[name], 0.99) / 1e6,
         }
         for name in names
-    } | {"cpu_ms_per_request": statistics.median(round_cpu) * 1000}
+    } | {
+        "cpu_ms_per_request": statistics.median(round_cpu["via"]) * 1000,
+        "reference_cpu_ms_per_request": statistics.median(round_cpu["reference"]) * 1000,
+    }
 
 
 # Each window ends with a pause, so the calls still in flight finish before the next starts.
@@ -400,6 +451,23 @@ def table(results: dict, command: str) -> str:
         budget = verdict(cpu, BUDGET_MS) if budgeted else "—"
         return f"| {label} | — | — | {cpu:.3f} |{' — |' if rates else ''} {budget} |"
 
+    def hop_row(label: str, figures: dict, measure: str, budgeted: bool = True) -> str:
+        direct, bare, via = (figures[name + measure] for name in ("direct", "reference", "via"))
+        added = via["p50"] - direct["p50"]
+        cells = [
+            label,
+            *(f"{f['p50']:.3f} / {f['p99']:.3f}" for f in (direct, bare, via)),
+            f"{bare['p50'] - direct['p50']:.3f} / {added:.3f}",
+            verdict(added, BUDGET_MS) if budgeted else "—",
+        ]
+        return "| " + " | ".join(cells) + " |"
+
+    def hop_cpu_row(label: str, figures: dict, budgeted: bool) -> str:
+        cpu = figures["cpu_ms_per_request"]
+        budget = verdict(cpu, BUDGET_MS) if budgeted else "—"
+        bare = figures["reference_cpu_ms_per_request"]
+        return f"| {label} | — | — | — | {bare:.3f} / {cpu:.3f} | {budget} |"
+
     def memory_row(label: str, memory: dict, budgeted: bool) -> str:
         budget = verdict(memory["VmHWM"], BUDGET_RSS_MB, "MB") + " (peak)" if budgeted else "—"
         return f"| {label} | {memory['VmRSS']:.1f} | {memory['VmHWM']:.1f} | {budget} |"
@@ -411,15 +479,18 @@ def table(results: dict, command: str) -> str:
         f"{results['loadavg_end']} at end",
         "",
         f"Concurrency 1: {results['requests']} calls per row in {results['rounds']} rounds "
-        "(median of the rounds' p50; p99 of all), direct and wrapped calls alternating",
+        "(median of the rounds' p50; p99 of all), direct, bare-hop and wrapped calls in turn. "
+        "The bare hop is the reference of DESIGN 7, a bare aiohttp pass-through (~0.4 ms "
+        "added on the machine the budgets were set on): what any Python hop costs here today.",
         "",
-        "| measure (ms) | direct p50 / p99 | via wrapper p50 / p99 | added p50 | budget |",
-        "|---|---|---|---|---|",
-        row("non-stream, whole call", plain["direct"], plain["via"]),
-        row("stream, time to first byte", stream["direct_ttfb"], stream["via_ttfb"]),
-        row("stream, whole stream", stream["direct"], stream["via"], budgeted=False),
-        cpu_row("wrapper CPU per request, non-stream", plain, budgeted=True),
-        cpu_row("wrapper CPU per request, stream (not budgeted)", stream, budgeted=False),
+        "| measure (ms) | direct p50 / p99 | bare hop p50 / p99 | via wrapper p50 / p99 "
+        "| added p50: bare hop / wrapper | budget (wrapper) |",
+        "|---|---|---|---|---|---|",
+        hop_row("non-stream, whole call", plain, ""),
+        hop_row("stream, time to first byte", stream, "_ttfb"),
+        hop_row("stream, whole stream", stream, "", budgeted=False),
+        hop_cpu_row("CPU per request, non-stream", plain, budgeted=True),
+        hop_cpu_row("CPU per request, stream (not budgeted)", stream, budgeted=False),
         "",
         f"Concurrency {CONCURRENCY}: {shares} client processes x {CONCURRENCY // shares}"
         f"{'+' if CONCURRENCY % shares else ''} threads, each with its own keep-alive connection; "
@@ -620,9 +691,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=256, help="--throughput: tokens per run")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     parser.add_argument("--serve-fake", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-passthrough", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_fake:
         serve_fake(args.serve_fake)
+        return 0
+    if args.serve_passthrough:
+        serve_passthrough(*args.serve_passthrough)
         return 0
     command = shlex.join(["python", "scripts/bench_wrapper.py", *(argv or sys.argv[1:])])
     if args.throughput:
@@ -631,17 +706,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     load_at_start = load_average()
-    fake_port, wrapper_port = free_port(), free_port()
+    fake_port, wrapper_port, reference_port = free_port(), free_port(), free_port()
     state = Path(tempfile.mkdtemp(prefix="bench-wrapper-"))
     env = wrapper_env(state, wrapper_port, fake_port)
     fake_argv = [sys.executable, __file__, "--serve-fake", str(fake_port)]
     fake = start(fake_argv, env, state / "fake.log")
     wrapper = start([sys.executable, "-m", "services", WRAPPER], env, state / "wrapper.log")
+    reference_argv = [__file__, "--serve-passthrough", str(reference_port), str(fake_port)]
+    reference = start([sys.executable, *reference_argv], env, state / "reference.log")
     # spawn, not fork: clients start clean; Ctrl-C is the parent's to handle.
     pool = multiprocessing.get_context("spawn").Pool(args.clients, initializer=ignore_sigint)
     try:
         wait_ready(fake, fake_port, "/api/version")
         wait_ready(wrapper, wrapper_port, "/health")
+        wait_ready(reference, reference_port, "/api/version")
         results: dict = {
             "requests": args.requests,
             "rounds": args.rounds,
@@ -653,8 +731,8 @@ def main(argv: list[str] | None = None) -> int:
             results[scenario] = run(
                 scenario,
                 fake_port,
-                wrapper_port,
-                wrapper.pid,
+                (reference_port, reference.pid),
+                (wrapper_port, wrapper.pid),
                 args.requests,
                 args.warmup,
                 args.rounds,
@@ -679,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         pool.terminate()
         pool.join()
         stop(wrapper)
+        stop(reference)
         stop(fake)
     shutil.rmtree(state, ignore_errors=True)
     results |= {"loadavg_start": load_at_start, "loadavg_end": load_average()}

@@ -16,8 +16,9 @@ import pytest
 
 from schemas import ollama as api
 from services.common.errors import ServiceUnavailable
+from services.wrapper.aiohttp_client import ollama_client
 from services.wrapper.app import create_app
-from services.wrapper.backend import Backend, make_client
+from services.wrapper.backend import Backend
 from services.wrapper.translate import estimate_tokens
 from tests.conftest import (
     BACKEND,
@@ -405,6 +406,7 @@ class OllamaServer:
         self.pace = False
         self.close_after_answer = False
         self.silent = False
+        self.stream_lines = read_lines("chat_stream.ndjson")
         self.handlers: set[asyncio.Task] = set()
 
     async def __aenter__(self) -> OllamaServer:
@@ -458,7 +460,7 @@ class OllamaServer:
             b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n"
         )
-        for index, line in enumerate(read_lines("chat_stream.ndjson")):
+        for index, line in enumerate(self.stream_lines):
             data = json.dumps(line).encode() + b"\n"
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))
             await writer.drain()
@@ -478,7 +480,7 @@ class OllamaServer:
 
 
 def backend_client(url: str, read_timeout: float = 5.0) -> ollama.AsyncClient:
-    return make_client(url, connect_timeout=1.0, read_timeout=read_timeout)
+    return ollama_client(url, connect_timeout=1.0, read_timeout=read_timeout)
 
 
 async def test_the_backend_client_keeps_connections_alive():
@@ -522,6 +524,48 @@ async def test_the_backend_client_replaces_a_connection_the_server_closed():
             await asyncio.sleep(0.01)
         await client.close()
     assert server.connections == 3
+
+
+async def test_the_backend_client_reads_ndjson_lines_of_any_length():
+    async with OllamaServer() as server:
+        *parts, final = read_lines("chat_stream.ndjson")
+        long_piece = "word " * 40_000  # 200 kB on one line
+        server.stream_lines = [
+            *parts,
+            parts[0] | {"message": {"role": "assistant", "content": long_piece}},
+            final,
+        ]
+        client = backend_client(server.url)
+        received = [part async for part in await client.chat(MODEL, PROMPT, stream=True)]
+        await client.close()
+    assert received[-2].message.content == long_piece
+    assert len(received) == len(server.stream_lines)
+
+
+async def test_the_backend_client_drops_the_connection_of_a_stream_left_early():
+    async with OllamaServer() as server:
+        server.pace = True  # the server holds the rest of the stream
+        client = backend_client(server.url)
+        parts = await client.chat(MODEL, PROMPT, stream=True)
+        await anext(parts)
+        await parts.aclose()  # the caller went away: the backend must see it
+        server.release.set()
+        await client.chat(MODEL, PROMPT)
+        await client.close()
+    assert server.connections == 2
+
+
+async def test_the_backend_client_reports_error_answers_as_ollama_does():
+    async with OllamaServer() as server:
+        client = backend_client(server.url)  # the server answers 404 {"error"} on /api/pull
+        with pytest.raises(ollama.ResponseError) as whole:
+            await client.pull(MODEL)
+        with pytest.raises(ollama.ResponseError) as streamed:
+            async for _ in await client.pull(MODEL, stream=True):
+                pass
+        await client.close()
+    for raised in (whole.value, streamed.value):
+        assert (raised.status_code, raised.error) == (404, "not found")
 
 
 async def test_the_backend_client_fails_as_httpx_does():

@@ -496,6 +496,17 @@ async def test_invalid_input_is_a_422_envelope(wrapper, change, param):
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("content", [b"", b"{not json", b"[]", b'"hi"'])
+async def test_a_body_that_is_not_a_json_object_is_a_422_envelope(wrapper, backend, content):
+    route = backend.post("/api/chat")
+    headers = {"Content-Type": "application/json"}
+    response = await wrapper.http.post("/v1/chat/completions", content=content, headers=headers)
+    assert response.status_code == 422
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert not route.called
+
+
+@pytest.mark.anyio
 async def test_a_down_backend_is_a_503_and_the_wrapper_stays_up(wrapper, backend):
     backend.post("/api/chat").mock(side_effect=httpx.ConnectError("connection refused"))
     with pytest.raises(openai.APIStatusError) as failed:

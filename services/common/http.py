@@ -1,9 +1,18 @@
-"""What every daemon's app gets: error envelopes, request ids, body limits, metrics."""
+"""What every daemon's app gets: error envelopes, request ids, body limits, metrics; and
+lean routes for the few endpoints on a hot path."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from collections.abc import Collection, Iterable
+from typing import get_type_hints
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, ValidationError
+from starlette.responses import Response
+from starlette.routing import Route
 
 from services.common.errors import install_error_handlers
 from services.common.metrics import HttpMetrics, MetricsMiddleware, metrics_endpoint
@@ -26,3 +35,38 @@ def install_plumbing(app: FastAPI, *, max_body_bytes: int) -> CollectorRegistry:
     app.add_middleware(RequestIdMiddleware)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     return registry
+
+
+def serve_lean(app: FastAPI, routers: Iterable[APIRouter], paths: Collection[str]) -> None:
+    """Serve the routes of ``routers`` at ``paths`` through :func:`lean_route`.
+
+    The lean twin goes in front and answers; the declared route, included in the app,
+    stays behind it, where it still describes the endpoint in the OpenAPI schema.
+    """
+    declared = [
+        route
+        for router in routers
+        for route in router.routes
+        if isinstance(route, APIRoute) and route.path in paths
+    ]
+    app.router.routes[:0] = [lean_route(route) for route in declared]
+
+
+def lean_route(route: APIRoute) -> Route:
+    """``route`` without FastAPI's per-request dependency solving, which costs more CPU
+    than the rest of a wrapper's hop (DESIGN 7: 1 ms). For endpoints shaped
+    ``(body: Model, request: Request)``: the body is validated once, from its JSON bytes,
+    and a bad one raises ``RequestValidationError`` as FastAPI does, so the envelope is the
+    same."""
+    endpoint = route.endpoint
+    model: type[BaseModel] = get_type_hints(endpoint)["body"]
+
+    async def serve(request: Request) -> Response:
+        try:
+            body = model.model_validate_json(await request.body())
+        except ValidationError as exc:
+            errors = [error | {"loc": ("body", *error["loc"])} for error in exc.errors()]
+            raise RequestValidationError(errors) from None
+        return await endpoint(body, request)
+
+    return Route(route.path, serve, methods=list(route.methods), name=route.name)

@@ -13,13 +13,23 @@ import httpx
 import ollama
 from fastapi import FastAPI
 
-from services.common.http import install_plumbing
+from services.common.http import install_plumbing, serve_lean
 from services.wrapper import ollama_routes, openai_routes, status_routes
-from services.wrapper.backend import Backend, make_client
+from services.wrapper.aiohttp_client import ollama_client
+from services.wrapper.backend import Backend
 from services.wrapper.registration import REGISTRY_TIMEOUT, Registrar, Sleep
 from services.wrapper.service import Wrapper, wall_clock
 from services.wrapper.settings import WrapperSettings
 from services.wrapper.stats import Stats
+
+# The model calls: the wrapper's hot path, served by lean routes.
+MODEL_CALL_PATHS = (
+    "/v1/chat/completions",
+    "/chat/completions",
+    "/api/chat",
+    "/api/generate",
+    "/generate",
+)
 
 
 def create_app(
@@ -43,7 +53,7 @@ def create_app(
         async with contextlib.AsyncExitStack() as owned:
             client = backend
             if client is None:
-                client = make_client(
+                client = ollama_client(
                     settings.backend_url,
                     connect_timeout=settings.connect_timeout_seconds,
                     read_timeout=settings.read_timeout_seconds,
@@ -102,4 +112,5 @@ def create_app(
         app.include_router(router)
     paths = {route.path for router in routers for route in router.routes if hasattr(route, "path")}
     app.state.endpoints = sorted(paths | {"/metrics"})
+    serve_lean(app, routers, MODEL_CALL_PATHS)
     return app

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 import anyio
 import httpx
 import ollama
-from httpx_aiohttp import AiohttpTransport
 
 from schemas import ollama as api
 from schemas.health import ModelInfo
@@ -36,16 +35,6 @@ _MODEL_MISSING = re.compile(r"\bmodel\b.*\bnot found\b", re.I)
 RETRY_AFTER_SECONDS = "5"
 
 T = TypeVar("T")
-
-
-def make_client(url: str, *, connect_timeout: float, read_timeout: float) -> ollama.AsyncClient:
-    """The backend client: reads wait as long as a generation may take, connects do not.
-
-    The official client on aiohttp's connection pool: httpx's own pool (httpcore, h11)
-    costs about a millisecond of CPU more per call on the wrapper's hot path.
-    """
-    timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
-    return ollama.AsyncClient(url, timeout=timeout, transport=AiohttpTransport())
 
 
 async def _send_request_id(request: httpx.Request) -> None:
@@ -71,11 +60,12 @@ class Backend:
         self.url = url
         self.model = model
         self.facts: ModelInfo | None = None
-        # The official client takes no per-call headers: an event hook on its httpx client
-        # (``_client``) adds the request id being served to every call it makes.
-        hooks = client._client.event_hooks["request"]
-        if _send_request_id not in hooks:
-            hooks.append(_send_request_id)
+        # The official client takes no per-call headers. The wrapper's own HTTP layer
+        # sends the request id being served; on an httpx client an event hook does.
+        if isinstance(client._client, httpx.AsyncClient):
+            hooks = client._client.event_hooks["request"]
+            if _send_request_id not in hooks:
+                hooks.append(_send_request_id)
 
     # --- model calls ---------------------------------------------------------------------
 
@@ -197,8 +187,7 @@ class Backend:
                     headers={"Retry-After": RETRY_AFTER_SECONDS},
                 )
             return ServiceUnavailable(f"{where} failed: {message}", code="backend_error")
-        # A connection that cannot be made is a backend that is not there, however the
-        # transport names it (aiohttp's refusals arrive as httpx.ConnectTimeout).
+        # A connection that cannot be made, or not in time, is a backend that is not there.
         if isinstance(exc, ConnectionError | httpx.ConnectError | httpx.ConnectTimeout):
             return ServiceUnavailable(
                 f"{where} is unreachable; is it running?",
