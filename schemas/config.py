@@ -111,6 +111,11 @@ class WrapperConfig(Section):
     context_length: int | None = Field(default=None, ge=128)
     max_tokens_limit: int = Field(default=2_048, ge=1)
     prompts: dict[str, Any] = Field(default_factory=dict)
+    taxonomy: Path | None = Field(
+        default=None,
+        description="A TMD taxonomy file (relative: to the profile's directory). The wrapper "
+        "then also classifies queries onto it: /classify_domain, /extract_tmd, /validate_domain.",
+    )
     connect_timeout_seconds: Seconds = 5.0
     read_timeout_seconds: Seconds = 300.0
     heartbeat_interval_seconds: Seconds = Field(
@@ -257,7 +262,16 @@ def load_settings(path: Path | None = None) -> SwarmSettings:
         raise ConfigError(f"config {path}:{line}: not valid YAML") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: the top level must be a mapping")
+    _resolve_paths(data, path.parent)
     try:
         return SwarmSettings(**data)
     except ValidationError as exc:
         raise ConfigError(f"config {path}: {describe_validation_errors(exc.errors())}") from None
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """File names in a profile are relative to the profile's own directory."""
+    wrappers = data.get("wrappers")
+    for wrapper in wrappers.values() if isinstance(wrappers, dict) else ():
+        if isinstance(wrapper, dict) and isinstance(wrapper.get("taxonomy"), str):
+            wrapper["taxonomy"] = str(base / wrapper["taxonomy"])

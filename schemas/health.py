@@ -55,3 +55,10 @@ class ServiceInfo(BaseModel):
     capabilities: list[str]
     performance: Performance
     endpoints: list[str]
+
+
+class ClassifierInfo(ServiceInfo):
+    """``GET /info`` of a wrapper that classifies onto a TMD taxonomy."""
+
+    domain_taxonomy_version: str
+    prompt_version: str

@@ -14,13 +14,14 @@ import ollama
 from fastapi import FastAPI
 
 from services.common.http import install_plumbing, serve_lean
-from services.wrapper import ollama_routes, openai_routes, status_routes
+from services.wrapper import ollama_routes, openai_routes, status_routes, tmd_routes
 from services.wrapper.aiohttp_client import ollama_client
 from services.wrapper.backend import Backend
 from services.wrapper.registration import REGISTRY_TIMEOUT, Registrar, Sleep
 from services.wrapper.service import Wrapper, wall_clock
 from services.wrapper.settings import WrapperSettings
 from services.wrapper.stats import Stats
+from services.wrapper.tmd import DomainClassifier
 
 # The model calls: the wrapper's hot path, served by lean routes.
 MODEL_CALL_PATHS = (
@@ -88,6 +89,8 @@ def create_app(
             )
             app.state.wrapper = wrapper
             app.state.registrar = registrar
+            if settings.tmd_taxonomy is not None:
+                app.state.classifier = DomainClassifier(wrapper, settings.tmd_taxonomy)
             # The wrapper serves at once; registration retries in the background.
             registration = asyncio.create_task(registrar.run(), name="wrapper-registration")
             # Start-up objects live as long as the process: keep them out of the
@@ -107,7 +110,9 @@ def create_app(
         lifespan=lifespan,
     )
     install_plumbing(app, max_body_bytes=settings.max_body_bytes)
-    routers = (openai_routes.router, ollama_routes.router, status_routes.router)
+    routers = [openai_routes.router, ollama_routes.router, status_routes.router]
+    if settings.taxonomy is not None:
+        routers.append(tmd_routes.router)
     for router in routers:
         app.include_router(router)
     paths = {route.path for router in routers for route in router.routes if hasattr(route, "path")}

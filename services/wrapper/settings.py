@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr, field_validator
 
 from schemas.agents import Identifier
 from schemas.config import SwarmSettings, WrapperConfig
+from schemas.tmd import Taxonomy
+from services.wrapper.taxonomy import load_taxonomy
 from services.wrapper.translate import CompletionTemplate
 
 
@@ -25,6 +28,17 @@ class WrapperSettings(WrapperConfig):
     def _check_template(cls, prompts: dict[str, Any]) -> dict[str, Any]:
         CompletionTemplate.from_prompts(prompts)  # a bad template stops the start-up
         return prompts
+
+    @field_validator("taxonomy")
+    @classmethod
+    def _check_taxonomy(cls, taxonomy: Path | None) -> Path | None:
+        if taxonomy is not None:
+            load_taxonomy(taxonomy)  # a bad taxonomy stops the start-up, naming the key
+        return taxonomy
+
+    @cached_property
+    def tmd_taxonomy(self) -> Taxonomy | None:
+        return load_taxonomy(self.taxonomy) if self.taxonomy else None
 
     @cached_property
     def completion_template(self) -> CompletionTemplate:

@@ -7,7 +7,7 @@ from importlib import metadata
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from schemas.health import ModelInfo, ServiceInfo, WrapperHealth
+from schemas.health import ClassifierInfo, ModelInfo, ServiceInfo, WrapperHealth
 from services.wrapper.service import wrapper_of
 from services.wrapper.streaming import json_response
 
@@ -19,8 +19,10 @@ async def health(request: Request) -> Response:
     """Healthy when the backend answers and has the model; 503 with the reason otherwise."""
     wrapper = wrapper_of(request)
     status = await wrapper.backend.probe()
+    # A classifier still validates domain names without its backend: degraded, not down.
+    down = "degraded" if wrapper.settings.taxonomy is not None else "unhealthy"
     body = WrapperHealth(
-        status="healthy" if status.healthy else "unhealthy",
+        status="healthy" if status.healthy else down,
         service=wrapper.settings.service,
         port=wrapper.settings.port,
         uptime_seconds=wrapper.uptime(),
@@ -33,7 +35,7 @@ async def health(request: Request) -> Response:
     return json_response(body, exclude_none=False, status=200 if status.healthy else 503)
 
 
-@router.get("/info", response_model=ServiceInfo)
+@router.get("/info", response_model=ServiceInfo | ClassifierInfo)
 async def info(request: Request) -> Response:
     """The model's facts (from the backend's ``/api/show``) and live performance figures."""
     wrapper = wrapper_of(request)
@@ -50,6 +52,12 @@ async def info(request: Request) -> Response:
         performance=wrapper.stats.performance(),
         endpoints=request.app.state.endpoints,
     )
+    if (taxonomy := settings.tmd_taxonomy) is not None:
+        body = ClassifierInfo(
+            **dict(body),
+            domain_taxonomy_version=taxonomy.version,
+            prompt_version=taxonomy.prompt.version,
+        )
     return json_response(body, exclude_none=False)
 
 

@@ -1,0 +1,93 @@
+"""The TMD taxonomy as the classifier uses it: loaded from config, domain names
+validated and corrected, and the few-shot prompt written from it."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from schemas.errors import describe_validation_errors
+from schemas.tmd import Taxonomy, ValidateDomainResponse
+
+CONTEXT_DOC_PROMPT_CHARS = 240  # of each context document, in the prompt
+MAX_SUGGESTIONS = 3
+
+
+class TaxonomyError(ValueError):
+    """A taxonomy file that cannot be used; the message names the file and the key."""
+
+
+def load_taxonomy(path: Path) -> Taxonomy:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise TaxonomyError(f"taxonomy {path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError:
+        raise TaxonomyError(f"taxonomy {path}: not valid YAML") from None
+    try:
+        return Taxonomy.model_validate(data)
+    except ValidationError as exc:
+        raise TaxonomyError(
+            f"taxonomy {path}: {describe_validation_errors(exc.errors())}"
+        ) from None
+
+
+# --- /validate_domain ------------------------------------------------------------------------
+
+
+def _key(text: str) -> str:
+    """``"Computer  science"``, ``computer-science`` and COMPUTER_SCIENCE are one key."""
+    return re.sub(r"[\s_\-]+", "_", text.strip()).upper()
+
+
+def validate_domain(taxonomy: Taxonomy, given: str) -> ValidateDomainResponse:
+    names: dict[str, str] = {}  # key of any spelling -> canonical name
+    for domain in taxonomy.domains:
+        for spelling in (domain.name, domain.label, *domain.aliases):
+            names.setdefault(_key(spelling), domain.name)
+    canonical = names.get(_key(given))
+    if canonical is not None:
+        return ValidateDomainResponse(domain=given, valid=True, canonical=canonical, suggestions=[])
+    near = difflib.get_close_matches(_key(given), list(names), n=10, cutoff=0.6)
+    suggestions = list(dict.fromkeys(names[key] for key in near))[:MAX_SUGGESTIONS]
+    # A near miss with one clear answer ("COMPUTR SCIENCE") is that domain.
+    close_one = suggestions[0] if len(suggestions) == 1 else None
+    return ValidateDomainResponse(
+        domain=given, valid=False, canonical=close_one, suggestions=suggestions
+    )
+
+
+# --- the prompt ------------------------------------------------------------------------------
+
+
+def _record(fields: dict[str, Any]) -> str:
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+
+
+def prompt_prefix(taxonomy: Taxonomy) -> str:
+    """The header and the few-shot records: the part every classification shares."""
+    lines = [taxonomy.prompt.header]
+    for example in taxonomy.prompt.examples:
+        lines.append(_record(example.model_dump(exclude_none=True)))
+    return "\n".join(lines) + "\n"
+
+
+def open_record(query: str, context_docs: Sequence[str] = ()) -> dict[str, Any]:
+    record: dict[str, Any] = {"query": query}
+    if context_docs:
+        record["context"] = " | ".join(
+            " ".join(doc.split())[:CONTEXT_DOC_PROMPT_CHARS] for doc in context_docs
+        )
+    return record
+
+
+def field_prompt(prefix: str, record: dict[str, Any], field: str) -> str:
+    """``prefix`` and ``record`` written up to the value of ``field``: ``{…,"field":``."""
+    return prefix + _record(record)[:-1] + "," + json.dumps(field) + ":"
