@@ -38,12 +38,13 @@ from typing import Any
 import anyio
 import llama_cpp
 import numpy as np
-from llama_cpp import Llama, LlamaGrammar, llama_chat_format
+from llama_cpp import Llama, LogitsProcessorList, llama_chat_format
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from schemas.ollama import Logprob, Options, TokenLogprob
 from services.common.errors import BadRequest, ServiceUnavailable
 from services.modelhost.catalog import PackagedModel, locate, lookup
+from services.modelhost.grammar import GrammarConstraint
 from services.modelhost.settings import ModelHostSettings, default_threads
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,7 @@ class Engine:
         reason = "length"
         started = time.perf_counter_ns()
         first: int | None = None
+        constraint = GrammarConstraint(llama, job.grammar) if job.grammar else None
         tokens = llama.generate(
             job.tokens,
             temp=s.temperature,
@@ -264,7 +266,7 @@ class Engine:
             mirostat_mode=s.mirostat,
             mirostat_tau=s.mirostat_tau,
             mirostat_eta=s.mirostat_eta,
-            grammar=LlamaGrammar.from_string(job.grammar, verbose=False) if job.grammar else None,
+            logits_processor=LogitsProcessorList([constraint]) if constraint else None,
         )
         try:
             for token in tokens:
@@ -288,6 +290,8 @@ class Engine:
                     break
         finally:
             tokens.close()
+            if constraint is not None:
+                constraint.close()
         ended = time.perf_counter_ns()
         if not text.stopped:
             piece = text.finish(decoder.decode(b"", final=True))

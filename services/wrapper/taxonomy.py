@@ -72,8 +72,15 @@ def _record(fields: dict[str, Any]) -> str:
 
 
 def prompt_prefix(taxonomy: Taxonomy) -> str:
-    """The header and the few-shot records: the part every classification shares."""
+    """The header, the label sets and the few-shot records: what every classification
+    shares (and a backend caches)."""
     lines = [taxonomy.prompt.header]
+    for axis, labels in (
+        ("Domains", taxonomy.domains),
+        ("Tasks", taxonomy.tasks),
+        ("Methods", taxonomy.methods),
+    ):
+        lines.append(f"{axis}: {', '.join(label.label for label in labels)}.")
     for example in taxonomy.prompt.examples:
         lines.append(_record(example.model_dump(exclude_none=True)))
     return "\n".join(lines) + "\n"
