@@ -240,6 +240,20 @@ def test_format_json_schema_gives_valid_json(client) -> None:
     assert person.age == 31
 
 
+def test_a_grammar_holds_when_none_of_the_likeliest_tokens_fits(client) -> None:
+    """The grammar tests the model's favourite tokens first; an answer the model would
+    never write takes the whole-vocabulary path, and still comes out exactly."""
+    answer = client.generate(
+        model=SMOLLM,
+        prompt="The capital of France is",
+        raw=True,
+        format={"type": "string", "enum": ["qzxv-0193"]},
+        options={**GREEDY, "num_predict": 24},
+    )
+    assert json.loads(answer.response) == "qzxv-0193"
+    assert answer.done_reason == "stop"
+
+
 def test_format_json_gives_an_object(client) -> None:
     answer = client.generate(
         model=SMOLLM,
