@@ -265,6 +265,18 @@ async def test_a_down_backend_is_503_and_degraded_health(tlc, backend):
     assert (health.status_code, health.json()["status"]) == (503, "degraded")
 
 
+async def test_a_backend_without_logprobs_is_a_clear_503(tlc, backend):
+    """An Ollama older than logprobs answers without them: no confidence can be made up."""
+    lines = [
+        {k: v for k, v in line.items() if k != "logprobs"}
+        for line in tmd_lines("generate_stream_domain.ndjson")
+    ]
+    backend.post("/api/generate").mock(side_effect=lambda _: streamed(lines))
+    response = await tlc.http.post("/classify_domain", json={"query": QUERY})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "backend_no_logprobs"
+
+
 async def test_info_reports_the_taxonomy_and_prompt_versions(tlc, backend, taxonomy):
     info = (await tlc.http.get("/info")).json()
     assert info["domain_taxonomy_version"] == taxonomy.version
