@@ -140,6 +140,27 @@ class RouterConfig(Section):
     port: Port = 6103
     capability_fallbacks: dict[Capability, list[Capability]] = Field(default_factory=dict)
     reference_price_per_1k_tokens: float = Field(default=0.002, ge=0)
+    discovery_refresh_seconds: Seconds = Field(
+        default=1.0, description="How often the router re-reads the registry's agents."
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, le=20, description="Candidates one call may try before a 503."
+    )
+    connect_timeout_seconds: Seconds = 2.0
+    read_timeout_seconds: Seconds = Field(
+        default=300.0, description="Until an upstream's first byte, and between two chunks."
+    )
+    breaker_failures: int = Field(
+        default=3, ge=1, description="Consecutive failures that open an endpoint's circuit."
+    )
+    breaker_failure_rate: float = Field(
+        default=0.5, gt=0, le=1, description="...or this share of the recent calls failing."
+    )
+    breaker_window: int = Field(default=20, ge=2, le=1_000)
+    breaker_cooldown_seconds: Seconds = Field(
+        default=5.0, description="How long a circuit stays open before one trial call."
+    )
+    max_body_bytes: int = Field(default=1_048_576, ge=1_024, le=64 * 1024 * 1024)
 
 
 class SwarmSettings(BaseSettings):

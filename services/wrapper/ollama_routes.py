@@ -13,6 +13,7 @@ from starlette.responses import Response
 from schemas import ollama as api
 from schemas.errors import OllamaError
 from services.common.errors import ServiceUnavailable, SwarmError
+from services.common.streaming import json_response, ndjson, ndjson_error, ndjson_response
 from services.wrapper import translate
 from services.wrapper.backend import canonical_model_name
 from services.wrapper.service import (
@@ -25,7 +26,6 @@ from services.wrapper.service import (
     wrapper_of,
 )
 from services.wrapper.stats import Call
-from services.wrapper.streaming import json_response, ndjson, ndjson_error, ndjson_response
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from schemas import ollama as api
 from schemas import openai
 from schemas.errors import ErrorEnvelope
 from services.common.errors import ServiceUnavailable, SwarmError
+from services.common.streaming import SSE_DONE, json_response, sse, sse_error, sse_response
 from services.wrapper import translate
 from services.wrapper.service import (
     Job,
@@ -23,7 +24,6 @@ from services.wrapper.service import (
     wrapper_of,
 )
 from services.wrapper.stats import Call
-from services.wrapper.streaming import SSE_DONE, json_response, sse, sse_error, sse_response
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 from fastapi import Request
 
 from schemas import ollama as api
 from schemas.agents import AgentDefinition, Heartbeat
 from services.common.errors import BadRequest, ServiceUnavailable
+from services.common.streaming import close
 from services.wrapper import translate
 from services.wrapper.backend import Backend
 from services.wrapper.registration import agent_definition
@@ -146,12 +146,6 @@ async def first_chunk(stream: AsyncIterator[Answer]) -> Answer:
         raise ServiceUnavailable(
             "the model backend ended the stream without an answer", code="backend_error"
         ) from None
-
-
-async def close(stream: AsyncIterator[Any]) -> None:
-    """Close a stream even while the task is being cancelled (the client went away)."""
-    with anyio.CancelScope(shield=True):
-        await stream.aclose()  # type: ignore[attr-defined]
 
 
 async def _map(stream: AsyncIterator[Any], convert: Callable[[Any], Any]) -> AsyncIterator[Any]:

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from schemas.health import ClassifierInfo, ModelInfo, ServiceInfo, WrapperHealth
+from services.common.streaming import json_response
 from services.wrapper.service import wrapper_of
-from services.wrapper.streaming import json_response
 
 router = APIRouter(tags=["Service"])
 

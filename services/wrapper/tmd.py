@@ -37,8 +37,9 @@ from schemas.tmd import (
     TmdConfidence,
 )
 from services.common.errors import ServiceUnavailable, ValidationFailed
+from services.common.streaming import close
 from services.wrapper import translate
-from services.wrapper.service import Wrapper, close
+from services.wrapper.service import Wrapper
 from services.wrapper.taxonomy import field_prompt, open_record, prompt_prefix
 
 TOP_LOGPROBS = 20  # Ollama's maximum

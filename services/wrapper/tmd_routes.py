@@ -14,7 +14,7 @@ from schemas.tmd import (
     ValidateDomainRequest,
     ValidateDomainResponse,
 )
-from services.wrapper.streaming import json_response
+from services.common.streaming import json_response
 from services.wrapper.taxonomy import validate_domain
 from services.wrapper.tmd import DomainClassifier
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
+import anyio
 import pydantic_core
 from pydantic import BaseModel
 from starlette.responses import Response, StreamingResponse
@@ -12,11 +14,16 @@ from starlette.types import Send
 from schemas.errors import ErrorDetail, ErrorEnvelope, OllamaError
 from services.common.context import current_request_id
 from services.common.errors import SwarmError
-from services.wrapper.service import close
 
 SSE_DONE = b"data: [DONE]\n\n"
 # Proxies (nginx) must not buffer the stream; clients must not cache it.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def close(stream: AsyncIterator[Any]) -> None:
+    """Close a stream even while the task is being cancelled (the client went away)."""
+    with anyio.CancelScope(shield=True):
+        await stream.aclose()  # type: ignore[attr-defined]
 
 
 def to_json(model: BaseModel, *, exclude_none: bool = True) -> bytes:

@@ -1,0 +1,107 @@
+"""Who can serve a capability, best first: the routing decision without the call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from schemas.agents import AgentRecord
+from schemas.config import ProviderConfig
+from schemas.routing import RouteCandidate
+
+LOCAL = "local"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    provider: str  # LOCAL for a registry agent, else the provider's name in the profile
+    model: str
+    endpoint: str  # the base URL: an agent's endpoint, or a provider's base_url
+    agent_id: str | None
+    cost_per_1k_tokens: float
+    capability: str  # the capability it serves the call with
+    fallback: bool  # served through a capability fallback of the profile
+
+    @property
+    def local(self) -> bool:
+        return self.provider == LOCAL
+
+    def public(self) -> RouteCandidate:
+        return RouteCandidate(
+            provider=self.provider,
+            model=self.model,
+            endpoint=self.endpoint,
+            agent_id=self.agent_id,
+            cost_per_1k_tokens=self.cost_per_1k_tokens,
+        )
+
+
+def agent_candidate(agent: AgentRecord, capability: str, fallback: bool) -> Candidate:
+    return Candidate(
+        provider=LOCAL if agent.tier == LOCAL else agent.tier,
+        model=str(agent.metadata.get("model") or agent.agent_id),
+        endpoint=agent.endpoint,
+        agent_id=agent.agent_id,
+        cost_per_1k_tokens=agent.cost_per_1k_tokens,
+        capability=capability,
+        fallback=fallback,
+    )
+
+
+def provider_candidate(
+    name: str, provider: ProviderConfig, capability: str, fallback: bool
+) -> Candidate:
+    return Candidate(
+        provider=name,
+        model=provider.models[capability],
+        endpoint=provider.base_url.rstrip("/"),
+        agent_id=None,
+        cost_per_1k_tokens=(provider.price_per_1k_input + provider.price_per_1k_output) / 2,
+        capability=capability,
+        fallback=fallback,
+    )
+
+
+def rank(
+    capability: str,
+    agents: Iterable[AgentRecord],
+    *,
+    fallbacks: Mapping[str, list[str]],
+    providers: Mapping[str, ProviderConfig],
+    prefer_local: bool,
+    usable: Callable[[str], bool],
+    latency_ms: Callable[[Candidate], float | None],
+    in_flight: Callable[[Candidate], int],
+) -> list[Candidate]:
+    """Every candidate for ``capability``, best first.
+
+    Candidates: passing agents with the capability, then agents with one of its fallback
+    capabilities, then keyed cloud providers with either. Order: local first when
+    ``prefer_local``, the capability itself before a fallback, then cost, then the
+    latency and load the router measured. Endpoints whose circuit is open (``usable``
+    says no) are left out.
+    """
+    agents = list(agents)
+    found: dict[str, Candidate] = {}  # by endpoint: one agent, once, at its best
+    for index, wanted in enumerate([capability, *fallbacks.get(capability, [])]):
+        fallback = index > 0
+        for agent in agents:
+            if wanted in agent.capabilities and agent.status == "passing":
+                found.setdefault(agent.endpoint, agent_candidate(agent, wanted, fallback))
+        for name, provider in providers.items():
+            if wanted in provider.models:
+                candidate = provider_candidate(name, provider, wanted, fallback)
+                found.setdefault(f"{name}:{candidate.model}", candidate)
+
+    def order(candidate: Candidate) -> tuple:
+        measured = latency_ms(candidate)
+        return (
+            prefer_local and not candidate.local,
+            candidate.fallback,
+            candidate.cost_per_1k_tokens,
+            measured if measured is not None else 0.0,  # unmeasured: worth a try
+            in_flight(candidate),
+            candidate.agent_id or candidate.provider,
+        )
+
+    return sorted((c for c in found.values() if usable(c.endpoint)), key=order)

@@ -1,0 +1,69 @@
+"""The registry's passing agents, as the router last read them.
+
+A request never waits on the registry: the router reads every passing agent in the
+background every ``discovery_refresh_seconds`` and routes from that snapshot. While the
+registry cannot be read, the last snapshot stays (with its age in ``/health``): agents
+that stop answering are caught by the circuit breakers, not by the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import httpx
+from pydantic import ValidationError
+
+from schemas.agents import AgentList, AgentRecord
+
+log = logging.getLogger(__name__)
+
+PAGE = 1_000
+MAX_AGENTS = 100_000  # a bound on what one refresh reads
+
+
+class Directory:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        interval: float,
+        clock: Callable[[], float],
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.http = http
+        self.interval = interval
+        self.clock = clock
+        self.sleep = sleep
+        self.agents: list[AgentRecord] = []
+        self.read_at: float | None = None
+        self.error: str | None = None
+        self.changed = asyncio.Event()  # set after every successful refresh
+
+    async def refresh(self) -> None:
+        """Read every passing agent; keep the last snapshot if the registry fails."""
+        agents: list[AgentRecord] = []
+        try:
+            while len(agents) < MAX_AGENTS:
+                params = {"status": "passing", "limit": PAGE, "offset": len(agents)}
+                response = await self.http.get("/agents", params=params)
+                response.raise_for_status()
+                page = AgentList.model_validate_json(response.content).agents
+                agents += page
+                if len(page) < PAGE:
+                    break
+        except (httpx.HTTPError, ValidationError) as exc:
+            self.error = f"the registry at {self.http.base_url} cannot be read: {exc}"
+            log.warning("%s", self.error)
+            return
+        self.agents, self.read_at, self.error = agents, self.clock(), None
+        self.changed.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.refresh()
+            await self.sleep(self.interval)
+
+    def age(self) -> float | None:
+        return None if self.read_at is None else round(self.clock() - self.read_at, 3)

@@ -1,0 +1,35 @@
+"""What the router runs with, resolved from the swarm profile (``router:``, ``providers:``)."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import SecretStr
+
+from schemas.config import ProviderConfig, RouterConfig, SwarmSettings
+
+
+class RouterSettings(RouterConfig):
+    host: str = "127.0.0.1"
+    registry_url: str
+    registry_token: SecretStr | None = None
+    providers: dict[str, ProviderConfig] = {}
+
+    @classmethod
+    def from_swarm(cls, swarm: SwarmSettings, **overrides) -> RouterSettings:
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values = swarm.router.model_dump() | {
+            "host": swarm.router.host or swarm.host,
+            "registry_url": swarm.registry_url,
+            "registry_token": swarm.registry_token,
+            "providers": swarm.providers,
+        }
+        return cls(**values | given)
+
+    def keyed_providers(self) -> dict[str, ProviderConfig]:
+        """Cloud providers whose key is set: the only ones ever called."""
+        return {
+            name: provider
+            for name, provider in self.providers.items()
+            if os.environ.get(provider.api_key_env)
+        }
