@@ -34,6 +34,7 @@ echo "==> waiting until every daemon is healthy"
 from schemas.config import load_settings
 
 s = load_settings()
+print(f"router     {s.router_url}/v1   (model \"capability:<name>\"; POST /route)")
 print(f"registry   {s.registry_url}   (docs: {s.registry_url}/docs)")
 for name, w in s.wrappers.items():
     print(f"{name:<10} {s.local_url(w.host, w.port)}/v1   (model {w.model})")

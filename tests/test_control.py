@@ -21,7 +21,7 @@ def clean_env(monkeypatch, tmp_path):
     monkeypatch.setenv("SWARM_DATA_DIR", str(tmp_path))
 
 
-def test_default_profile_runs_model_hosts_registry_and_wrappers_in_that_order():
+def test_default_profile_runs_model_hosts_registry_wrappers_and_router_in_that_order():
     found = daemons(load_settings(), python="py")
     names = [d.name for d in sorted(found, key=lambda d: d.priority)]
     assert names == [
@@ -31,6 +31,7 @@ def test_default_profile_runs_model_hosts_registry_and_wrappers_in_that_order():
         "wrapper-reasoner",
         "wrapper-classifier",
         "wrapper-tlc_domain_classifier",
+        "router",
     ]
     by_name = {d.name: d for d in found}
     assert by_name["modelhost-gemma3"].argv == (
@@ -41,6 +42,8 @@ def test_default_profile_runs_model_hosts_registry_and_wrappers_in_that_order():
         "gemma3",
     )
     assert by_name["wrapper-reasoner"].health_url == "http://127.0.0.1:8050/health"
+    assert by_name["router"].argv == ("py", "-m", "router")
+    assert by_name["router"].health_url == "http://127.0.0.1:6103/health"
 
 
 def test_a_real_ollama_is_expected_not_started():

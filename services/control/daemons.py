@@ -13,7 +13,7 @@ class Daemon:
     name: str
     argv: tuple[str, ...]
     health_url: str
-    # supervisord starts lower priorities first: backends, then the registry, then wrappers.
+    # supervisord starts lower priorities first: backends, the registry, wrappers, router.
     priority: int
 
 
@@ -31,6 +31,8 @@ def daemons(settings: SwarmSettings, python: str = sys.executable) -> list[Daemo
         url = settings.local_url(wrapper.host, wrapper.port)
         argv = (python, "-m", "services", name)
         found.append(Daemon(f"wrapper-{name}", argv, f"{url}/health", 30))
+    router = (python, "-m", "router")
+    found.append(Daemon("router", router, f"{settings.router_url}/health", 40))
     return found
 
 

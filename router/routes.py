@@ -1,0 +1,73 @@
+"""The router's endpoints (DESIGN 3): decisions, the OpenAI-compatible proxy, status."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from router.service import CAPABILITY_PREFIX, Router
+from schemas import openai
+from schemas.errors import ErrorEnvelope
+from schemas.health import ServiceHealth
+from schemas.routing import RouteDecision, RouteRequest
+from services.common.streaming import json_response
+
+ERRORS = {status: {"model": ErrorEnvelope} for status in (404, 413, 422, 503)}
+router = APIRouter(responses=ERRORS)
+
+
+def router_of(request: Request) -> Router:
+    return request.app.state.router
+
+
+@router.post("/route", response_model=RouteDecision, summary="Where a call would go")
+async def route(body: RouteRequest, request: Request) -> Response:
+    return json_response(router_of(request).decide(body.capability, body.prefer_local))
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=openai.ChatCompletion,
+    summary="OpenAI chat, routed by capability with fallback",
+)
+@router.post("/chat/completions", response_model=openai.ChatCompletion, include_in_schema=False)
+async def chat_completions(body: openai.ChatCompletionRequest, request: Request) -> Response:
+    routing = router_of(request)
+    capability = routing.capability_of(body.model, request.headers.get("X-Capability"))
+    return await routing.chat(await request.body(), capability, body.stream)
+
+
+@router.get("/v1/models", response_model=openai.ModelList, summary="What can be routed")
+async def models(request: Request) -> Response:
+    routing = router_of(request)
+    names = [f"{CAPABILITY_PREFIX}{c}" for c in sorted(routing.capabilities())]
+    names += sorted(
+        {str(a.metadata["model"]) for a in routing.directory.agents if "model" in a.metadata}
+    )
+    created = int(request.app.state.started_wall)
+    listed = [openai.Model(id=name, created=created, owned_by="local-llm-swarm") for name in names]
+    return json_response(openai.ModelList(data=listed))
+
+
+@router.get("/health", response_model=ServiceHealth, responses={503: {"model": ServiceHealth}})
+async def health(request: Request) -> Response:
+    """Healthy once the registry has been read; degraded while it cannot be (the router
+    still routes from its last snapshot)."""
+    routing = router_of(request)
+    directory = routing.directory
+    if directory.read_at is None:
+        status, reason = "unhealthy", directory.error or "the registry has not been read yet"
+    elif directory.error:
+        status, reason = "degraded", f"{directory.error} (snapshot {directory.age()} s old)"
+    else:
+        status, reason = "healthy", None
+    body = ServiceHealth(
+        status=status,
+        service="router",
+        port=routing.settings.port,
+        uptime_seconds=round(time.monotonic() - request.app.state.started, 3),
+        reason=reason,
+    )
+    return json_response(body, exclude_none=False, status=200 if status == "healthy" else 503)

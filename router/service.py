@@ -1,0 +1,243 @@
+"""The router's core: pick candidates for a call and forward it, falling back on failure.
+
+Upstream calls go through one aiohttp session (DESIGN 7: httpx's async client is slow
+under concurrency). A candidate fails when it cannot be reached, times out, or answers
+5xx or 429; the call then goes to the next candidate, up to ``max_attempts``. Other 4xx
+answers are the caller's request at fault and pass through as they are. A stream falls
+back only before its first byte; after it, an upstream that fails or stalls ends the
+stream with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from starlette.responses import Response
+
+from router.breaker import Breakers
+from router.candidates import Candidate, rank
+from router.directory import Directory
+from router.settings import RouterSettings
+from schemas.routing import RouteDecision
+from services.common.context import REQUEST_ID_HEADER, current_request_id
+from services.common.errors import NotFound, ServiceUnavailable, SwarmError
+from services.common.streaming import SSE_DONE, EventStream, sse_error
+
+log = logging.getLogger(__name__)
+
+CAPABILITY_PREFIX = "capability:"
+CHAT_PATH = "/v1/chat/completions"
+ROUTED_TO_HEADER = "X-Routed-To"
+LATENCY_WEIGHT = 0.2  # of the newest call in an endpoint's moving latency average
+
+
+class UpstreamFailed(Exception):
+    """A candidate could not serve the call; the next one may."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclass
+class Load:
+    """What the router measured of one endpoint: latency (moving average), calls open."""
+
+    latency_ms: float | None = None
+    in_flight: int = 0
+
+    def observe(self, milliseconds: float) -> None:
+        if self.latency_ms is None:
+            self.latency_ms = milliseconds
+        else:
+            self.latency_ms += LATENCY_WEIGHT * (milliseconds - self.latency_ms)
+
+
+@dataclass
+class Router:
+    settings: RouterSettings
+    directory: Directory
+    breakers: Breakers
+    session: aiohttp.ClientSession
+    clock: Callable[[], float]
+    loads: dict[str, Load] = field(default_factory=dict)
+
+    # --- decisions -----------------------------------------------------------------------
+
+    def capabilities(self) -> set[str]:
+        """Every capability some agent or keyed provider serves, itself or through one of
+        the profile's capability fallbacks."""
+        served = {c for agent in self.directory.agents for c in agent.capabilities}
+        for provider in self.settings.keyed_providers().values():
+            served |= set(provider.models)
+        fallbacks = self.settings.capability_fallbacks
+        return served | {c for c, others in fallbacks.items() if served.intersection(others)}
+
+    def candidates(self, capability: str, prefer_local: bool = True) -> list[Candidate]:
+        if capability not in self.capabilities():
+            known = ", ".join(sorted(self.capabilities())) or "none yet"
+            raise NotFound(
+                f"no agent or provider serves the capability {capability!r}; "
+                f"capabilities served now: {known}",
+                code="unknown_capability",
+                param="capability",
+            )
+        return rank(
+            capability,
+            self.directory.agents,
+            fallbacks=self.settings.capability_fallbacks,
+            providers=self.settings.keyed_providers(),
+            prefer_local=prefer_local,
+            usable=lambda endpoint: self.breakers[endpoint].allows(),
+            latency_ms=lambda c: self._load(c.endpoint).latency_ms,
+            in_flight=lambda c: self._load(c.endpoint).in_flight,
+        )
+
+    def decide(self, capability: str, prefer_local: bool = True) -> RouteDecision:
+        ranked = self.candidates(capability, prefer_local)
+        if not ranked:
+            raise self._exhausted(capability, [])
+        best, rest = ranked[0], ranked[1:]
+        where = "local agent" if best.local else "cloud provider"
+        reason = (
+            f"{where} {best.agent_id or best.provider} serves {best.capability}"
+            f"{' (a fallback capability)' if best.fallback else ''} at "
+            f"{best.cost_per_1k_tokens:g}/1k tokens; best of {len(ranked)} candidates"
+            f"{' with local first' if prefer_local else ''}"
+        )
+        fallbacks = [candidate.public() for candidate in rest]
+        return RouteDecision(**best.public().model_dump(), fallbacks=fallbacks, reason=reason)
+
+    def capability_of(self, model: str, header: str | None) -> str:
+        """The capability a chat call asks for: ``capability:<name>``, ``X-Capability``, or
+        the capability of the agent serving a concrete model."""
+        if model.startswith(CAPABILITY_PREFIX):
+            return model.removeprefix(CAPABILITY_PREFIX).strip().lower()
+        if header:
+            return header.strip().lower()
+        for agent in self.directory.agents:
+            if agent.metadata.get("model") == model and agent.capabilities:
+                return agent.capabilities[0]
+        raise NotFound(
+            f"no agent serves the model {model!r}; ask for a capability with "
+            f'"model": "capability:<name>" or the X-Capability header',
+            code="model_not_found",
+            param="model",
+        )
+
+    # --- forwarding ----------------------------------------------------------------------
+
+    async def chat(self, body: bytes, capability: str, stream: bool) -> Response:
+        """Forward an OpenAI chat call to the first candidate that serves it."""
+        tried: list[tuple[Candidate, UpstreamFailed]] = []
+        for candidate in self.candidates(capability)[: self.settings.max_attempts]:
+            breaker = self.breakers[candidate.endpoint]
+            if not breaker.begin():
+                continue
+            load = self._load(candidate.endpoint)
+            load.in_flight += 1
+            started = self.clock()
+            try:
+                answer = await self._send(candidate, body)
+                first = await answer.content.readany() if stream else await answer.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                breaker.failed()
+                load.in_flight -= 1
+                tried.append((candidate, UpstreamFailed(_describe(exc))))
+                continue
+            except UpstreamFailed as failure:
+                if failure.retry_after is None:  # a 5xx: broken; a 429 is only busy
+                    breaker.failed()
+                load.in_flight -= 1
+                tried.append((candidate, failure))
+                continue
+            breaker.succeeded()
+            headers = {ROUTED_TO_HEADER: candidate.agent_id or candidate.provider}
+            if not stream:
+                load.in_flight -= 1
+                load.observe((self.clock() - started) * 1000)
+                media = answer.headers.get("Content-Type", "application/json")
+                return Response(first, status_code=answer.status, media_type=media, headers=headers)
+            chunks = self._relay(answer, first, candidate, load, started)
+            response = EventStream(chunks, "text/event-stream")
+            response.headers.update(headers)
+            return response
+        raise self._exhausted(capability, tried)
+
+    async def _send(self, candidate: Candidate, body: bytes) -> aiohttp.ClientResponse:
+        headers = {"Content-Type": "application/json"}
+        if request_id := current_request_id():
+            headers[REQUEST_ID_HEADER] = request_id
+        answer = await self.session.post(candidate.endpoint + CHAT_PATH, data=body, headers=headers)
+        if answer.status == 429 or answer.status >= 500:
+            retry_after = _seconds(answer.headers.get("Retry-After"))
+            answer.release()
+            raise UpstreamFailed(
+                f"HTTP {answer.status}",
+                retry_after=retry_after if answer.status == 429 else None,
+            )
+        return answer
+
+    async def _relay(
+        self,
+        answer: aiohttp.ClientResponse,
+        first: bytes,
+        candidate: Candidate,
+        load: Load,
+        started: float,
+    ) -> AsyncIterator[bytes]:
+        """The upstream's chunks as they come; a failure or stall ends with an error event."""
+        try:
+            yield first
+            while chunk := await answer.content.readany():
+                yield chunk
+            load.observe((self.clock() - started) * 1000)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.breakers[candidate.endpoint].failed()
+            message = (
+                f"{candidate.agent_id or candidate.provider} failed mid-stream: {_describe(exc)}"
+            )
+            log.warning("%s", message)
+            yield sse_error(ServiceUnavailable(message, code="upstream_failed")) + SSE_DONE
+        finally:
+            load.in_flight -= 1
+            answer.close()
+
+    def _exhausted(
+        self, capability: str, tried: list[tuple[Candidate, UpstreamFailed]]
+    ) -> SwarmError:
+        attempts = "; ".join(
+            f"{c.agent_id or c.provider} ({c.endpoint}): {failure.reason}" for c, failure in tried
+        )
+        waits = [f.retry_after for _, f in tried if f.retry_after is not None]
+        waits += [self.breakers[c.endpoint].retry_after() for c, _ in tried]
+        retry_after = max(1, round(min(waits))) if waits else 1
+        message = f"no candidate could serve {capability!r}"
+        message += f"; tried {attempts}" if attempts else "; every candidate's circuit is open"
+        return ServiceUnavailable(
+            message, code="no_candidate", headers={"Retry-After": str(retry_after)}
+        )
+
+    def _load(self, endpoint: str) -> Load:
+        load = self.loads.get(endpoint)
+        if load is None:
+            load = self.loads[endpoint] = Load()
+        return load
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else 0.0
+    except ValueError:
+        return 0.0
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

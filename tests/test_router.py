@@ -1,0 +1,409 @@
+"""The router: candidate order, circuit breakers, decisions, and the OpenAI proxy with
+fallback, against a real registry app and real loopback upstreams (fake OpenAI servers
+that answer, fail, refuse or stall as a test asks)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from aiohttp import web
+
+from router.app import create_app
+from router.breaker import Breaker
+from router.candidates import rank
+from router.settings import RouterSettings
+from schemas.agents import AgentRecord
+from schemas.config import ProviderConfig
+from tests.conftest import FakeClock, free_port
+
+pytestmark = pytest.mark.anyio
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+COMPLETION = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "m",
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+    ],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}
+CHAT = {"model": "capability:reasoning", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def agent(
+    agent_id: str,
+    *capabilities: str,
+    cost: float = 0.0,
+    tier: str = "local",
+    endpoint: str | None = None,
+    status: str = "passing",
+    model: str = "m",
+) -> AgentRecord:
+    return AgentRecord(
+        agent_id=agent_id,
+        name=agent_id,
+        tier=tier,
+        role="reasoner",
+        capabilities=list(capabilities),
+        endpoint=endpoint or f"http://127.0.0.1:9/{agent_id}",
+        transport="http",
+        cost_per_1k_tokens=cost,
+        metadata={"model": model},
+        ttl_seconds=30,
+        status=status,
+        registered_at=NOW,
+        last_heartbeat=NOW,
+        expires_at=NOW,
+    )
+
+
+def ranked(
+    capability: str,
+    agents,
+    *,
+    latency=None,
+    prefer_local=True,
+    providers=None,
+    fallbacks=None,
+    open_circuits=(),
+):
+    latency = latency or {}
+    return [
+        c.agent_id or c.provider
+        for c in rank(
+            capability,
+            agents,
+            fallbacks=fallbacks or {},
+            providers=providers or {},
+            prefer_local=prefer_local,
+            usable=lambda e: e not in open_circuits,
+            latency_ms=lambda c: latency.get(c.agent_id),
+            in_flight=lambda c: 0,
+        )
+    ]
+
+
+# --- candidate order ---------------------------------------------------------------------
+
+
+def test_local_and_cheap_first_then_measured_latency():
+    agents = [
+        agent("cloud-ish", "reasoning", cost=0.5, tier="remote"),
+        agent("slow", "reasoning"),
+        agent("fast", "reasoning"),
+        agent("pricey", "reasoning", cost=0.1),
+        agent("other", "classification"),
+        agent("down", "reasoning", status="critical"),
+    ]
+    latency = {"slow": 900.0, "fast": 40.0}
+    assert ranked("reasoning", agents, latency=latency) == ["fast", "slow", "pricey", "cloud-ish"]
+    # without local preference, cost alone leads
+    assert ranked("reasoning", agents, latency=latency, prefer_local=False)[:3] == [
+        "fast",
+        "slow",
+        "pricey",
+    ]
+
+
+def test_fallback_capabilities_and_keyed_providers_come_after():
+    providers = {
+        "openai": ProviderConfig(
+            kind="openai",
+            base_url="https://api.openai.com/v1",
+            api_key_env="OPENAI_API_KEY",
+            models={"classification": "gpt-4o-mini"},
+            price_per_1k_input=0.15,
+            price_per_1k_output=0.6,
+        )
+    }
+    agents = [agent("reasoner", "reasoning"), agent("classifier", "classification")]
+    fallbacks = {"classification": ["reasoning"]}
+    assert ranked("classification", agents, fallbacks=fallbacks, providers=providers) == [
+        "classifier",
+        "reasoner",
+        "openai",
+    ]
+    # without local preference, a provider with the capability itself beats a fallback
+    assert ranked(
+        "classification", agents, fallbacks=fallbacks, providers=providers, prefer_local=False
+    ) == ["classifier", "openai", "reasoner"]
+    # an open circuit takes its endpoint out
+    open_one = {"http://127.0.0.1:9/classifier"}
+    assert ranked("classification", agents, fallbacks=fallbacks, open_circuits=open_one) == [
+        "reasoner"
+    ]
+
+
+# --- circuit breakers --------------------------------------------------------------------
+
+
+def breaker(clock: FakeClock) -> Breaker:
+    return Breaker(failures=3, failure_rate=0.5, window=10, cooldown=5.0, clock=clock)
+
+
+def test_a_circuit_opens_after_consecutive_failures_and_tries_once_when_cooled():
+    clock = FakeClock(0.0)
+    circuit = breaker(clock)
+    circuit.failed()
+    circuit.failed()
+    assert circuit.allows()
+    circuit.failed()
+    assert (circuit.state, circuit.allows(), circuit.retry_after()) == ("open", False, 5.0)
+    clock.advance(5.0)
+    assert circuit.allows()
+    assert circuit.state == "half_open"
+    assert circuit.begin()  # the one trial call
+    assert not circuit.begin()  # nobody else meanwhile
+    circuit.failed()  # the trial failed: open again, for a whole cool-down
+    assert (circuit.state, circuit.retry_after()) == ("open", 5.0)
+    clock.advance(5.0)
+    assert circuit.begin()
+    circuit.succeeded()
+    assert (circuit.state, circuit.allows()) == ("closed", True)
+
+
+def test_a_circuit_opens_on_the_failure_rate_of_a_window():
+    circuit = breaker(FakeClock(0.0))
+    for outcome in ("ok", "fail", "ok", "fail", "ok"):  # never 3 failures in a row
+        circuit.succeeded() if outcome == "ok" else circuit.failed()
+    assert circuit.state == "closed"  # 2 of 5: under half
+    circuit.failed()  # 3 of 6, and 6 calls are half the window: enough to judge
+    assert circuit.state == "open"
+
+
+# --- the app against real upstreams ------------------------------------------------------
+
+
+class Upstream:
+    """A fake OpenAI-compatible server on a loopback port. ``mode``: ok, error (500),
+    busy (429), slow (answers after the router's read timeout), stall (streams one chunk,
+    then nothing)."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.calls: list[dict] = []
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.calls.append({"body": body, "request_id": request.headers.get("X-Request-ID")})
+        if self.mode == "error":
+            return web.json_response({"error": {"message": "boom"}}, status=500)
+        if self.mode == "busy":
+            return web.json_response(
+                {"error": {"message": "busy"}}, status=429, headers={"Retry-After": "7"}
+            )
+        if self.mode == "slow":
+            await asyncio.sleep(1.5)
+        if not body.get("stream"):
+            return web.json_response(COMPLETION)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for piece in ("Hel", "lo"):
+            chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            if self.mode == "stall":
+                await asyncio.sleep(1.5)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+@pytest.fixture
+async def upstreams():
+    made: list[Upstream] = []
+
+    async def make() -> tuple[Upstream, str]:
+        upstream = Upstream()
+        made.append(upstream)
+        return upstream, await upstream.start()
+
+    yield make
+    for upstream in made:
+        await upstream.runner.cleanup()
+
+
+async def forever(_: float) -> None:
+    await asyncio.Event().wait()
+
+
+@pytest.fixture
+async def start_router(registry_http):
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(**changes) -> httpx.AsyncClient:
+            settings = RouterSettings(
+                registry_url="http://registry.test",
+                read_timeout_seconds=0.5,
+                capability_fallbacks={"classification": ["reasoning"]},
+                **changes,
+            )
+            app = create_app(settings, registry_client=registry_http, sleep=forever)
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            client = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://router.test"
+            )
+            stack.push_async_callback(client.aclose)
+            client.app = app
+            return client
+
+        yield start
+
+
+async def register(registry_http, agent_id: str, endpoint: str, *capabilities: str) -> None:
+    definition = {
+        "agent_id": agent_id,
+        "name": agent_id,
+        "role": "reasoner",
+        "capabilities": list(capabilities) or ["reasoning"],
+        "endpoint": endpoint,
+        "metadata": {"model": f"model-of-{agent_id}"},
+    }
+    (await registry_http.post("/register", json=definition)).raise_for_status()
+
+
+async def test_route_answers_the_decision_of_the_spec(start_router, registry_http):
+    await register(registry_http, "llm_reasoner", "http://127.0.0.1:8050", "reasoning")
+    router = await start_router()
+    decision = (await router.post("/route", json={"capability": "reasoning"})).json()
+    assert decision["provider"] == "local"
+    assert decision["endpoint"] == "http://127.0.0.1:8050"
+    assert decision["agent_id"] == "llm_reasoner"
+    assert decision["model"] == "model-of-llm_reasoner"
+    assert decision["cost_per_1k_tokens"] == 0
+    assert decision["fallbacks"] == []
+    assert "llm_reasoner" in decision["reason"]
+    # classification falls back to reasoning by the profile
+    fallback = (await router.post("/route", json={"capability": "classification"})).json()
+    assert fallback["agent_id"] == "llm_reasoner"
+
+
+async def test_an_unknown_capability_is_404_naming_what_exists(start_router, registry_http):
+    await register(registry_http, "llm_reasoner", "http://127.0.0.1:8050", "reasoning")
+    router = await start_router()
+    response = await router.post("/route", json={"capability": "telepathy"})
+    assert response.status_code == 404
+    assert "reasoning" in response.json()["error"]["message"]
+    chat = await router.post("/v1/chat/completions", json=CHAT | {"model": "capability:x"})
+    assert chat.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/route", {}),
+        ("/route", {"capability": "Not A Capability!"}),
+        ("/v1/chat/completions", {"model": "capability:reasoning", "messages": []}),
+    ],
+)
+async def test_bad_input_is_a_422_envelope(start_router, path, body):
+    router = await start_router()
+    response = await router.post(path, json=body)
+    assert response.status_code == 422
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_call_goes_to_the_best_candidate_with_its_request_id(
+    start_router, registry_http, upstreams
+):
+    first, first_url = await upstreams()
+    second, second_url = await upstreams()
+    await register(registry_http, "a-first", first_url)
+    await register(registry_http, "b-second", second_url)
+    router = await start_router()
+    response = await router.post(
+        "/v1/chat/completions", json=CHAT, headers={"X-Request-ID": "route-me-1"}
+    )
+    assert response.status_code == 200
+    assert response.json() == COMPLETION
+    assert response.headers["X-Routed-To"] == "a-first"
+    assert [call["request_id"] for call in first.calls] == ["route-me-1"]
+    assert second.calls == []
+
+
+@pytest.mark.parametrize("failure", ["error", "busy", "slow", "refused"])
+async def test_a_failed_candidate_falls_back_to_the_next(
+    start_router, registry_http, upstreams, failure
+):
+    first, first_url = await upstreams()
+    second, second_url = await upstreams()
+    if failure == "refused":
+        first_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    first.mode = failure
+    await register(registry_http, "a-first", first_url)
+    await register(registry_http, "b-second", second_url)
+    router = await start_router()
+    for stream in (False, True):
+        response = await router.post("/v1/chat/completions", json=CHAT | {"stream": stream})
+        assert response.status_code == 200, response.text
+        assert response.headers["X-Routed-To"] == "b-second"
+    assert len(second.calls) == 2
+
+
+async def test_a_stream_passes_through_and_a_stall_ends_it_with_an_error_event(
+    start_router, registry_http, upstreams
+):
+    upstream, url = await upstreams()
+    await register(registry_http, "streamer", url)
+    router = await start_router()
+    whole = await router.post("/v1/chat/completions", json=CHAT | {"stream": True})
+    assert whole.headers["content-type"].startswith("text/event-stream")
+    assert whole.text.count("data: ") == 3
+    assert whole.text.endswith("data: [DONE]\n\n")
+    upstream.mode = "stall"
+    stalled = await router.post("/v1/chat/completions", json=CHAT | {"stream": True})
+    events = [line for line in stalled.text.split("\n\n") if line]
+    assert '"Hel"' in events[0]
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "upstream_failed"
+    assert events[-1] == "data: [DONE]"
+
+
+async def test_a_tripped_endpoint_is_skipped_and_the_last_failure_says_what_was_tried(
+    start_router, registry_http, upstreams
+):
+    first, first_url = await upstreams()
+    second, second_url = await upstreams()
+    first.mode = second.mode = "error"
+    await register(registry_http, "a-first", first_url)
+    await register(registry_http, "b-second", second_url)
+    router = await start_router(breaker_failures=2)
+    for _ in range(2):
+        failed = await router.post("/v1/chat/completions", json=CHAT)
+        assert failed.status_code == 503
+        message = failed.json()["error"]["message"]
+        assert "a-first" in message
+        assert "b-second" in message
+        assert "HTTP 500" in message
+    # both circuits are open now: no call reaches them, and the caller hears when to retry
+    failed = await router.post("/v1/chat/completions", json=CHAT)
+    assert failed.status_code == 503
+    assert int(failed.headers["Retry-After"]) >= 1
+    assert (len(first.calls), len(second.calls)) == (2, 2)
+    # no deployments available is never the answer while a candidate is healthy
+    second.mode = "ok"
+    await register(registry_http, "c-third", second_url.replace("127.0.0.1", "localhost"))
+    await router.app.state.router.directory.refresh()
+    served = await router.post("/v1/chat/completions", json=CHAT)
+    assert served.status_code == 200
+    assert served.headers["X-Routed-To"] == "c-third"
+
+
+async def test_health_says_whether_the_registry_was_read(start_router):
+    router = await start_router()
+    health = await router.get("/health")
+    assert (health.status_code, health.json()["status"]) == (200, "healthy")
