@@ -17,7 +17,11 @@ from pydantic import SecretStr
 
 from schemas.config import SwarmSettings
 from services.wrapper.__main__ import main
-from services.wrapper.registration import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS
+from services.wrapper.registration import (
+    BACKOFF_BASE_SECONDS,
+    BACKOFF_CAP_SECONDS,
+    RECOVERY_SECONDS,
+)
 from services.wrapper.settings import WrapperSettings
 from tests.conftest import (
     BACKEND,
@@ -124,7 +128,8 @@ async def test_heartbeats_carry_the_live_stats_and_the_backends_health(
     backend.routes["tags"].respond(json=read("tags.json"))
     await sleeper.wake()
     assert wrapper_registry.get(f"/agents/{settings.agent_id}").json()["status"] == "passing"
-    assert sleeper.delays == [INTERVAL] * 4
+    # after the critical beat the next came within a second, then the interval again
+    assert sleeper.delays == [INTERVAL, INTERVAL, RECOVERY_SECONDS, INTERVAL]
 
 
 async def test_a_wrapper_starting_with_its_backend_down_is_not_discovered(

@@ -26,6 +26,7 @@ BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 30.0
 REGISTRY_TIMEOUT = httpx.Timeout(5.0)
 DEREGISTER_TIMEOUT_SECONDS = 2.0
+RECOVERY_SECONDS = 1.0  # the heartbeat interval while the backend is not passing
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -91,10 +92,13 @@ class Registrar:
         self.sleep = sleep
         self.random = random
         self.registered: AgentDefinition | None = None
+        self.passing = False  # what the last heartbeat said
 
     async def run(self) -> None:
         """Register, then heartbeat every interval until cancelled. The first heartbeat
-        follows the registration at once: it tells the registry the backend's state."""
+        follows the registration at once: it tells the registry the backend's state.
+        While that state is not passing, the heartbeat comes every second instead, so a
+        backend that comes up (a model host still loading) is routable within a second."""
         await self.register()
         while True:
             try:
@@ -103,7 +107,8 @@ class Registrar:
                 log.warning("heartbeat failed, registry unreachable: %s", _describe(exc))
             except Exception:
                 log.exception("heartbeat failed")
-            await self.sleep(self.interval)
+            interval = self.interval if self.passing else min(self.interval, RECOVERY_SECONDS)
+            await self.sleep(interval)
 
     async def register(self) -> None:
         """Register, retrying with backoff until the registry accepts."""
@@ -136,6 +141,7 @@ class Registrar:
             return
         assert self.registered is not None
         beat = await self.check()
+        self.passing = beat.status == "passing"
         response = await self.http.post(
             f"/heartbeat/{self.registered.agent_id}",
             json=beat.model_dump(exclude_none=True),
