@@ -144,7 +144,9 @@ class Router:
             started = self.clock()
             try:
                 answer = await self._send(candidate, body)
-                first = await answer.content.readany() if stream else await answer.read()
+                # A refusal (4xx) is the caller's to read, whole, even for a stream.
+                whole = not stream or answer.status != 200
+                first = await answer.read() if whole else await answer.content.readany()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 breaker.failed()
                 load.in_flight -= 1
@@ -158,7 +160,7 @@ class Router:
                 continue
             breaker.succeeded()
             headers = {ROUTED_TO_HEADER: candidate.agent_id or candidate.provider}
-            if not stream:
+            if whole:
                 load.in_flight -= 1
                 load.observe((self.clock() - started) * 1000)
                 media = answer.headers.get("Content-Type", "application/json")

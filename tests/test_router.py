@@ -182,7 +182,8 @@ def test_a_circuit_opens_on_the_failure_rate_of_a_window():
 
 
 class Upstream:
-    """A fake OpenAI-compatible server on a loopback port. ``mode``: ok, error (500),
+    """A fake OpenAI-compatible server on a loopback port. ``mode``: ok, refuse (400),
+    error (500),
     busy (429), slow (answers after the router's read timeout), stall (streams one chunk,
     then nothing)."""
 
@@ -205,6 +206,8 @@ class Upstream:
         self.calls.append({"body": body, "request_id": request.headers.get("X-Request-ID")})
         if self.mode == "error":
             return web.json_response({"error": {"message": "boom"}}, status=500)
+        if self.mode == "refuse":
+            return web.json_response({"error": {"message": "max_tokens too big"}}, status=400)
         if self.mode == "busy":
             return web.json_response(
                 {"error": {"message": "busy"}}, status=429, headers={"Retry-After": "7"}
@@ -265,8 +268,11 @@ async def start_router(registry_http):
         yield start
 
 
-async def register(registry_http, agent_id: str, endpoint: str, *capabilities: str) -> None:
+async def register(
+    registry_http, agent_id: str, endpoint: str, *capabilities: str, cost: float = 0.0
+) -> None:
     definition = {
+        "cost_per_1k_tokens": cost,
         "agent_id": agent_id,
         "name": agent_id,
         "role": "reasoner",
@@ -353,6 +359,22 @@ async def test_a_failed_candidate_falls_back_to_the_next(
         assert response.status_code == 200, response.text
         assert response.headers["X-Routed-To"] == "b-second"
     assert len(second.calls) == 2
+
+
+async def test_a_refusal_is_the_callers_to_read_and_not_a_fallback(
+    start_router, registry_http, upstreams
+):
+    first, first_url = await upstreams()
+    second, second_url = await upstreams()
+    first.mode = "refuse"
+    await register(registry_http, "a-first", first_url)
+    await register(registry_http, "b-second", second_url, cost=0.1)  # always second
+    router = await start_router()
+    for stream in (False, True):
+        response = await router.post("/v1/chat/completions", json=CHAT | {"stream": stream})
+        assert response.status_code == 400
+        assert response.json()["error"]["message"] == "max_tokens too big"
+    assert second.calls == []
 
 
 async def test_a_stream_passes_through_and_a_stall_ends_it_with_an_error_event(
