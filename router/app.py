@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from router import routes
 from router.breaker import Breaker, Breakers
 from router.directory import Directory
+from router.metrics import RouterMetrics
 from router.service import Router
 from router.settings import RouterSettings
 from services.common.http import install_plumbing, serve_lean
@@ -57,7 +58,9 @@ def create_app(
                 cooldown=settings.breaker_cooldown_seconds,
                 clock=clock,
             )
-            app.state.router = Router(settings, directory, Breakers(make_breaker), session, clock)
+            breakers = Breakers(make_breaker)
+            metrics = RouterMetrics(app.state.metrics_registry, breakers)
+            app.state.router = Router(settings, directory, breakers, session, clock, metrics)
             await directory.refresh()  # route from the start when the registry answers
             refreshing = asyncio.create_task(directory.run(), name="router-discovery")
             try:

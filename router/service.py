@@ -21,6 +21,7 @@ from starlette.responses import Response
 from router.breaker import Breakers
 from router.candidates import Candidate, rank
 from router.directory import Directory
+from router.metrics import RouterMetrics
 from router.settings import RouterSettings
 from schemas.routing import RouteDecision
 from services.common.context import REQUEST_ID_HEADER, current_request_id
@@ -38,9 +39,10 @@ LATENCY_WEIGHT = 0.2  # of the newest call in an endpoint's moving latency avera
 class UpstreamFailed(Exception):
     """A candidate could not serve the call; the next one may."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(self, reason: str, *, kind: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind  # for metrics: connect, timeout, http_429, http_5xx, ...
         self.retry_after = retry_after
 
 
@@ -65,6 +67,7 @@ class Router:
     breakers: Breakers
     session: aiohttp.ClientSession
     clock: Callable[[], float]
+    metrics: RouterMetrics
     loads: dict[str, Load] = field(default_factory=dict)
 
     # --- decisions -----------------------------------------------------------------------
@@ -148,18 +151,25 @@ class Router:
                 whole = not stream or answer.status != 200
                 first = await answer.read() if whole else await answer.content.readany()
             except (aiohttp.ClientError, TimeoutError) as exc:
+                failure = UpstreamFailed(_describe(exc), kind=_kind(exc))
                 breaker.failed()
-                load.in_flight -= 1
-                tried.append((candidate, UpstreamFailed(_describe(exc))))
-                continue
-            except UpstreamFailed as failure:
+            except UpstreamFailed as failed:
+                failure = failed
                 if failure.retry_after is None:  # a 5xx: broken; a 429 is only busy
                     breaker.failed()
+            else:
+                failure = None
+            who = candidate.agent_id or candidate.provider
+            if failure is not None:
                 load.in_flight -= 1
+                self.metrics.failed_attempts.labels(who, failure.kind).inc()
                 tried.append((candidate, failure))
                 continue
             breaker.succeeded()
-            headers = {ROUTED_TO_HEADER: candidate.agent_id or candidate.provider}
+            self.metrics.calls.labels(capability, who, "ok").inc()
+            if tried:
+                self.metrics.fallbacks.labels(capability).inc()
+            headers = {ROUTED_TO_HEADER: who}
             if whole:
                 load.in_flight -= 1
                 load.observe((self.clock() - started) * 1000)
@@ -169,6 +179,7 @@ class Router:
             response = EventStream(chunks, "text/event-stream")
             response.headers.update(headers)
             return response
+        self.metrics.calls.labels(capability, "", "error").inc()
         raise self._exhausted(capability, tried)
 
     async def _send(self, candidate: Candidate, body: bytes) -> aiohttp.ClientResponse:
@@ -181,6 +192,7 @@ class Router:
             answer.release()
             raise UpstreamFailed(
                 f"HTTP {answer.status}",
+                kind="http_429" if answer.status == 429 else "http_5xx",
                 retry_after=retry_after if answer.status == 429 else None,
             )
         return answer
@@ -237,6 +249,14 @@ def _seconds(value: str | None) -> float | None:
         return max(0.0, float(value)) if value else 0.0
     except ValueError:
         return 0.0
+
+
+def _kind(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect"
+    return "broken"
 
 
 def _describe(exc: BaseException) -> str:

@@ -359,6 +359,14 @@ async def test_a_failed_candidate_falls_back_to_the_next(
         assert response.status_code == 200, response.text
         assert response.headers["X-Routed-To"] == "b-second"
     assert len(second.calls) == 2
+    metrics = (await router.get("/metrics")).text
+    assert 'router_fallbacks_total{capability="reasoning"} 2.0' in metrics
+    assert 'router_calls_total{capability="reasoning",served_by="b-second",status="ok"} 2.0' in (
+        metrics
+    )
+    kind = {"error": "http_5xx", "busy": "http_429", "slow": "timeout", "refused": "connect"}
+    expected = f'router_failed_attempts_total{{candidate="a-first",kind="{kind[failure]}"}} 2.0'
+    assert expected in metrics
 
 
 async def test_a_refusal_is_the_callers_to_read_and_not_a_fallback(
@@ -416,6 +424,8 @@ async def test_a_tripped_endpoint_is_skipped_and_the_last_failure_says_what_was_
     assert failed.status_code == 503
     assert int(failed.headers["Retry-After"]) >= 1
     assert (len(first.calls), len(second.calls)) == (2, 2)
+    metrics = (await router.get("/metrics")).text
+    assert f'router_circuit_state{{endpoint="{first_url}"}} 2.0' in metrics  # open
     # no deployments available is never the answer while a candidate is healthy
     second.mode = "ok"
     await register(registry_http, "c-third", second_url.replace("127.0.0.1", "localhost"))

@@ -1,0 +1,52 @@
+"""The router's Prometheus metrics: routing outcomes, fallbacks, failed attempts and the
+state of every circuit (read from the breakers at scrape time)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from router.breaker import Breakers
+
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry, breakers: Breakers) -> None:
+        self.calls = Counter(
+            "router_calls_total",
+            "Routed chat calls by capability, the agent or provider that served, and outcome.",
+            ["capability", "served_by", "status"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "router_fallbacks_total",
+            "Calls served by a later candidate after an earlier one failed.",
+            ["capability"],
+            registry=registry,
+        )
+        self.failed_attempts = Counter(
+            "router_failed_attempts_total",
+            "Attempts a candidate failed, by candidate and kind.",
+            ["candidate", "kind"],
+            registry=registry,
+        )
+        registry.register(_CircuitCollector(breakers))
+
+
+class _CircuitCollector(Collector):
+    def __init__(self, breakers: Breakers) -> None:
+        self.breakers = breakers
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "router_circuit_state",
+            "Circuit of each upstream endpoint: 0 closed, 1 half-open, 2 open.",
+            labels=["endpoint"],
+        )
+        for endpoint, state in sorted(self.breakers.states().items()):
+            gauge.add_metric([endpoint], CIRCUIT_STATES[state])
+        yield gauge
