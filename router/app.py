@@ -18,6 +18,8 @@ from router.directory import Directory
 from router.metrics import RouterMetrics
 from router.service import Router
 from router.settings import RouterSettings
+from router.usage import UsageLog, UsageStore
+from services.common.database import create_db_engine, db_runner
 from services.common.http import install_plumbing, serve_lean
 
 REGISTRY_TIMEOUT = httpx.Timeout(5.0)
@@ -29,9 +31,10 @@ def create_app(
     *,
     registry_client: httpx.AsyncClient | None = None,
     clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> FastAPI:
-    """The router for a profile; tests pass the registry client, clock and sleep."""
+    """The router for a profile; tests pass the registry client, clocks and sleep."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -60,14 +63,29 @@ def create_app(
             )
             breakers = Breakers(make_breaker)
             metrics = RouterMetrics(app.state.metrics_registry, breakers)
-            app.state.router = Router(settings, directory, breakers, session, clock, metrics)
+            engine = create_db_engine(settings.database_url)
+            owned.callback(engine.dispose)
+            store = UsageStore(
+                engine,
+                clock=wall_clock,
+                reference_price_per_1k=settings.reference_price_per_1k_tokens,
+            )
+            usage = UsageLog(store, db_runner(engine))
+            owned.push_async_callback(usage.flush)  # at shutdown, after the last request
+            app.state.router = Router(
+                settings, directory, breakers, session, clock, metrics, usage, wall_clock
+            )
             await directory.refresh()  # route from the start when the registry answers
-            refreshing = asyncio.create_task(directory.run(), name="router-discovery")
+            tasks = [
+                asyncio.create_task(directory.run(), name="router-discovery"),
+                asyncio.create_task(usage.run_forever(sleep), name="router-usage"),
+            ]
             try:
                 yield
             finally:
-                refreshing.cancel()
-                await asyncio.gather(refreshing, return_exceptions=True)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     app = FastAPI(
         title="local-llm-swarm router",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hmac
+import re
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from router.service import CAPABILITY_PREFIX, Router
@@ -12,6 +15,14 @@ from schemas import openai
 from schemas.errors import ErrorEnvelope
 from schemas.health import ServiceHealth
 from schemas.routing import RouteDecision, RouteRequest
+from schemas.usage import (
+    UsageAccepted,
+    UsageBatch,
+    UsageByAgent,
+    UsageSummary,
+    UsageTimeseries,
+)
+from services.common.errors import Unauthorized, ValidationFailed
 from services.common.streaming import json_response
 
 ERRORS = {status: {"model": ErrorEnvelope} for status in (404, 413, 422, 503)}
@@ -71,3 +82,58 @@ async def health(request: Request) -> Response:
         reason=reason,
     )
     return json_response(body, exclude_none=False, status=200 if status == "healthy" else 503)
+
+
+# --- usage (DESIGN 5) ------------------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}
+Window = Annotated[str, Query(max_length=16, description='"15m", "24h", "7d" or seconds')]
+
+
+def window_seconds(window: str, retention_days: float) -> float:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", window)
+    seconds = float(match[1]) * _UNITS[match[2] or "s"] if match else 0.0
+    if not 0 < seconds <= retention_days * 86_400:
+        raise ValidationFailed(
+            f"window must be like 15m, 24h or 7d, at most the retention of {retention_days:g} days",
+            param="window",
+        )
+    return seconds
+
+
+@router.post("/usage", response_model=UsageAccepted, summary="Report model calls (batched)")
+async def report_usage(body: UsageBatch, request: Request) -> Response:
+    routing = router_of(request)
+    token = routing.settings.registry_token
+    if token is not None:
+        expected = f"Bearer {token.get_secret_value()}"
+        if not hmac.compare_digest(request.headers.get("Authorization", ""), expected):
+            raise Unauthorized()
+    accepted = await routing.usage.run(routing.usage.store.add, body.records)
+    return json_response(UsageAccepted(accepted=accepted))
+
+
+@router.get("/api/usage/summary", response_model=UsageSummary, summary="Totals of a window")
+async def usage_summary(request: Request, window: Window = "24h") -> Response:
+    routing = router_of(request)
+    seconds = window_seconds(window, routing.settings.usage_retention_days)
+    return json_response(await routing.usage.run(routing.usage.store.summary, seconds))
+
+
+@router.get("/api/usage/timeseries", response_model=UsageTimeseries, summary="Over time")
+async def usage_timeseries(
+    request: Request,
+    window: Window = "24h",
+    buckets: Annotated[int, Query(ge=1, le=500)] = 48,
+) -> Response:
+    routing = router_of(request)
+    seconds = window_seconds(window, routing.settings.usage_retention_days)
+    store = routing.usage.store
+    return json_response(await routing.usage.run(store.timeseries, seconds, buckets))
+
+
+@router.get("/api/usage/by-agent", response_model=UsageByAgent, summary="Per agent")
+async def usage_by_agent(request: Request, window: Window = "24h") -> Response:
+    routing = router_of(request)
+    seconds = window_seconds(window, routing.settings.usage_retention_days)
+    return json_response(await routing.usage.run(routing.usage.store.by_agent, seconds))

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import aiohttp
 from starlette.responses import Response
@@ -23,7 +25,9 @@ from router.candidates import Candidate, rank
 from router.directory import Directory
 from router.metrics import RouterMetrics
 from router.settings import RouterSettings
+from router.usage import UsageLog
 from schemas.routing import RouteDecision
+from schemas.usage import UsageRecord
 from services.common.context import REQUEST_ID_HEADER, current_request_id
 from services.common.errors import NotFound, ServiceUnavailable, SwarmError
 from services.common.streaming import SSE_DONE, EventStream, sse_error
@@ -44,6 +48,17 @@ class UpstreamFailed(Exception):
         self.reason = reason
         self.kind = kind  # for metrics: connect, timeout, http_429, http_5xx, ...
         self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one request was routed: what served it (None: nothing could) after what."""
+
+    capability: str
+    candidate: Candidate | None
+    tried: list[tuple[Candidate, UpstreamFailed]]
+    stream: bool
+    began: float
 
 
 @dataclass
@@ -68,6 +83,8 @@ class Router:
     session: aiohttp.ClientSession
     clock: Callable[[], float]
     metrics: RouterMetrics
+    usage: UsageLog
+    wall_clock: Callable[[], float]
     loads: dict[str, Load] = field(default_factory=dict)
 
     # --- decisions -----------------------------------------------------------------------
@@ -138,6 +155,7 @@ class Router:
     async def chat(self, body: bytes, capability: str, stream: bool) -> Response:
         """Forward an OpenAI chat call to the first candidate that serves it."""
         tried: list[tuple[Candidate, UpstreamFailed]] = []
+        began = self.clock()
         for candidate in self.candidates(capability)[: self.settings.max_attempts]:
             breaker = self.breakers[candidate.endpoint]
             if not breaker.begin():
@@ -170,16 +188,19 @@ class Router:
             if tried:
                 self.metrics.fallbacks.labels(capability).inc()
             headers = {ROUTED_TO_HEADER: who}
+            outcome = Outcome(capability, candidate, tried, stream, began)
             if whole:
                 load.in_flight -= 1
                 load.observe((self.clock() - started) * 1000)
+                self._record(outcome, ok=answer.status < 400, first_at=None)
                 media = answer.headers.get("Content-Type", "application/json")
                 return Response(first, status_code=answer.status, media_type=media, headers=headers)
-            chunks = self._relay(answer, first, candidate, load, started)
+            chunks = self._relay(answer, first, outcome, load, started)
             response = EventStream(chunks, "text/event-stream")
             response.headers.update(headers)
             return response
         self.metrics.calls.labels(capability, "", "error").inc()
+        self._record(Outcome(capability, None, tried, stream, began), ok=False, first_at=None)
         raise self._exhausted(capability, tried)
 
     async def _send(self, candidate: Candidate, body: bytes) -> aiohttp.ClientResponse:
@@ -201,16 +222,21 @@ class Router:
         self,
         answer: aiohttp.ClientResponse,
         first: bytes,
-        candidate: Candidate,
+        outcome: Outcome,
         load: Load,
         started: float,
     ) -> AsyncIterator[bytes]:
         """The upstream's chunks as they come; a failure or stall ends with an error event."""
+        candidate = outcome.candidate
+        assert candidate is not None
+        first_at = self.clock()
+        ok = False
         try:
             yield first
             while chunk := await answer.content.readany():
                 yield chunk
             load.observe((self.clock() - started) * 1000)
+            ok = True
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.breakers[candidate.endpoint].failed()
             message = (
@@ -221,6 +247,33 @@ class Router:
         finally:
             load.in_flight -= 1
             answer.close()
+            self._record(outcome, ok=ok, first_at=first_at)
+
+    def _record(self, outcome: Outcome, *, ok: bool, first_at: float | None) -> None:
+        """The routing outcome, for the usage records (the model call's own record, with
+        its tokens, comes from the agent that served it)."""
+        now = self.clock()
+        candidate = outcome.candidate
+        latency_ms = (now - outcome.began) * 1000
+        self.usage.add(
+            UsageRecord(
+                record_id=uuid.uuid4().hex,
+                kind="route",
+                request_id=current_request_id() or uuid.uuid4().hex,
+                time=datetime.fromtimestamp(self.wall_clock(), UTC),
+                agent_id=candidate.agent_id if candidate else None,
+                provider=candidate.provider if candidate else "none",
+                model=candidate.model if candidate else "",
+                capability=outcome.capability,
+                latency_ms=latency_ms,
+                time_to_first_token_ms=(
+                    (first_at - outcome.began) * 1000 if first_at is not None else latency_ms
+                ),
+                stream=outcome.stream,
+                status="ok" if ok else "error",
+                fallback_from=_name(outcome.tried[0][0]) if outcome.tried else None,
+            )
+        )
 
     def _exhausted(
         self, capability: str, tried: list[tuple[Candidate, UpstreamFailed]]
@@ -249,6 +302,10 @@ def _seconds(value: str | None) -> float | None:
         return max(0.0, float(value)) if value else 0.0
     except ValueError:
         return 0.0
+
+
+def _name(candidate: Candidate) -> str:
+    return candidate.agent_id or candidate.provider
 
 
 def _kind(exc: BaseException) -> str:

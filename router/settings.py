@@ -12,6 +12,7 @@ from schemas.config import ProviderConfig, RouterConfig, SwarmSettings
 class RouterSettings(RouterConfig):
     host: str = "127.0.0.1"
     registry_url: str
+    database_url: str  # of the usage records
     registry_token: SecretStr | None = None
     providers: dict[str, ProviderConfig] = {}
 
@@ -21,6 +22,7 @@ class RouterSettings(RouterConfig):
         values = swarm.router.model_dump() | {
             "host": swarm.router.host or swarm.host,
             "registry_url": swarm.registry_url,
+            "database_url": swarm.sqlite_url("usage"),
             "registry_token": swarm.registry_token,
             "providers": swarm.providers,
         }

@@ -161,6 +161,7 @@ class RouterConfig(Section):
         default=5.0, description="How long a circuit stays open before one trial call."
     )
     max_body_bytes: int = Field(default=1_048_576, ge=1_024, le=64 * 1024 * 1024)
+    usage_retention_days: float = Field(default=90, gt=0, le=3_650)
 
 
 class SwarmSettings(BaseSettings):

@@ -1,24 +1,39 @@
-"""Usage records: one per model call, the unit of cost accounting."""
+"""Usage records, the unit of cost accounting, and the usage API's answers (DESIGN 5).
+
+Two kinds of record share one table and join on the request id:
+
+- a **call** is one model call, reported by whoever made it: a wrapper for its local model
+  (batched to ``POST /usage``), the router for a cloud provider. Tokens, cost and
+  local-versus-cloud come from calls.
+- a **route** is the router's outcome for one request: which candidate served, after
+  which fallbacks, with the caller's end-to-end latency and time to first token.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from schemas.agents import Strict
 
+MAX_BATCH = 1_000
+
 
 class UsageRecord(Strict):
+    record_id: str = Field(
+        min_length=1, max_length=64, description="Unique per record: a resent batch is ignored."
+    )
+    kind: Literal["call", "route"] = "call"
     request_id: str = Field(min_length=1, max_length=128)
     time: datetime
     agent_id: str | None = Field(default=None, max_length=128)
     provider: str = Field(max_length=64, description='"local" or a cloud provider name.')
     model: str = Field(max_length=200)
     capability: str | None = Field(default=None, max_length=64)
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
     latency_ms: float = Field(ge=0)
     time_to_first_token_ms: float | None = Field(default=None, ge=0)
     stream: bool = False
@@ -30,4 +45,62 @@ class UsageRecord(Strict):
 class UsageBatch(Strict):
     """What a wrapper posts to ``POST /usage``."""
 
-    records: list[UsageRecord] = Field(min_length=1, max_length=1_000)
+    records: list[UsageRecord] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class UsageAccepted(BaseModel):
+    accepted: int = Field(description="Records stored now; resent ones are not counted.")
+
+
+class UsageSummary(BaseModel):
+    window_seconds: float
+    calls: int
+    local_calls: int
+    cloud_calls: int
+    local_share: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    local_tokens: int
+    cloud_tokens: int
+    cost: float
+    would_have_cost: float = Field(description="All tokens at the reference cloud price.")
+    saved: float
+    errors: int
+    error_rate: float | None
+    routed: int = Field(description="Requests the router forwarded.")
+    fallbacks: int
+    fallback_rate: float | None
+
+
+class UsageBucket(BaseModel):
+    start: datetime
+    calls: int
+    local_tokens: int
+    cloud_tokens: int
+    cost: float
+    errors: int
+    fallbacks: int
+
+
+class UsageTimeseries(BaseModel):
+    window_seconds: float
+    bucket_seconds: float
+    buckets: list[UsageBucket]
+
+
+class AgentUsage(BaseModel):
+    agent_id: str
+    provider: str
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    tokens_per_second: float | None
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    latency_p99_ms: float | None
+    errors: int
+
+
+class UsageByAgent(BaseModel):
+    window_seconds: float
+    agents: list[AgentUsage]

@@ -246,23 +246,28 @@ async def forever(_: float) -> None:
 
 
 @pytest.fixture
-async def start_router(registry_http):
+async def start_router(registry_http, tmp_path):
     async with contextlib.AsyncExitStack() as stack:
 
         async def start(**changes) -> httpx.AsyncClient:
             settings = RouterSettings(
                 registry_url="http://registry.test",
+                database_url=f"sqlite:///{tmp_path / 'usage.db'}",
                 read_timeout_seconds=0.5,
                 capability_fallbacks={"classification": ["reasoning"]},
                 **changes,
             )
-            app = create_app(settings, registry_client=registry_http, sleep=forever)
+            wall_clock = FakeClock(NOW.timestamp())
+            app = create_app(
+                settings, registry_client=registry_http, sleep=forever, wall_clock=wall_clock
+            )
             await stack.enter_async_context(app.router.lifespan_context(app))
             client = httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app), base_url="http://router.test"
             )
             stack.push_async_callback(client.aclose)
             client.app = app
+            client.wall_clock = wall_clock
             return client
 
         yield start
@@ -439,3 +444,109 @@ async def test_health_says_whether_the_registry_was_read(start_router):
     router = await start_router()
     health = await router.get("/health")
     assert (health.status_code, health.json()["status"]) == (200, "healthy")
+
+
+# --- usage records and the usage API -----------------------------------------------------
+
+
+def call_record(
+    n: int,
+    agent_id: str | None,
+    provider: str,
+    prompt: int,
+    completion: int,
+    latency_ms: float,
+    cost: float = 0.0,
+    status: str = "ok",
+) -> dict:
+    return {
+        "record_id": f"rec-{n}",
+        "kind": "call",
+        "request_id": f"req-{n}",
+        "time": NOW.isoformat(),
+        "agent_id": agent_id,
+        "provider": provider,
+        "model": "m",
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "latency_ms": latency_ms,
+        "status": status,
+        "cost": cost,
+    }
+
+
+async def test_reported_calls_add_up_to_the_summary(start_router):
+    router = await start_router(reference_price_per_1k_tokens=0.002)
+    records = [
+        call_record(1, "llm_a", "local", 100, 50, 200.0),
+        call_record(2, "llm_a", "local", 300, 150, 400.0),
+        call_record(3, "llm_b", "local", 10, 0, 50.0, status="error"),
+        call_record(4, None, "openai", 1_000, 500, 900.0, cost=0.0006),
+    ]
+    accepted = await router.post("/usage", json={"records": records})
+    assert accepted.json() == {"accepted": 4}
+    again = await router.post("/usage", json={"records": records[:2]})  # a resent batch
+    assert again.json() == {"accepted": 0}
+    summary = (await router.get("/api/usage/summary", params={"window": "1h"})).json()
+    tokens = 100 + 50 + 300 + 150 + 10 + 1_000 + 500
+    assert summary["calls"] == 4
+    assert (summary["local_calls"], summary["cloud_calls"]) == (3, 1)
+    assert summary["local_share"] == 0.75
+    assert (summary["prompt_tokens"], summary["completion_tokens"]) == (1_410, 700)
+    assert (summary["local_tokens"], summary["cloud_tokens"]) == (610, 1_500)
+    assert summary["cost"] == pytest.approx(0.0006)
+    assert summary["would_have_cost"] == pytest.approx(tokens / 1000 * 0.002)
+    assert summary["saved"] == pytest.approx(tokens / 1000 * 0.002 - 0.0006)
+    assert (summary["errors"], summary["error_rate"]) == (1, 0.25)
+    by_agent = (await router.get("/api/usage/by-agent", params={"window": "1h"})).json()
+    first = by_agent["agents"][0]
+    assert (first["agent_id"], first["calls"], first["completion_tokens"]) == ("llm_a", 2, 200)
+    assert first["tokens_per_second"] == round(200 / 0.6, 2)  # 200 tokens in 0.6 s
+    assert (first["latency_p50_ms"], first["latency_p99_ms"]) == (200.0, 400.0)
+    series = (
+        await router.get("/api/usage/timeseries", params={"window": "1h", "buckets": 6})
+    ).json()
+    assert len(series["buckets"]) == 6
+    assert sum(b["calls"] for b in series["buckets"]) == 4
+    assert sum(b["cloud_tokens"] for b in series["buckets"]) == 1_500
+    # a window that has passed holds nothing
+    router.wall_clock.advance(7_200)
+    later = (await router.get("/api/usage/summary", params={"window": "1h"})).json()
+    assert later["calls"] == 0
+
+
+async def test_every_routed_request_is_recorded_with_its_fallbacks(
+    start_router, registry_http, upstreams
+):
+    first, first_url = await upstreams()
+    second, second_url = await upstreams()
+    first.mode = "error"
+    await register(registry_http, "a-first", first_url)
+    await register(registry_http, "b-second", second_url, cost=0.1)
+    router = await start_router()
+    await router.post("/v1/chat/completions", json=CHAT, headers={"X-Request-ID": "r-1"})
+    await router.post("/v1/chat/completions", json=CHAT | {"stream": True})
+    second.mode = "error"
+    await router.post("/v1/chat/completions", json=CHAT)
+    await router.app.state.router.usage.flush()
+    summary = (await router.get("/api/usage/summary", params={"window": "15m"})).json()
+    assert (summary["routed"], summary["fallbacks"]) == (3, 3)
+    assert summary["fallback_rate"] == 1.0
+    assert summary["calls"] == 0  # model calls are reported by the agents themselves
+
+
+@pytest.mark.parametrize("window", ["", "0", "soon", "1000d", "-1h"])
+async def test_a_bad_window_is_a_422(start_router, window):
+    router = await start_router()
+    response = await router.get("/api/usage/summary", params={"window": window})
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "window"
+
+
+async def test_usage_reports_need_the_token_when_one_is_set(start_router):
+    router = await start_router(registry_token="s3cret")
+    records = {"records": [call_record(1, "llm_a", "local", 1, 1, 1.0)]}
+    assert (await router.post("/usage", json=records)).status_code == 401
+    authorised = {"Authorization": "Bearer s3cret"}
+    response = await router.post("/usage", json=records, headers=authorised)
+    assert response.json() == {"accepted": 1}

@@ -84,8 +84,9 @@ class ServiceUnavailable(SwarmError):
 
 
 def is_ollama_path(path: str) -> bool:
-    """Ollama-style paths answer errors as Ollama does: ``{"error": "message"}``."""
-    return path.startswith("/api/") or path == "/generate"
+    """Ollama-style paths answer errors as Ollama does: ``{"error": "message"}``. The
+    router's ``/api/usage/...`` is the project's own API, in the envelope."""
+    return (path.startswith("/api/") and not path.startswith("/api/usage")) or path == "/generate"
 
 
 def error_response(path: str, error: SwarmError) -> JSONResponse:

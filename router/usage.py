@@ -1,0 +1,275 @@
+"""Usage records: stored through SQLModel (SQLite by default, PostgreSQL by URL), and the
+dashboard's queries over them (DESIGN 5; the record kinds are in ``schemas.usage``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, Index, Integer, case, cast, delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Field, SQLModel
+
+from schemas.usage import (
+    AgentUsage,
+    UsageBucket,
+    UsageByAgent,
+    UsageRecord,
+    UsageSummary,
+    UsageTimeseries,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_LATENCIES = 100_000  # rows read for the percentiles of one by-agent answer
+
+
+class UsageRow(SQLModel, table=True):
+    __tablename__ = "usage"
+    # The dashboard reads a time window of one kind, or of one agent.
+    __table_args__ = (
+        Index("ix_usage_kind_time", "kind", "time"),
+        Index("ix_usage_agent_time", "agent_id", "time"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    record_id: str = Field(max_length=64, unique=True)
+    kind: str = Field(max_length=8)
+    request_id: str = Field(max_length=128, index=True)
+    time: float  # epoch seconds
+    agent_id: str | None = Field(default=None, max_length=128)
+    provider: str = Field(max_length=64)
+    model: str = Field(max_length=200)
+    capability: str | None = Field(default=None, max_length=64)
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    time_to_first_token_ms: float | None = None
+    stream: bool
+    status: str = Field(max_length=8)
+    fallback_from: str | None = Field(default=None, max_length=128)
+    cost: float
+
+
+T = UsageRow.__table__
+
+
+class UsageStore:
+    def __init__(
+        self, engine: Engine, *, clock: Callable[[], float], reference_price_per_1k: float
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.reference_price_per_1k = reference_price_per_1k
+        SQLModel.metadata.create_all(engine, tables=[T])
+
+    def add(self, records: Sequence[UsageRecord]) -> int:
+        """Store records; one already stored (a resent batch) is skipped. Returns how many
+        were new."""
+        if not records:
+            return 0
+        rows = [_row(record) for record in records]
+        dialect = {"sqlite": sqlite, "postgresql": postgresql}.get(self.engine.dialect.name)
+        with self.engine.begin() as conn:
+            if dialect is None:  # another database: skip known ids by asking first
+                ids = [row["record_id"] for row in rows]
+                known = set(conn.execute(select(T.c.record_id).where(T.c.record_id.in_(ids))))
+                rows = [row for row in rows if (row["record_id"],) not in known]
+                return conn.execute(T.insert(), rows).rowcount if rows else 0
+            statement = dialect.insert(T).on_conflict_do_nothing(index_elements=["record_id"])
+            return conn.execute(statement, rows).rowcount
+
+    def prune(self, older_than_seconds: float) -> int:
+        with self.engine.begin() as conn:
+            cutoff = self.clock() - older_than_seconds
+            return conn.execute(delete(T).where(T.c.time < cutoff)).rowcount
+
+    # --- the dashboard's queries ---------------------------------------------------------
+
+    def summary(self, window: float) -> UsageSummary:
+        since = self.clock() - window
+        local = T.c.provider == "local"
+        tokens = T.c.prompt_tokens + T.c.completion_tokens
+        calls = select(
+            func.count(),
+            func.coalesce(func.sum(case((local, 1), else_=0)), 0),
+            func.coalesce(func.sum(T.c.prompt_tokens), 0),
+            func.coalesce(func.sum(T.c.completion_tokens), 0),
+            func.coalesce(func.sum(case((local, tokens), else_=0)), 0),
+            func.coalesce(func.sum(T.c.cost), 0.0),
+            func.coalesce(func.sum(case((T.c.status == "error", 1), else_=0)), 0),
+        ).where(T.c.kind == "call", T.c.time >= since)
+        routes = select(
+            func.count(),
+            func.coalesce(func.sum(case((T.c.fallback_from.is_not(None), 1), else_=0)), 0),
+        ).where(T.c.kind == "route", T.c.time >= since)
+        with self.engine.connect() as conn:
+            n, n_local, prompt, completion, local_tokens, cost, errors = conn.execute(calls).one()
+            routed, fallbacks = conn.execute(routes).one()
+        all_tokens = prompt + completion
+        would = all_tokens / 1000 * self.reference_price_per_1k
+        return UsageSummary(
+            window_seconds=window,
+            calls=n,
+            local_calls=n_local,
+            cloud_calls=n - n_local,
+            local_share=_share(n_local, n),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            local_tokens=local_tokens,
+            cloud_tokens=all_tokens - local_tokens,
+            cost=round(cost, 6),
+            would_have_cost=round(would, 6),
+            saved=round(max(0.0, would - cost), 6),
+            errors=errors,
+            error_rate=_share(errors, n),
+            routed=routed,
+            fallbacks=fallbacks,
+            fallback_rate=_share(fallbacks, routed),
+        )
+
+    def timeseries(self, window: float, buckets: int) -> UsageTimeseries:
+        now = self.clock()
+        size = window / buckets
+        start = now - window
+        index = cast((T.c.time - start) / size, Integer).label("bucket")
+        local = T.c.provider == "local"
+        tokens = T.c.prompt_tokens + T.c.completion_tokens
+        is_call = T.c.kind == "call"
+        fell_back = (T.c.kind == "route") & T.c.fallback_from.is_not(None)
+        query = (
+            select(
+                index,
+                func.sum(case((is_call, 1), else_=0)),
+                func.sum(case((is_call & local, tokens), else_=0)),
+                func.sum(case((is_call & ~local, tokens), else_=0)),
+                func.sum(case((is_call, T.c.cost), else_=0.0)),
+                func.sum(case((is_call & (T.c.status == "error"), 1), else_=0)),
+                func.sum(case((fell_back, 1), else_=0)),
+            )
+            .where(T.c.time >= start)
+            .group_by(index)
+        )
+        found: dict[int, list[float]] = {}
+        with self.engine.connect() as conn:
+            for bucket, *sums in conn.execute(query):
+                # a record of this very instant ends the last bucket, not a new one
+                totals = found.setdefault(min(bucket, buckets - 1), [0] * 6)
+                totals[:] = [a + b for a, b in zip(totals, sums, strict=True)]
+        series = []
+        for n in range(buckets):
+            calls, local_tokens, cloud_tokens, cost, errors, fallbacks = found.get(n, [0] * 6)
+            series.append(
+                UsageBucket(
+                    start=datetime.fromtimestamp(start + n * size, UTC),
+                    calls=calls,
+                    local_tokens=local_tokens,
+                    cloud_tokens=cloud_tokens,
+                    cost=round(cost, 6),
+                    errors=errors,
+                    fallbacks=fallbacks,
+                )
+            )
+        return UsageTimeseries(window_seconds=window, bucket_seconds=size, buckets=series)
+
+    def by_agent(self, window: float) -> UsageByAgent:
+        since = self.clock() - window
+        who = func.coalesce(T.c.agent_id, T.c.provider)
+        totals = (
+            select(
+                who,
+                T.c.provider,
+                func.count(),
+                func.sum(T.c.prompt_tokens),
+                func.sum(T.c.completion_tokens),
+                func.sum(T.c.latency_ms),
+                func.sum(case((T.c.status == "error", 1), else_=0)),
+            )
+            .where(T.c.kind == "call", T.c.time >= since)
+            .group_by(who, T.c.provider)
+        )
+        latencies = (
+            select(who, T.c.latency_ms)
+            .where(T.c.kind == "call", T.c.time >= since, T.c.status == "ok")
+            .order_by(T.c.time.desc())
+            .limit(MAX_LATENCIES)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(totals).all()
+            measured: dict[str, list[float]] = {}
+            for agent, latency in conn.execute(latencies):
+                measured.setdefault(agent, []).append(latency)
+        agents = []
+        for agent, provider, calls, prompt, completion, latency_sum, errors in rows:
+            ms = sorted(measured.get(agent, []))
+            agents.append(
+                AgentUsage(
+                    agent_id=agent,
+                    provider=provider,
+                    calls=calls,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    tokens_per_second=(
+                        round(completion / (latency_sum / 1000), 2) if latency_sum else None
+                    ),
+                    latency_p50_ms=_percentile(ms, 0.50),
+                    latency_p95_ms=_percentile(ms, 0.95),
+                    latency_p99_ms=_percentile(ms, 0.99),
+                    errors=errors,
+                )
+            )
+        agents.sort(key=lambda usage: -usage.calls)
+        return UsageByAgent(window_seconds=window, agents=agents)
+
+
+class UsageLog:
+    """The router's own records, written in batches off the request path: every
+    ``interval`` seconds, and at shutdown."""
+
+    def __init__(self, store: UsageStore, run, *, interval: float = 1.0, limit: int = 100_000):
+        self.store = store
+        self.run = run  # how the blocking store is called (services.common.database)
+        self.interval = interval
+        self.limit = limit
+        self.pending: list[UsageRecord] = []
+        self.dropped = 0
+
+    def add(self, record: UsageRecord) -> None:
+        if len(self.pending) >= self.limit:  # the database is gone for long: keep the newest
+            self.pending.pop(0)
+            self.dropped += 1
+        self.pending.append(record)
+
+    async def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        if not batch:
+            return
+        try:
+            await self.run(self.store.add, batch)
+        except Exception:
+            log.exception("usage records not stored; keeping them for the next flush")
+            self.pending = batch + self.pending
+
+    async def run_forever(self, sleep=asyncio.sleep) -> None:
+        while True:
+            await sleep(self.interval)
+            await self.flush()
+
+
+def _row(record: UsageRecord) -> dict:
+    row = record.model_dump()
+    row["time"] = record.time.timestamp()
+    return row
+
+
+def _share(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def _percentile(ordered: list[float], fraction: float) -> float | None:
+    if not ordered:
+        return None
+    return round(ordered[max(0, math.ceil(fraction * len(ordered)) - 1)], 3)
