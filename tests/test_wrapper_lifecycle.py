@@ -15,7 +15,10 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from router.app import create_app as create_router_app
+from router.settings import RouterSettings
 from schemas.config import SwarmSettings
+from schemas.usage import UsageRecord
 from services.wrapper.__main__ import main
 from services.wrapper.registration import (
     BACKOFF_BASE_SECONDS,
@@ -23,6 +26,7 @@ from services.wrapper.registration import (
     RECOVERY_SECONDS,
 )
 from services.wrapper.settings import WrapperSettings
+from services.wrapper.usage import UsageReporter
 from tests.conftest import (
     BACKEND,
     MODEL,
@@ -368,3 +372,63 @@ def test_the_process_registers_serves_and_deregisters_on_sigterm(tmp_path, start
         if process.stdout:
             process.stdout.close()
         backend.shutdown()
+
+
+# --- usage reports to the router ---------------------------------------------------------
+
+
+@pytest.fixture
+async def router_app(registry_http, tmp_path):
+    settings = RouterSettings(
+        registry_url="http://registry.test", database_url=f"sqlite:///{tmp_path / 'usage.db'}"
+    )
+    app = create_router_app(settings, registry_client=registry_http)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+async def test_every_model_call_is_reported_to_the_router_and_survives_its_outage(
+    start_wrapper, backend, router_app
+):
+    outage = Outage(router_app)
+    to_router = httpx.AsyncClient(transport=outage, base_url="http://router.test")
+    wrapper = await start_wrapper(
+        make_settings(usage_url="http://router.test"), usage_client=to_router
+    )
+    answer = read("chat_response.json")
+    backend.post("/api/chat").respond(json=answer)
+    await wrapper.ollama.chat(MODEL, [{"role": "user", "content": "hi"}])
+    reporter = wrapper.app.state.usage
+    assert not await reporter.flush()  # the router is down: the record waits
+    assert len(reporter.pending) == 1
+    outage.down = False
+    assert await reporter.flush()
+    assert await reporter.flush()  # nothing left, nothing sent twice
+    router = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=router_app), base_url="http://router.test"
+    )
+    summary = (await router.get("/api/usage/summary", params={"window": "1h"})).json()
+    assert summary["calls"] == summary["local_calls"] == 1
+    assert summary["prompt_tokens"] == answer["prompt_eval_count"]
+    assert summary["completion_tokens"] == answer["eval_count"]
+    agents = (await router.get("/api/usage/by-agent", params={"window": "1h"})).json()["agents"]
+    assert [(a["agent_id"], a["calls"]) for a in agents] == [("llm_test_reasoner", 1)]
+    await router.aclose()
+    await to_router.aclose()
+
+
+def test_the_usage_buffer_keeps_the_newest_when_full():
+    reporter = UsageReporter(httpx.AsyncClient(), limit=3)
+    for n in range(5):
+        reporter.add(
+            UsageRecord(
+                record_id=f"r{n}",
+                request_id=f"q{n}",
+                time="2026-01-01T00:00:00Z",
+                provider="local",
+                model="m",
+                latency_ms=1.0,
+            )
+        )
+    assert [r.record_id for r in reporter.pending] == ["r2", "r3", "r4"]
+    assert reporter.dropped == 2

@@ -22,7 +22,9 @@ from services.wrapper.service import Wrapper, wall_clock
 from services.wrapper.settings import WrapperSettings
 from services.wrapper.stats import Stats
 from services.wrapper.tmd import DomainClassifier
+from services.wrapper.usage import UsageReporter
 
+USAGE_TIMEOUT = httpx.Timeout(5.0)
 # The model calls: the wrapper's hot path, served by lean routes.
 MODEL_CALL_PATHS = (
     "/v1/chat/completions",
@@ -38,15 +40,17 @@ def create_app(
     *,
     backend: ollama.AsyncClient | None = None,
     registry_client: httpx.AsyncClient | None = None,
+    usage_client: httpx.AsyncClient | None = None,
     clock: Callable[[], float] = time.perf_counter,
     sleep: Sleep = asyncio.sleep,
     random: Callable[[], float] = random_module.random,
 ) -> FastAPI:
     """The wrapper for one profile entry.
 
-    ``backend`` and ``registry_client`` are used as given (and left open) when passed;
-    otherwise the lifespan creates and closes them. ``clock`` times calls and uptime;
-    ``sleep`` and ``random`` drive the registration backoff.
+    ``backend``, ``registry_client`` and ``usage_client`` (to the router, where usage is
+    reported when ``settings.usage_url`` is set) are used as given (and left open) when
+    passed; otherwise the lifespan creates and closes them. ``clock`` times calls and
+    uptime; ``sleep`` and ``random`` drive the registration and reporting backoff.
     """
 
     @contextlib.asynccontextmanager
@@ -64,11 +68,26 @@ def create_app(
             if http is None:
                 http = httpx.AsyncClient(base_url=settings.registry_url, timeout=REGISTRY_TIMEOUT)
                 owned.push_async_callback(http.aclose)
+            reporter = None
+            if settings.usage_url is not None:
+                to_router = usage_client
+                if to_router is None:
+                    to_router = httpx.AsyncClient(
+                        base_url=settings.usage_url, timeout=USAGE_TIMEOUT
+                    )
+                    owned.push_async_callback(to_router.aclose)
+                reporter = UsageReporter(
+                    to_router, token=settings.registry_token, sleep=sleep, random=random
+                )
+                owned.push_async_callback(reporter.flush)  # the last records, at shutdown
             stats = Stats(
                 app.state.metrics_registry,
                 model=settings.model,
                 cost_per_1k_tokens=settings.cost_per_1k_tokens,
                 clock=clock,
+                agent_id=settings.agent_id,
+                provider=settings.tier,
+                report=reporter.add if reporter else None,
             )
             wrapper = Wrapper(
                 settings,
@@ -91,16 +110,20 @@ def create_app(
             app.state.registrar = registrar
             if settings.tmd_taxonomy is not None:
                 app.state.classifier = DomainClassifier(wrapper, settings.tmd_taxonomy)
+            app.state.usage = reporter
             # The wrapper serves at once; registration retries in the background.
-            registration = asyncio.create_task(registrar.run(), name="wrapper-registration")
+            tasks = [asyncio.create_task(registrar.run(), name="wrapper-registration")]
+            if reporter is not None:
+                tasks.append(asyncio.create_task(reporter.run(), name="wrapper-usage"))
             # Start-up objects live as long as the process: keep them out of the
             # collector's scans, which otherwise pause requests.
             gc.freeze()
             try:
                 yield
             finally:
-                registration.cancel()
-                await asyncio.gather(registration, return_exceptions=True)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
                 await registrar.deregister()
 
     app = FastAPI(

@@ -20,6 +20,7 @@ class WrapperSettings(WrapperConfig):
     host: str = "127.0.0.1"
     backend_url: str
     registry_url: str
+    usage_url: str | None = None  # the router, where model calls are reported; None: not
     registry_token: SecretStr | None = None
     endpoint: str
 
@@ -55,6 +56,7 @@ class WrapperSettings(WrapperConfig):
             "host": host,
             "backend_url": swarm.backend_url(name),
             "registry_url": swarm.registry_url,
+            "usage_url": swarm.router_url,
             "registry_token": swarm.registry_token,
             "endpoint": swarm.local_url(host, port),
         }

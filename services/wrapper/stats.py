@@ -4,14 +4,19 @@ LLM metrics for ``/metrics`` (on the app's own CollectorRegistry)."""
 from __future__ import annotations
 
 import math
+import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from schemas.health import Performance
+from schemas.usage import UsageRecord
+from services.common.context import current_request_id
 
 # A generation takes tens of milliseconds (a short classification on a tiny model) to
 # minutes (a long answer on a big model on CPU).
@@ -106,11 +111,19 @@ class Stats:
         cost_per_1k_tokens: float,
         clock: Callable[[], float],
         window: int = WINDOW,
+        agent_id: str | None = None,
+        provider: str = "local",
+        report: Callable[[UsageRecord], None] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.metrics = LlmMetrics(registry, model)
         self.model = model
         self.cost_per_1k_tokens = cost_per_1k_tokens
         self.clock = clock
+        self.agent_id = agent_id
+        self.provider = provider
+        self.report = report  # where each finished call's usage record goes
+        self.wall_clock = wall_clock
         self.in_flight = 0
         # (latency seconds, completion tokens) of the last successful calls
         self.recent: deque[tuple[float, int]] = deque(maxlen=window)
@@ -142,10 +155,11 @@ class Stats:
 class Call:
     """One model call; it ends once, with ``done`` or ``failed``."""
 
-    __slots__ = ("ended", "first_token_at", "series", "started", "stats")
+    __slots__ = ("ended", "first_token_at", "series", "started", "stats", "stream")
 
     def __init__(self, stats: Stats, api: str, stream: bool) -> None:
         self.stats = stats
+        self.stream = stream
         self.series = stats.metrics.series(api, "true" if stream else "false")
         self.started = stats.clock()
         self.first_token_at: float | None = None
@@ -166,14 +180,48 @@ class Call:
         self.series.duration.observe(elapsed)
         metrics.input_tokens.inc(prompt_tokens)
         metrics.output_tokens.inc(completion_tokens)
-        if stats.cost_per_1k_tokens:
-            metrics.cost.inc((prompt_tokens + completion_tokens) / 1000 * stats.cost_per_1k_tokens)
+        cost = (prompt_tokens + completion_tokens) / 1000 * stats.cost_per_1k_tokens
+        if cost:
+            metrics.cost.inc(cost)
+        self._report("ok", prompt_tokens, completion_tokens, elapsed, cost)
 
     def failed(self, error_type: str) -> None:
         if self._end():
             return
         self.series.error.inc()
         self.stats.metrics.errors.labels(self.stats.model, error_type).inc()
+        self._report("error", 0, 0, self.stats.clock() - self.started, 0.0)
+
+    def _report(
+        self,
+        status: Literal["ok", "error"],
+        prompt: int,
+        completion: int,
+        elapsed: float,
+        cost: float,
+    ) -> None:
+        stats = self.stats
+        if stats.report is None:
+            return
+        record_id = uuid.uuid4().hex
+        first = self.first_token_at
+        stats.report(
+            UsageRecord(
+                record_id=record_id,
+                request_id=current_request_id() or record_id,
+                time=datetime.fromtimestamp(stats.wall_clock(), UTC),
+                agent_id=stats.agent_id,
+                provider=stats.provider,
+                model=stats.model,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                latency_ms=elapsed * 1000,
+                time_to_first_token_ms=None if first is None else (first - self.started) * 1000,
+                stream=self.stream,
+                status=status,
+                cost=cost,
+            )
+        )
 
     def _end(self) -> bool:
         """Mark the call ended; True when it already was."""

@@ -1,0 +1,82 @@
+"""The wrapper's model calls, reported to the router's ``POST /usage`` in batches.
+
+Records wait in a bounded buffer until the router acknowledges them: a router that is
+down or restarting loses nothing of what the wrapper saw, within the bound (beyond it the
+oldest go first, counted in the log). A resent batch is harmless: every record has its
+own id, and the router stores each once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random as random_module
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import httpx
+from pydantic import SecretStr
+
+from schemas.usage import MAX_BATCH, UsageBatch, UsageRecord
+from services.wrapper.registration import backoff_delay
+
+log = logging.getLogger(__name__)
+
+BUFFER_LIMIT = 10_000
+FLUSH_INTERVAL_SECONDS = 2.0
+
+
+class UsageReporter:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        token: SecretStr | None = None,
+        interval: float = FLUSH_INTERVAL_SECONDS,
+        limit: int = BUFFER_LIMIT,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        random: Callable[[], float] = random_module.random,
+    ) -> None:
+        self.http = http
+        self.headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+        self.interval = interval
+        self.pending: deque[UsageRecord] = deque(maxlen=limit)
+        self.dropped = 0
+        self.sleep = sleep
+        self.random = random
+        self.failures = 0
+
+    def add(self, record: UsageRecord) -> None:
+        if len(self.pending) == self.pending.maxlen:
+            self.dropped += 1
+            if self.dropped in (1, 100) or self.dropped % 10_000 == 0:
+                log.warning("usage buffer full: %d oldest records dropped", self.dropped)
+        self.pending.append(record)
+
+    async def flush(self) -> bool:
+        """Send what is pending, a batch at a time; True once nothing is left."""
+        while self.pending:
+            batch = [self.pending[n] for n in range(min(MAX_BATCH, len(self.pending)))]
+            body = UsageBatch(records=batch).model_dump(mode="json")
+            try:
+                response = await self.http.post("/usage", json=body, headers=self.headers)
+                response.raise_for_status()
+            except httpx.HTTPError as exc:
+                self.failures += 1
+                log.warning("usage report failed (%s); %d records kept", exc, len(self.pending))
+                return False
+            sent = {record.record_id for record in batch}
+            # By id: while the batch was on its way a full buffer may have dropped some.
+            while self.pending and self.pending[0].record_id in sent:
+                self.pending.popleft()
+            self.failures = 0
+        return True
+
+    async def run(self) -> None:
+        """Flush every interval; after failures, back off (full jitter) up to 30 s."""
+        while True:
+            delay = self.interval
+            if self.failures:
+                delay = max(delay, backoff_delay(self.failures, self.random))
+            await self.sleep(delay)
+            await self.flush()
