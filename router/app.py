@@ -16,6 +16,7 @@ from router import routes
 from router.breaker import Breaker, Breakers
 from router.directory import Directory
 from router.metrics import RouterMetrics
+from router.ratelimit import RateLimiter, RateLimitMiddleware
 from router.service import Router
 from router.settings import RouterSettings
 from router.usage import UsageLog, UsageStore
@@ -95,6 +96,10 @@ def create_app(
     )
     app.state.started = time.monotonic()
     app.state.started_wall = time.time()
+    if settings.rate_limit_per_second > 0:
+        limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst, clock)
+        # Inside the shared plumbing: a 429 carries the request id and is counted.
+        app.add_middleware(RateLimitMiddleware, limiter=limiter, paths=(*CHAT_PATHS, "/route"))
     install_plumbing(app, max_body_bytes=settings.max_body_bytes)
     app.include_router(routes.router)
     serve_lean(app, [routes.router], CHAT_PATHS)

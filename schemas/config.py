@@ -162,6 +162,10 @@ class RouterConfig(Section):
     )
     max_body_bytes: int = Field(default=1_048_576, ge=1_024, le=64 * 1024 * 1024)
     usage_retention_days: float = Field(default=90, gt=0, le=3_650)
+    rate_limit_per_second: float = Field(
+        default=50.0, ge=0, description="Model calls per client (API key or address); 0: none."
+    )
+    rate_limit_burst: int = Field(default=100, ge=1)
 
 
 class SwarmSettings(BaseSettings):

@@ -16,6 +16,7 @@ from aiohttp import web
 from router.app import create_app
 from router.breaker import Breaker
 from router.candidates import rank
+from router.ratelimit import RateLimiter
 from router.settings import RouterSettings
 from schemas.agents import AgentRecord
 from schemas.config import ProviderConfig
@@ -249,7 +250,7 @@ async def forever(_: float) -> None:
 async def start_router(registry_http, tmp_path):
     async with contextlib.AsyncExitStack() as stack:
 
-        async def start(**changes) -> httpx.AsyncClient:
+        async def start(clock=None, **changes) -> httpx.AsyncClient:
             settings = RouterSettings(
                 registry_url="http://registry.test",
                 database_url=f"sqlite:///{tmp_path / 'usage.db'}",
@@ -259,7 +260,11 @@ async def start_router(registry_http, tmp_path):
             )
             wall_clock = FakeClock(NOW.timestamp())
             app = create_app(
-                settings, registry_client=registry_http, sleep=forever, wall_clock=wall_clock
+                settings,
+                registry_client=registry_http,
+                sleep=forever,
+                wall_clock=wall_clock,
+                **({"clock": clock} if clock else {}),
             )
             await stack.enter_async_context(app.router.lifespan_context(app))
             client = httpx.AsyncClient(
@@ -550,3 +555,46 @@ async def test_usage_reports_need_the_token_when_one_is_set(start_router):
     authorised = {"Authorization": "Bearer s3cret"}
     response = await router.post("/usage", json=records, headers=authorised)
     assert response.json() == {"accepted": 1}
+
+
+# --- rate limiting -----------------------------------------------------------------------
+
+
+def test_a_token_bucket_allows_its_burst_then_its_rate():
+    clock = FakeClock(0.0)
+    limiter = RateLimiter(rate=1.0, burst=3, clock=clock)
+    taken = [limiter.take("alice") for _ in range(4)]
+    assert [d.allowed for d in taken] == [True, True, True, False]
+    assert [d.remaining for d in taken] == [2, 1, 0, 0]
+    assert taken[-1].retry_after == pytest.approx(1.0)
+    assert limiter.take("bob").allowed  # every client has its own bucket
+    clock.advance(1.0)
+    assert limiter.take("alice").allowed
+    assert not limiter.take("alice").allowed
+    clock.advance(10.0)  # refills up to the burst, no further
+    assert limiter.take("alice").remaining == 2
+
+
+async def test_a_client_over_its_limit_gets_429_with_the_limit_headers(start_router, registry_http):
+    await register(registry_http, "llm_reasoner", "http://127.0.0.1:8050", "reasoning")
+    clock = FakeClock(0.0)
+    router = await start_router(clock=clock, rate_limit_per_second=0.5, rate_limit_burst=2)
+    body = {"capability": "reasoning"}
+    first = await router.post("/route", json=body)
+    assert first.status_code == 200
+    assert (first.headers["X-RateLimit-Limit"], first.headers["X-RateLimit-Remaining"]) == (
+        "2",
+        "1",
+    )
+    assert (await router.post("/route", json=body)).status_code == 200
+    refused = await router.post("/route", json=body)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert refused.headers["Retry-After"] == "2"
+    assert refused.headers["X-RateLimit-Remaining"] == "0"
+    assert refused.json()["error"]["request_id"] == refused.headers["X-Request-ID"]
+    other_key = {"Authorization": "Bearer another-client"}
+    assert (await router.post("/route", json=body, headers=other_key)).status_code == 200
+    clock.advance(2.0)
+    assert (await router.post("/route", json=body)).status_code == 200
+    assert (await router.get("/health")).status_code == 200  # status is never limited
