@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from router import routes
 from router.breaker import Breaker, Breakers
+from router.cloud import CloudClient
 from router.directory import Directory
 from router.metrics import RouterMetrics
 from router.ratelimit import RateLimiter, RateLimitMiddleware
@@ -51,6 +52,13 @@ def create_app(
             )
             session = aiohttp.ClientSession(timeout=timeout)
             owned.push_async_callback(session.close)
+            cloud_http = httpx.AsyncClient(
+                timeout=httpx.Timeout(
+                    settings.read_timeout_seconds, connect=settings.connect_timeout_seconds
+                )
+            )
+            owned.push_async_callback(cloud_http.aclose)
+            cloud = CloudClient(cloud_http, settings.providers)
             directory = Directory(
                 http, interval=settings.discovery_refresh_seconds, clock=clock, sleep=sleep
             )
@@ -74,7 +82,7 @@ def create_app(
             usage = UsageLog(store, db_runner(engine))
             owned.push_async_callback(usage.flush)  # at shutdown, after the last request
             app.state.router = Router(
-                settings, directory, breakers, session, clock, metrics, usage, wall_clock
+                settings, directory, breakers, session, clock, metrics, usage, wall_clock, cloud
             )
             await directory.refresh()  # route from the start when the registry answers
             tasks = [

@@ -16,13 +16,14 @@ from schemas.errors import ErrorEnvelope
 from schemas.health import ServiceHealth
 from schemas.routing import RouteDecision, RouteRequest
 from schemas.usage import (
+    RequestUsage,
     UsageAccepted,
     UsageBatch,
     UsageByAgent,
     UsageSummary,
     UsageTimeseries,
 )
-from services.common.errors import Unauthorized, ValidationFailed
+from services.common.errors import NotFound, Unauthorized, ValidationFailed
 from services.common.streaming import json_response
 
 ERRORS = {status: {"model": ErrorEnvelope} for status in (404, 413, 422, 503)}
@@ -137,3 +138,16 @@ async def usage_by_agent(request: Request, window: Window = "24h") -> Response:
     routing = router_of(request)
     seconds = window_seconds(window, routing.settings.usage_retention_days)
     return json_response(await routing.usage.run(routing.usage.store.by_agent, seconds))
+
+
+@router.get(
+    "/api/usage/requests/{request_id}",
+    response_model=RequestUsage,
+    summary="What one request (by its X-Request-ID) did and cost",
+)
+async def usage_of_request(request_id: str, request: Request) -> Response:
+    routing = router_of(request)
+    records = await routing.usage.run(routing.usage.store.for_request, request_id[:128])
+    if not records:
+        raise NotFound(f"no usage recorded for request {request_id!r}", param="request_id")
+    return json_response(RequestUsage(request_id=request_id, records=records))

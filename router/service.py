@@ -11,17 +11,20 @@ stream with an error event.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import aiohttp
+import httpx
 from starlette.responses import Response
 
 from router.breaker import Breakers
 from router.candidates import Candidate, rank
+from router.cloud import CloudClient, CloudFailed
 from router.directory import Directory
 from router.metrics import RouterMetrics
 from router.settings import RouterSettings
@@ -48,6 +51,18 @@ class UpstreamFailed(Exception):
         self.reason = reason
         self.kind = kind  # for metrics: connect, timeout, http_429, http_5xx, ...
         self.retry_after = retry_after
+
+
+@dataclass
+class Answer:
+    """An upstream's answer: whole (``rest`` None), or a stream's first chunk and the rest."""
+
+    status: int
+    media_type: str
+    first: bytes
+    rest: AsyncIterator[bytes] | None = None
+    release: Callable[[], Awaitable[None]] | None = None  # the connection, once streamed
+    usage: list[int] | None = None  # a cloud call's [prompt, completion] tokens
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,7 @@ class Router:
     metrics: RouterMetrics
     usage: UsageLog
     wall_clock: Callable[[], float]
+    cloud: CloudClient
     loads: dict[str, Load] = field(default_factory=dict)
 
     # --- decisions -----------------------------------------------------------------------
@@ -164,20 +180,20 @@ class Router:
             load.in_flight += 1
             started = self.clock()
             try:
-                answer = await self._send(candidate, body)
-                # A refusal (4xx) is the caller's to read, whole, even for a stream.
-                whole = not stream or answer.status != 200
-                first = await answer.read() if whole else await answer.content.readany()
+                if candidate.local:
+                    answer = await self._local(candidate, body, stream)
+                else:
+                    answer = await self._cloud(candidate, body, stream)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 failure = UpstreamFailed(_describe(exc), kind=_kind(exc))
                 breaker.failed()
             except UpstreamFailed as failed:
                 failure = failed
-                if failure.retry_after is None:  # a 5xx: broken; a 429 is only busy
+                if failure.retry_after is None:  # broken; a 429 is only busy
                     breaker.failed()
             else:
                 failure = None
-            who = candidate.agent_id or candidate.provider
+            who = _name(candidate)
             if failure is not None:
                 load.in_flight -= 1
                 self.metrics.failed_attempts.labels(who, failure.kind).inc()
@@ -189,13 +205,17 @@ class Router:
                 self.metrics.fallbacks.labels(capability).inc()
             headers = {ROUTED_TO_HEADER: who}
             outcome = Outcome(capability, candidate, tried, stream, began)
-            if whole:
+            if answer.rest is None:
                 load.in_flight -= 1
                 load.observe((self.clock() - started) * 1000)
-                self._record(outcome, ok=answer.status < 400, first_at=None)
-                media = answer.headers.get("Content-Type", "application/json")
-                return Response(first, status_code=answer.status, media_type=media, headers=headers)
-            chunks = self._relay(answer, first, outcome, load, started)
+                self._record(outcome, ok=answer.status < 400, first_at=None, usage=answer.usage)
+                return Response(
+                    answer.first,
+                    status_code=answer.status,
+                    media_type=answer.media_type,
+                    headers=headers,
+                )
+            chunks = self._relay(answer, outcome, load, started)
             response = EventStream(chunks, "text/event-stream")
             response.headers.update(headers)
             return response
@@ -203,7 +223,8 @@ class Router:
         self._record(Outcome(capability, None, tried, stream, began), ok=False, first_at=None)
         raise self._exhausted(capability, tried)
 
-    async def _send(self, candidate: Candidate, body: bytes) -> aiohttp.ClientResponse:
+    async def _local(self, candidate: Candidate, body: bytes, stream: bool) -> Answer:
+        """A registry agent, through the aiohttp pool: the body goes as it came."""
         headers = {"Content-Type": "application/json"}
         if request_id := current_request_id():
             headers[REQUEST_ID_HEADER] = request_id
@@ -216,64 +237,114 @@ class Router:
                 kind="http_429" if answer.status == 429 else "http_5xx",
                 retry_after=retry_after if answer.status == 429 else None,
             )
-        return answer
+        media = answer.headers.get("Content-Type", "application/json")
+        if not stream or answer.status != 200:  # a refusal is the caller's to read, whole
+            return Answer(answer.status, media, await answer.read())
+
+        async def rest() -> AsyncIterator[bytes]:
+            while chunk := await answer.content.readany():
+                yield chunk
+
+        async def release() -> None:
+            answer.close()
+
+        first = await answer.content.readany()
+        return Answer(answer.status, media, first, rest(), release=release)
+
+    async def _cloud(self, candidate: Candidate, body: bytes, stream: bool) -> Answer:
+        """A keyed cloud provider (its call record is made with the route's)."""
+        try:
+            cloud = await self.cloud.chat(candidate, json.loads(body), stream)
+            if cloud.chunks is None:
+                return Answer(cloud.status, "application/json", cloud.body, usage=cloud.usage)
+            first = await anext(cloud.chunks, b"")
+        except CloudFailed as failed:
+            raise UpstreamFailed(
+                failed.reason, kind=failed.kind, retry_after=failed.retry_after
+            ) from None
+        except httpx.HTTPError as exc:
+            raise UpstreamFailed(_describe(exc), kind="broken") from None
+        response = cloud.response
+        assert response is not None
+        return Answer(
+            cloud.status,
+            "text/event-stream",
+            first,
+            cloud.chunks,
+            release=response.aclose,
+            usage=cloud.usage,
+        )
 
     async def _relay(
-        self,
-        answer: aiohttp.ClientResponse,
-        first: bytes,
-        outcome: Outcome,
-        load: Load,
-        started: float,
+        self, answer: Answer, outcome: Outcome, load: Load, started: float
     ) -> AsyncIterator[bytes]:
         """The upstream's chunks as they come; a failure or stall ends with an error event."""
         candidate = outcome.candidate
         assert candidate is not None
+        assert answer.rest is not None
         first_at = self.clock()
         ok = False
         try:
-            yield first
-            while chunk := await answer.content.readany():
+            yield answer.first
+            async for chunk in answer.rest:
                 yield chunk
             load.observe((self.clock() - started) * 1000)
             ok = True
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, httpx.HTTPError, TimeoutError) as exc:
             self.breakers[candidate.endpoint].failed()
-            message = (
-                f"{candidate.agent_id or candidate.provider} failed mid-stream: {_describe(exc)}"
-            )
+            message = f"{_name(candidate)} failed mid-stream: {_describe(exc)}"
             log.warning("%s", message)
             yield sse_error(ServiceUnavailable(message, code="upstream_failed")) + SSE_DONE
         finally:
             load.in_flight -= 1
-            answer.close()
-            self._record(outcome, ok=ok, first_at=first_at)
+            if answer.release is not None:
+                await answer.release()
+            self._record(outcome, ok=ok, first_at=first_at, usage=answer.usage)
 
-    def _record(self, outcome: Outcome, *, ok: bool, first_at: float | None) -> None:
-        """The routing outcome, for the usage records (the model call's own record, with
-        its tokens, comes from the agent that served it)."""
+    def _record(
+        self,
+        outcome: Outcome,
+        *,
+        ok: bool,
+        first_at: float | None,
+        usage: list[int] | None = None,
+    ) -> None:
+        """The routing outcome, for the usage records. A local model call's own record
+        (with its tokens) comes from the agent that served it; a cloud call's is made
+        here, with the tokens the provider reported and the profile's prices."""
         now = self.clock()
         candidate = outcome.candidate
         latency_ms = (now - outcome.began) * 1000
-        self.usage.add(
-            UsageRecord(
-                record_id=uuid.uuid4().hex,
-                kind="route",
-                request_id=current_request_id() or uuid.uuid4().hex,
-                time=datetime.fromtimestamp(self.wall_clock(), UTC),
-                agent_id=candidate.agent_id if candidate else None,
-                provider=candidate.provider if candidate else "none",
-                model=candidate.model if candidate else "",
-                capability=outcome.capability,
-                latency_ms=latency_ms,
-                time_to_first_token_ms=(
-                    (first_at - outcome.began) * 1000 if first_at is not None else latency_ms
-                ),
-                stream=outcome.stream,
-                status="ok" if ok else "error",
-                fallback_from=_name(outcome.tried[0][0]) if outcome.tried else None,
-            )
+        request_id = current_request_id() or uuid.uuid4().hex
+        route = UsageRecord(
+            record_id=uuid.uuid4().hex,
+            kind="route",
+            request_id=request_id,
+            time=datetime.fromtimestamp(self.wall_clock(), UTC),
+            agent_id=candidate.agent_id if candidate else None,
+            provider=candidate.provider if candidate else "none",
+            model=candidate.model if candidate else "",
+            capability=outcome.capability,
+            latency_ms=latency_ms,
+            time_to_first_token_ms=(
+                (first_at - outcome.began) * 1000 if first_at is not None else latency_ms
+            ),
+            stream=outcome.stream,
+            status="ok" if ok else "error",
+            fallback_from=_name(outcome.tried[0][0]) if outcome.tried else None,
         )
+        self.usage.add(route)
+        if candidate is None or candidate.local or usage is None:
+            return
+        provider = self.settings.providers[candidate.provider]
+        prompt, completion = usage
+        cost = (
+            prompt / 1000 * provider.price_per_1k_input
+            + completion / 1000 * provider.price_per_1k_output
+        )
+        update = {"record_id": uuid.uuid4().hex, "kind": "call", "fallback_from": None}
+        update |= {"prompt_tokens": prompt, "completion_tokens": completion, "cost": cost}
+        self.usage.add(route.model_copy(update=update))
 
     def _exhausted(
         self, capability: str, tried: list[tuple[Candidate, UpstreamFailed]]

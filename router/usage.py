@@ -89,6 +89,13 @@ class UsageStore:
 
     # --- the dashboard's queries ---------------------------------------------------------
 
+    def for_request(self, request_id: str, limit: int = 100) -> list[UsageRecord]:
+        """The records of one request (its route and its model calls), oldest first."""
+        query = select(T).where(T.c.request_id == request_id).order_by(T.c.time, T.c.id)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.limit(limit)).mappings().all()
+        return [_record(row) for row in rows]
+
     def summary(self, window: float) -> UsageSummary:
         since = self.clock() - window
         local = T.c.provider == "local"
@@ -263,6 +270,12 @@ def _row(record: UsageRecord) -> dict:
     row = record.model_dump()
     row["time"] = record.time.timestamp()
     return row
+
+
+def _record(row) -> UsageRecord:
+    data = {key: value for key, value in row.items() if key != "id"}
+    data["time"] = datetime.fromtimestamp(row["time"], UTC)
+    return UsageRecord.model_validate(data)
 
 
 def _share(part: int, whole: int) -> float | None:

@@ -52,6 +52,11 @@ class UsageAccepted(BaseModel):
     accepted: int = Field(description="Records stored now; resent ones are not counted.")
 
 
+class RequestUsage(BaseModel):
+    request_id: str
+    records: list[UsageRecord]
+
+
 class UsageSummary(BaseModel):
     window_seconds: float
     calls: int

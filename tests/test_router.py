@@ -538,6 +538,13 @@ async def test_every_routed_request_is_recorded_with_its_fallbacks(
     assert (summary["routed"], summary["fallbacks"]) == (3, 3)
     assert summary["fallback_rate"] == 1.0
     assert summary["calls"] == 0  # model calls are reported by the agents themselves
+    (route,) = (await router.get("/api/usage/requests/r-1")).json()["records"]
+    assert (route["kind"], route["agent_id"], route["fallback_from"]) == (
+        "route",
+        "b-second",
+        "a-first",
+    )
+    assert (await router.get("/api/usage/requests/never-seen")).status_code == 404
 
 
 @pytest.mark.parametrize("window", ["", "0", "soon", "1000d", "-1h"])

