@@ -11,8 +11,11 @@ stream with an error event.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import math
+import random as random_module
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,6 +34,7 @@ from router.settings import RouterSettings
 from router.usage import UsageLog
 from schemas.routing import RouteDecision
 from schemas.usage import UsageRecord
+from services.common.backoff import backoff_delay
 from services.common.context import REQUEST_ID_HEADER, current_request_id
 from services.common.errors import NotFound, ServiceUnavailable, SwarmError
 from services.common.streaming import SSE_DONE, EventStream, sse_error
@@ -101,6 +105,8 @@ class Router:
     usage: UsageLog
     wall_clock: Callable[[], float]
     cloud: CloudClient
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    random: Callable[[], float] = random_module.random
     loads: dict[str, Load] = field(default_factory=dict)
 
     # --- decisions -----------------------------------------------------------------------
@@ -172,53 +178,61 @@ class Router:
         """Forward an OpenAI chat call to the first candidate that serves it."""
         tried: list[tuple[Candidate, UpstreamFailed]] = []
         began = self.clock()
-        for candidate in self.candidates(capability)[: self.settings.max_attempts]:
-            breaker = self.breakers[candidate.endpoint]
-            if not breaker.begin():
-                continue
-            load = self._load(candidate.endpoint)
-            load.in_flight += 1
-            started = self.clock()
-            try:
-                if candidate.local:
-                    answer = await self._local(candidate, body, stream)
-                else:
-                    answer = await self._cloud(candidate, body, stream)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                failure = UpstreamFailed(_describe(exc), kind=_kind(exc))
-                breaker.failed()
-            except UpstreamFailed as failed:
-                failure = failed
-                if failure.retry_after is None:  # broken; a 429 is only busy
+        for retry in itertools.count():
+            failures_before = len(tried)
+            for candidate in self.candidates(capability):
+                if len(tried) >= self.settings.max_attempts:
+                    break
+                breaker = self.breakers[candidate.endpoint]
+                if not breaker.begin():
+                    continue
+                load = self._load(candidate.endpoint)
+                load.in_flight += 1
+                started = self.clock()
+                try:
+                    if candidate.local:
+                        answer = await self._local(candidate, body, stream)
+                    else:
+                        answer = await self._cloud(candidate, body, stream)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    failure = UpstreamFailed(_describe(exc), kind=_kind(exc))
                     breaker.failed()
-            else:
-                failure = None
-            who = _name(candidate)
-            if failure is not None:
-                load.in_flight -= 1
-                self.metrics.failed_attempts.labels(who, failure.kind).inc()
-                tried.append((candidate, failure))
-                continue
-            breaker.succeeded()
-            self.metrics.calls.labels(capability, who, "ok").inc()
-            if tried:
-                self.metrics.fallbacks.labels(capability).inc()
-            headers = {ROUTED_TO_HEADER: who}
-            outcome = Outcome(capability, candidate, tried, stream, began)
-            if answer.rest is None:
-                load.in_flight -= 1
-                load.observe((self.clock() - started) * 1000)
-                self._record(outcome, ok=answer.status < 400, first_at=None, usage=answer.usage)
-                return Response(
-                    answer.first,
-                    status_code=answer.status,
-                    media_type=answer.media_type,
-                    headers=headers,
-                )
-            chunks = self._relay(answer, outcome, load, started)
-            response = EventStream(chunks, "text/event-stream")
-            response.headers.update(headers)
-            return response
+                except UpstreamFailed as failed:
+                    failure = failed
+                    if failure.retry_after is None:  # broken; a 429 is only busy
+                        breaker.failed()
+                else:
+                    failure = None
+                who = _name(candidate)
+                if failure is not None:
+                    load.in_flight -= 1
+                    self.metrics.failed_attempts.labels(who, failure.kind).inc()
+                    tried.append((candidate, failure))
+                    continue
+                breaker.succeeded()
+                self.metrics.calls.labels(capability, who, "ok").inc()
+                if tried:
+                    self.metrics.fallbacks.labels(capability).inc()
+                headers = {ROUTED_TO_HEADER: who}
+                outcome = Outcome(capability, candidate, tried, stream, began)
+                if answer.rest is None:
+                    load.in_flight -= 1
+                    load.observe((self.clock() - started) * 1000)
+                    self._record(outcome, ok=answer.status < 400, first_at=None, usage=answer.usage)
+                    return Response(
+                        answer.first,
+                        status_code=answer.status,
+                        media_type=answer.media_type,
+                        headers=headers,
+                    )
+                chunks = self._relay(answer, outcome, load, started)
+                response = EventStream(chunks, "text/event-stream")
+                response.headers.update(headers)
+                return response
+            wait = self._retry_wait(tried[failures_before:], len(tried), retry)
+            if wait is None:
+                break
+            await self.sleep(wait)
         self.metrics.calls.labels(capability, "", "error").inc()
         self._record(Outcome(capability, None, tried, stream, began), ok=False, first_at=None)
         raise self._exhausted(capability, tried)
@@ -346,15 +360,29 @@ class Router:
         update |= {"prompt_tokens": prompt, "completion_tokens": completion, "cost": cost}
         self.usage.add(route.model_copy(update=update))
 
+    def _retry_wait(
+        self, failed_now: list[tuple[Candidate, UpstreamFailed]], attempts: int, retry: int
+    ) -> float | None:
+        """How long to wait before trying the candidates again, or None to give up: when
+        the attempts are spent, when nothing could be tried (every circuit open), or when
+        the wait (backoff with full jitter, at least what a 429 asked) is too long."""
+        if not failed_now or attempts >= self.settings.max_attempts:
+            return None
+        asked = [f.retry_after for _, f in failed_now if f.retry_after is not None]
+        wait = max([backoff_delay(retry, self.random), *asked])
+        return wait if wait <= self.settings.retry_wait_max_seconds else None
+
     def _exhausted(
         self, capability: str, tried: list[tuple[Candidate, UpstreamFailed]]
     ) -> SwarmError:
         attempts = "; ".join(
             f"{c.agent_id or c.provider} ({c.endpoint}): {failure.reason}" for c, failure in tried
         )
-        waits = [f.retry_after for _, f in tried if f.retry_after is not None]
-        waits += [self.breakers[c.endpoint].retry_after() for c, _ in tried]
-        retry_after = max(1, round(min(waits))) if waits else 1
+        # When the first candidate may be tried again: what its 429 asked, or its circuit.
+        waits = [
+            max(f.retry_after or 0.0, self.breakers[c.endpoint].retry_after()) for c, f in tried
+        ]
+        retry_after = max(1, math.ceil(min(waits))) if waits else 1
         message = f"no candidate could serve {capability!r}"
         message += f"; tried {attempts}" if attempts else "; every candidate's circuit is open"
         return ServiceUnavailable(

@@ -144,7 +144,14 @@ class RouterConfig(Section):
         default=1.0, description="How often the router re-reads the registry's agents."
     )
     max_attempts: int = Field(
-        default=3, ge=1, le=20, description="Candidates one call may try before a 503."
+        default=3, ge=1, le=20, description="Attempts one call may make before a 503."
+    )
+    retry_wait_max_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        le=60,
+        description="After every candidate failed, retry only if the wait (backoff with "
+        "jitter, or a 429's Retry-After) is at most this.",
     )
     connect_timeout_seconds: Seconds = 2.0
     read_timeout_seconds: Seconds = Field(

@@ -210,6 +210,11 @@ class Upstream:
             return web.json_response({"error": {"message": "boom"}}, status=500)
         if self.mode == "refuse":
             return web.json_response({"error": {"message": "max_tokens too big"}}, status=400)
+        if self.mode == "busy_once":
+            self.mode = "ok"
+            return web.json_response(
+                {"error": {"message": "busy"}}, status=429, headers={"Retry-After": "1"}
+            )
         if self.mode == "busy":
             return web.json_response(
                 {"error": {"message": "busy"}}, status=429, headers={"Retry-After": "7"}
@@ -380,6 +385,23 @@ async def test_a_failed_candidate_falls_back_to_the_next(
     assert expected in metrics
 
 
+async def test_a_busy_only_candidate_is_tried_again_after_its_retry_after(
+    start_router, registry_http, upstreams
+):
+    upstream, url = await upstreams()
+    upstream.mode = "busy_once"  # 429 with Retry-After: 1, then answers
+    await register(registry_http, "only-one", url)
+    router = await start_router()
+    answer = await router.post("/v1/chat/completions", json=CHAT)
+    assert answer.status_code == 200
+    assert len(upstream.calls) == 2
+    # a longer Retry-After than the router waits for is the caller's to honour
+    upstream.mode = "busy"  # Retry-After: 7
+    refused = await router.post("/v1/chat/completions", json=CHAT)
+    assert refused.status_code == 503
+    assert refused.headers["Retry-After"] == "7"
+
+
 async def test_a_refusal_is_the_callers_to_read_and_not_a_fallback(
     start_router, registry_http, upstreams
 ):
@@ -423,13 +445,16 @@ async def test_a_tripped_endpoint_is_skipped_and_the_last_failure_says_what_was_
     await register(registry_http, "a-first", first_url)
     await register(registry_http, "b-second", second_url)
     router = await start_router(breaker_failures=2)
-    for _ in range(2):
-        failed = await router.post("/v1/chat/completions", json=CHAT)
-        assert failed.status_code == 503
-        message = failed.json()["error"]["message"]
-        assert "a-first" in message
-        assert "b-second" in message
-        assert "HTTP 500" in message
+    # a-first, b-second, then (after a short backoff) a-first again: its circuit opens
+    failed = await router.post("/v1/chat/completions", json=CHAT)
+    assert failed.status_code == 503
+    message = failed.json()["error"]["message"]
+    assert message.count("a-first") == 2
+    assert message.count("b-second") == 1
+    assert "HTTP 500" in message
+    # a-first is skipped now; b-second fails a second time and its circuit opens too
+    failed = await router.post("/v1/chat/completions", json=CHAT)
+    assert "a-first" not in failed.json()["error"]["message"]
     # both circuits are open now: no call reaches them, and the caller hears when to retry
     failed = await router.post("/v1/chat/completions", json=CHAT)
     assert failed.status_code == 503

@@ -19,12 +19,9 @@ from router.app import create_app as create_router_app
 from router.settings import RouterSettings
 from schemas.config import SwarmSettings
 from schemas.usage import UsageRecord
+from services.common.backoff import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS
 from services.wrapper.__main__ import main
-from services.wrapper.registration import (
-    BACKOFF_BASE_SECONDS,
-    BACKOFF_CAP_SECONDS,
-    RECOVERY_SECONDS,
-)
+from services.wrapper.registration import RECOVERY_SECONDS
 from services.wrapper.settings import WrapperSettings
 from services.wrapper.usage import UsageReporter
 from tests.conftest import (

@@ -18,28 +18,16 @@ from pydantic import SecretStr
 
 from schemas.agents import AgentDefinition, Heartbeat
 from schemas.health import ModelInfo
+from services.common.backoff import backoff_delay
 from services.wrapper.settings import WrapperSettings
 
 log = logging.getLogger(__name__)
 
-BACKOFF_BASE_SECONDS = 0.5
-BACKOFF_CAP_SECONDS = 30.0
 REGISTRY_TIMEOUT = httpx.Timeout(5.0)
 DEREGISTER_TIMEOUT_SECONDS = 2.0
 RECOVERY_SECONDS = 1.0  # the heartbeat interval while the backend is not passing
 
 Sleep = Callable[[float], Awaitable[None]]
-
-
-def backoff_delay(
-    attempt: int,
-    random: Callable[[], float],
-    *,
-    base: float = BACKOFF_BASE_SECONDS,
-    cap: float = BACKOFF_CAP_SECONDS,
-) -> float:
-    """Full jitter: uniform in [0, min(cap, base * 2**attempt)] (attempt counts from 0)."""
-    return random() * min(cap, base * 2 ** min(attempt, 32))
 
 
 def agent_definition(

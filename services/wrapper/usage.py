@@ -18,7 +18,7 @@ import httpx
 from pydantic import SecretStr
 
 from schemas.usage import MAX_BATCH, UsageBatch, UsageRecord
-from services.wrapper.registration import backoff_delay
+from services.common.backoff import backoff_delay
 
 log = logging.getLogger(__name__)
 
