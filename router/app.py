@@ -81,9 +81,11 @@ def create_app(
             )
             usage = UsageLog(store, db_runner(engine))
             owned.push_async_callback(usage.flush)  # at shutdown, after the last request
-            app.state.router = Router(
+            router = Router(
                 settings, directory, breakers, session, clock, metrics, usage, wall_clock, cloud
             )
+            metrics.active.set_function(lambda: sum(ld.in_flight for ld in router.loads.values()))
+            app.state.router = router
             await directory.refresh()  # route from the start when the registry answers
             tasks = [
                 asyncio.create_task(directory.run(), name="router-discovery"),

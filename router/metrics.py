@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from router.breaker import Breakers
 
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+# As the wrappers' LLM metrics: a classification in tens of ms to a long answer in minutes.
+DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class RouterMetrics:
@@ -32,6 +35,35 @@ class RouterMetrics:
             "router_failed_attempts_total",
             "Attempts a candidate failed, by candidate and kind.",
             ["candidate", "kind"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "router_request_duration_seconds",
+            "Routed calls, from the caller's request to the end of the answer.",
+            ["capability", "served_by"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "router_time_to_first_token_seconds",
+            "Routed streams, from the caller's request to the first chunk.",
+            ["capability", "served_by"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.active = Gauge(
+            "router_active_requests", "Calls open to upstreams now.", registry=registry
+        )
+        self.tokens = Counter(
+            "router_cloud_tokens_total",
+            "Tokens of cloud calls (local calls count theirs in each wrapper's metrics).",
+            ["provider", "direction"],
+            registry=registry,
+        )
+        self.cost = Counter(
+            "router_cloud_cost_total",
+            "What cloud calls cost, at the profile's prices.",
+            ["provider"],
             registry=registry,
         )
         registry.register(_CircuitCollector(breakers))

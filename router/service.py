@@ -348,6 +348,12 @@ class Router:
             fallback_from=_name(outcome.tried[0][0]) if outcome.tried else None,
         )
         self.usage.add(route)
+        if candidate is not None:
+            labels = (outcome.capability, _name(candidate))
+            self.metrics.duration.labels(*labels).observe(latency_ms / 1000)
+            if outcome.stream and first_at is not None:
+                ttft = first_at - outcome.began
+                self.metrics.time_to_first_token.labels(*labels).observe(ttft)
         if candidate is None or candidate.local or usage is None:
             return
         provider = self.settings.providers[candidate.provider]
@@ -356,6 +362,9 @@ class Router:
             prompt / 1000 * provider.price_per_1k_input
             + completion / 1000 * provider.price_per_1k_output
         )
+        self.metrics.tokens.labels(candidate.provider, "input").inc(prompt)
+        self.metrics.tokens.labels(candidate.provider, "output").inc(completion)
+        self.metrics.cost.labels(candidate.provider).inc(cost)
         update = {"record_id": uuid.uuid4().hex, "kind": "call", "fallback_from": None}
         update |= {"prompt_tokens": prompt, "completion_tokens": completion, "cost": cost}
         self.usage.add(route.model_copy(update=update))

@@ -771,3 +771,7 @@ async def test_an_anthropic_stream_becomes_openai_chunks_with_usage(start_router
     summary = (await router.get("/api/usage/summary", params={"window": "1h"})).json()
     assert (summary["prompt_tokens"], summary["completion_tokens"]) == (25, 15)
     assert summary["cost"] == pytest.approx(25 / 1000 * 0.8 + 15 / 1000 * 4.0)
+    metrics = (await router.get("/metrics")).text
+    assert 'router_cloud_tokens_total{direction="output",provider="anthropic"} 15.0' in metrics
+    assert 'router_time_to_first_token_seconds_count{capability="reasoning",' in metrics
+    assert "router_active_requests 0.0" in metrics
