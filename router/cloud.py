@@ -19,20 +19,13 @@ from typing import Any
 import httpx
 
 from router.candidates import Candidate
+from router.errors import UpstreamFailed, retry_after_seconds
 from schemas.config import ProviderConfig
 
 ANTHROPIC_VERSION = "2023-06-01"
 ANTHROPIC_DEFAULT_MAX_TOKENS = 1_024  # Anthropic requires one; OpenAI callers may omit it
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 FINISH_REASONS["tool_use"] = "tool_calls"
-
-
-class CloudFailed(Exception):
-    """A provider could not serve the call: ``kind`` as the router counts failures."""
-
-    def __init__(self, reason: str, kind: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason, self.kind, self.retry_after = reason, kind, retry_after
 
 
 @dataclass
@@ -53,7 +46,7 @@ class CloudClient:
         provider = self.providers[candidate.provider]
         key = os.environ.get(provider.api_key_env)
         if not key:  # the key went away since the candidates were ranked
-            raise CloudFailed(f"{provider.api_key_env} is not set", kind="no_key")
+            raise UpstreamFailed(f"{provider.api_key_env} is not set", kind="no_key")
         body = body | {"model": candidate.model}
         if provider.kind == "anthropic":
             url = provider.base_url.rstrip("/") + "/v1/messages"
@@ -69,14 +62,14 @@ class CloudClient:
             request = self.http.build_request("POST", url, json=payload, headers=headers)
             response = await self.http.send(request, stream=True)
         except httpx.TimeoutException as exc:
-            raise CloudFailed(f"{type(exc).__name__}", kind="timeout") from None
+            raise UpstreamFailed(f"{type(exc).__name__}", kind="timeout") from None
         except httpx.HTTPError as exc:
-            raise CloudFailed(f"{type(exc).__name__}: {exc}", kind="connect") from None
+            raise UpstreamFailed(f"{type(exc).__name__}: {exc}", kind="connect") from None
         if response.status_code == 429 or response.status_code >= 500:
             await response.aclose()
-            retry_after = _seconds(response.headers.get("retry-after"))
+            retry_after = retry_after_seconds(response.headers.get("retry-after"))
             kind = "http_429" if response.status_code == 429 else "http_5xx"
-            raise CloudFailed(
+            raise UpstreamFailed(
                 f"HTTP {response.status_code}",
                 kind=kind,
                 retry_after=retry_after if response.status_code == 429 else None,
@@ -217,10 +210,3 @@ def _text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(part.get("text", "") for part in content if isinstance(part, dict))
     return content or ""
-
-
-def _seconds(value: str | None) -> float:
-    try:
-        return max(0.0, float(value)) if value else 0.0
-    except ValueError:
-        return 0.0

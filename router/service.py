@@ -27,8 +27,9 @@ from starlette.responses import Response
 
 from router.breaker import Breakers
 from router.candidates import Candidate, rank
-from router.cloud import CloudClient, CloudFailed
+from router.cloud import CloudClient
 from router.directory import Directory
+from router.errors import UpstreamFailed, retry_after_seconds
 from router.metrics import RouterMetrics
 from router.settings import RouterSettings
 from router.usage import UsageLog
@@ -45,16 +46,6 @@ CAPABILITY_PREFIX = "capability:"
 CHAT_PATH = "/v1/chat/completions"
 ROUTED_TO_HEADER = "X-Routed-To"
 LATENCY_WEIGHT = 0.2  # of the newest call in an endpoint's moving latency average
-
-
-class UpstreamFailed(Exception):
-    """A candidate could not serve the call; the next one may."""
-
-    def __init__(self, reason: str, *, kind: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.kind = kind  # for metrics: connect, timeout, http_429, http_5xx, ...
-        self.retry_after = retry_after
 
 
 @dataclass
@@ -244,7 +235,7 @@ class Router:
             headers[REQUEST_ID_HEADER] = request_id
         answer = await self.session.post(candidate.endpoint + CHAT_PATH, data=body, headers=headers)
         if answer.status == 429 or answer.status >= 500:
-            retry_after = _seconds(answer.headers.get("Retry-After"))
+            retry_after = retry_after_seconds(answer.headers.get("Retry-After"))
             answer.release()
             raise UpstreamFailed(
                 f"HTTP {answer.status}",
@@ -272,10 +263,6 @@ class Router:
             if cloud.chunks is None:
                 return Answer(cloud.status, "application/json", cloud.body, usage=cloud.usage)
             first = await anext(cloud.chunks, b"")
-        except CloudFailed as failed:
-            raise UpstreamFailed(
-                failed.reason, kind=failed.kind, retry_after=failed.retry_after
-            ) from None
         except httpx.HTTPError as exc:
             raise UpstreamFailed(_describe(exc), kind="broken") from None
         response = cloud.response
@@ -403,13 +390,6 @@ class Router:
         if load is None:
             load = self.loads[endpoint] = Load()
         return load
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value else 0.0
-    except ValueError:
-        return 0.0
 
 
 def _name(candidate: Candidate) -> str:
