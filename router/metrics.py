@@ -10,11 +10,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from router.breaker import Breakers
+from services.common.metrics import LLM_DURATION_BUCKETS, TTFT_BUCKETS
 
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
-# As the wrappers' LLM metrics: a classification in tens of ms to a long answer in minutes.
-DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class RouterMetrics:
@@ -41,7 +39,7 @@ class RouterMetrics:
             "router_request_duration_seconds",
             "Routed calls, from the caller's request to the end of the answer.",
             ["capability", "served_by"],
-            buckets=DURATION_BUCKETS,
+            buckets=LLM_DURATION_BUCKETS,
             registry=registry,
         )
         self.time_to_first_token = Histogram(

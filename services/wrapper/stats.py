@@ -17,12 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from schemas.health import Performance
 from schemas.usage import UsageRecord
 from services.common.context import current_request_id
+from services.common.metrics import LLM_DURATION_BUCKETS, TTFT_BUCKETS
 
-# A generation takes tens of milliseconds (a short classification on a tiny model) to
-# minutes (a long answer on a big model on CPU).
-DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
-# The first token comes after the prompt is read: milliseconds to a minute.
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 WINDOW = 256
 
 
@@ -50,7 +46,7 @@ class LlmMetrics:
             "llm_request_duration_seconds",
             "Model call time, from the request to the last token.",
             ["model", "api", "stream"],
-            buckets=DURATION_BUCKETS,
+            buckets=LLM_DURATION_BUCKETS,
             registry=registry,
         )
         self.time_to_first_token = Histogram(
