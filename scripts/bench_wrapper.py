@@ -31,9 +31,6 @@ A benchmark, not a test: a missed budget is reported, not turned into an exit co
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import http.client
 import json
 import multiprocessing
 import os
@@ -43,28 +40,33 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
-import time
+from functools import partial
 from pathlib import Path
 
 from benchlib import (
     HOST,
-    cpu_seconds,
+    CannedHTTP,
     free_port,
+    hop_arguments,
+    hop_report,
+    http_chunked,
+    http_response,
     ignore_sigint,
     load_average,
+    measure_hop,
     memory_mb,
-    percentile,
+    output_arguments,
+    serve_helper,
     start,
+    start_helpers,
     stop,
+    swarm_env,
+    verdict,
     wait_ready,
 )
 
 WRAPPER = "reasoner"  # a wrapper of the default profile; only its backend and port change
 MODEL = "smollm2:135m"
-BUDGET_MS = 1.0  # added p50, CPU per request, added TTFT p50
-BUDGET_RSS_MB = 80
-CONCURRENCY = 16
 
 # --- the instant fake backend ------------------------------------------------------------
 
@@ -106,101 +108,18 @@ SHOW = {
 }
 
 
-def _response(body: bytes, content_type: bytes = b"application/json") -> bytes:
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
-    return head % (content_type, len(body)) + body
-
-
-def _chunked(lines: list[dict]) -> bytes:
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-    head += b"Transfer-Encoding: chunked\r\n\r\n"
-    chunks = [json.dumps(line).encode() + b"\n" for line in lines]
-    return head + b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
-
-
-class FakeOllama(asyncio.Protocol):
-    """Just enough HTTP/1.1 (keep-alive, Content-Length bodies) for the wrapper's calls."""
+class FakeOllama(CannedHTTP):
+    """The Ollama API calls the wrapper makes, answered at once."""
 
     CANNED = {
-        (b"POST", b"/api/chat", False): _response(json.dumps(ANSWER).encode()),
-        (b"POST", b"/api/chat", True): _chunked(STREAM),
-        (b"GET", b"/api/tags", False): _response(json.dumps(TAGS).encode()),
-        (b"POST", b"/api/show", False): _response(json.dumps(SHOW).encode()),
-        (b"GET", b"/api/version", False): _response(b'{"version":"0.0.0-fake"}'),
+        (b"POST", b"/api/chat", False): http_response(json.dumps(ANSWER).encode()),
+        (b"POST", b"/api/chat", True): http_chunked(
+            [json.dumps(line).encode() + b"\n" for line in STREAM], b"application/x-ndjson"
+        ),
+        (b"GET", b"/api/tags", False): http_response(json.dumps(TAGS).encode()),
+        (b"POST", b"/api/show", False): http_response(json.dumps(SHOW).encode()),
+        (b"GET", b"/api/version", False): http_response(b'{"version":"0.0.0-fake"}'),
     }
-    NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.buffer = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = self.buffer[:end].split(b"\r\n")
-            length = 0
-            for line in head[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            if len(self.buffer) < end + 4 + length:
-                return
-            body = self.buffer[end + 4 : end + 4 + length]
-            self.buffer = self.buffer[end + 4 + length :]
-            method, path, _ = head[0].split(b" ", 2)
-            stream = b'"stream":true' in body.replace(b" ", b"")
-            self.transport.write(self.CANNED.get((method, path, stream), self.NOT_FOUND))
-
-
-def serve_fake(port: int) -> None:
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(FakeOllama, HOST, port)
-        async with server:
-            await server.serve_forever()
-
-    asyncio.run(main())
-
-
-def serve_passthrough(port: int, backend_port: int) -> None:
-    """The reference hop of DESIGN 7: a bare aiohttp pass-through to the fake, streaming
-    its answers back chunk by chunk. What any Python hop costs on this machine today."""
-    import uvloop
-    from aiohttp import ClientSession, web
-
-    backend = f"http://{HOST}:{backend_port}"
-
-    async def session(app: web.Application):
-        app["session"] = ClientSession()
-        yield
-        await app["session"].close()
-
-    async def forward(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        async with request.app["session"].request(
-            request.method, backend + request.path, data=body, headers=HEADERS
-        ) as answer:
-            response = web.StreamResponse(status=answer.status)
-            response.content_type = answer.content_type
-            await response.prepare(request)
-            async for chunk in answer.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-
-    app = web.Application()
-    app.cleanup_ctx.append(session)
-    app.router.add_route("*", "/{path:.*}", forward)
-    uvloop.install()
-    web.run_app(app, host=HOST, port=port, access_log=None, print=None)
 
 
 # --- processes -----------------------------------------------------------------------------
@@ -209,36 +128,21 @@ def serve_passthrough(port: int, backend_port: int) -> None:
 def wrapper_env(state: Path, wrapper_port: int, backend_port: int) -> dict[str, str]:
     """The default profile's wrapper, moved to ``wrapper_port`` and pointed at a backend on
     ``backend_port``; its registry URL is a port where nothing listens (it retries)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("SWARM_")} | {
-        "SWARM_DATA_DIR": str(state),
-        "SWARM_LOG_LEVEL": "warning",
-        f"SWARM_WRAPPERS__{WRAPPER.upper()}__PORT": str(wrapper_port),
-        "SWARM_BACKENDS__SMOLLM2__PORT": str(backend_port),
-        "SWARM_REGISTRY__URL": f"http://{HOST}:{free_port()}",
-        "PYTHONUNBUFFERED": "1",
-    }
+    return swarm_env(
+        state,
+        **{
+            f"SWARM_WRAPPERS__{WRAPPER.upper()}__PORT": str(wrapper_port),
+            "SWARM_BACKENDS__SMOLLM2__PORT": str(backend_port),
+            "SWARM_REGISTRY__URL": f"http://{HOST}:{free_port()}",
+        },
+    )
 
 
 # --- measuring -----------------------------------------------------------------------------
 
-HEADERS = {"Content-Type": "application/json"}
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 DIRECT = {"model": MODEL, "messages": MESSAGES, "stream": False}
 VIA = {"model": MODEL, "messages": MESSAGES}
-
-
-def call(conn: http.client.HTTPConnection, path: str, body: bytes) -> tuple[float, float]:
-    """(time to the first body byte, time to the end of the body), in ns."""
-    started = time.perf_counter_ns()
-    conn.request("POST", path, body, HEADERS)
-    response = conn.getresponse()
-    first = response.read1() if response.chunked else response.read()
-    first_at = time.perf_counter_ns()
-    if response.status != 200:
-        raise RuntimeError(f"{path}: HTTP {response.status} {first[:300]!r}")
-    while response.read1():
-        pass
-    return first_at - started, time.perf_counter_ns() - started
 
 
 def bodies(scenario: str) -> tuple[bytes, bytes]:
@@ -248,274 +152,18 @@ def bodies(scenario: str) -> tuple[bytes, bytes]:
     return json.dumps(direct).encode(), json.dumps(via).encode()
 
 
-def run(
-    scenario: str,
-    direct: int,
-    reference: tuple[int, int],
-    wrapper: tuple[int, int],
-    requests: int,
-    warmup: int,
-    rounds: int,
-) -> dict:
-    """Call the fake directly, through the reference pass-through and through the wrapper,
-    in turn; ``reference`` and ``wrapper`` are (port, pid). Per measure, the median over
-    ``rounds`` of each round's p50 (a round disturbed by another process on the machine
-    does not decide), and the p99 of all calls; per hop, the median of the rounds' CPU
-    per call."""
+def targets(scenario: str, direct: int, reference: int, wrapper: int) -> dict:
+    """The fake and the bare hop speak the Ollama API, the wrapper the OpenAI API."""
     direct_body, via_body = bodies(scenario)
-    targets = {
-        "direct": (http.client.HTTPConnection(HOST, direct), "/api/chat", direct_body, None),
-        "reference": (
-            http.client.HTTPConnection(HOST, reference[0]),
-            "/api/chat",
-            direct_body,
-            reference[1],
-        ),
-        "via": (
-            http.client.HTTPConnection(HOST, wrapper[0]),
-            "/v1/chat/completions",
-            via_body,
-            wrapper[1],
-        ),
-    }
-    for _ in range(warmup):
-        for conn, path, body, _ in targets.values():
-            call(conn, path, body)
-    names = [name + measure for name in targets for measure in ("", "_ttfb")]
-    every: dict[str, list[float]] = {name: [] for name in names}
-    round_p50s: dict[str, list[float]] = {name: [] for name in names}
-    round_cpu: dict[str, list[float]] = {"reference": [], "via": []}
-    per_round = max(1, requests // rounds)
-    for _ in range(rounds):
-        samples: dict[str, list[float]] = {name: [] for name in names}
-        cpu = dict.fromkeys(round_cpu, 0.0)
-        for _ in range(per_round):
-            for name, (conn, path, body, pid) in targets.items():
-                before = cpu_seconds(pid) if pid else 0.0
-                first, total = call(conn, path, body)
-                if pid:
-                    cpu[name] += cpu_seconds(pid) - before
-                samples[name].append(total)
-                samples[name + "_ttfb"].append(first)
-        for name in names:
-            every[name] += samples[name]
-            round_p50s[name].append(percentile(samples[name], 0.50))
-        for name, seconds in cpu.items():
-            round_cpu[name].append(seconds / per_round)
-    for conn, *_ in targets.values():
-        conn.close()
     return {
-        name: {
-            "p50": statistics.median(round_p50s[name]) / 1e6,
-            "p99": percentile(every[name], 0.99) / 1e6,
-        }
-        for name in names
-    } | {
-        "cpu_ms_per_request": statistics.median(round_cpu["via"]) * 1000,
-        "reference_cpu_ms_per_request": statistics.median(round_cpu["reference"]) * 1000,
+        "direct": (direct, "/api/chat", direct_body),
+        "reference": (reference, "/api/chat", direct_body),
+        "via": (wrapper, "/v1/chat/completions", via_body),
     }
-
-
-# Each window ends with a pause, so the calls still in flight finish before the next starts.
-GAP_S = 0.2
-TARGETS = {"direct": "/api/chat", "via": "/v1/chat/completions"}
-
-
-def client_worker(
-    ports: dict[str, int],
-    body: dict[str, bytes],
-    threads: int,
-    windows: list[tuple[str, float, float]],
-    warmup: int,
-) -> dict:
-    """One client process: ``threads`` threads, each with one keep-alive connection per
-    target, warm up, then call as fast as they can during each (target, start, end) window
-    (``time.monotonic``, shared by all processes). Per window: (TTFB, total) ns of every
-    call started inside it."""
-    samples: list[list[tuple[int, int]]] = [[] for _ in windows]
-    late: list[bool] = []
-    lock = threading.Lock()
-
-    def client() -> None:
-        conns = {name: http.client.HTTPConnection(HOST, port) for name, port in ports.items()}
-        for _ in range(warmup):
-            for name, conn in conns.items():
-                call(conn, TARGETS[name], body[name])
-        mine: list[list[tuple[int, int]]] = [[] for _ in windows]
-        late.append(time.monotonic() > windows[0][1])
-        for index, (name, start_at, end_at) in enumerate(windows):
-            time.sleep(max(0.0, start_at - time.monotonic()))
-            conn, path, payload = conns[name], TARGETS[name], body[name]
-            while time.monotonic() < end_at:
-                mine[index].append(call(conn, path, payload))
-        for conn in conns.values():
-            conn.close()
-        with lock:
-            for index, calls in enumerate(mine):
-                samples[index] += calls
-
-    cpu_started = time.process_time()
-    workers = [threading.Thread(target=client) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    return {"samples": samples, "late": any(late), "cpu_s": time.process_time() - cpu_started}
-
-
-def run_concurrent(
-    pool,
-    clients: int,
-    scenario: str,
-    direct: int,
-    wrapper: int,
-    wrapper_pid: int,
-    seconds: float,
-    warmup: int,
-    rounds: int,
-) -> dict:
-    """``CONCURRENCY`` closed-loop callers in ``clients`` processes; each round a direct
-    window, then a wrapped one. Per measure, the median over rounds of each window's p50
-    and req/s, and the p99 of all calls; the wrapper's CPU per call over its windows."""
-    direct_body, via_body = bodies(scenario)
-    ports = {"direct": direct, "via": wrapper}
-    body = {"direct": direct_body, "via": via_body}
-    lead = 1.5  # spawned clients connect and warm up before the first window
-    start = time.monotonic() + lead
-    windows = []
-    for n in range(2 * rounds):
-        opens = start + n * (seconds + GAP_S)
-        windows.append(("direct" if n % 2 == 0 else "via", opens, opens + seconds))
-    shares = [CONCURRENCY // clients + (n < CONCURRENCY % clients) for n in range(clients)]
-    pending = pool.starmap_async(
-        client_worker, [(ports, body, threads, windows, warmup) for threads in shares]
-    )
-    wrapper_cpu = []
-    for name, opens, closes in windows:
-        time.sleep(max(0.0, opens - time.monotonic()))
-        before = cpu_seconds(wrapper_pid)
-        time.sleep(max(0.0, closes + GAP_S - time.monotonic()))
-        if name == "via":
-            wrapper_cpu.append(cpu_seconds(wrapper_pid) - before)
-    results = pending.get()
-    if any(result["late"] for result in results):
-        raise RuntimeError("the clients' warm-up ran into the first window: lower --warmup")
-    samples = [[c for result in results for c in result["samples"][n]] for n in range(len(windows))]
-    sides = {
-        side: [calls for (name, _, _), calls in zip(windows, samples, strict=True) if name == side]
-        for side in ("direct", "via")
-    }
-    figures: dict = {}
-    for side, mine in sides.items():
-        for measure, index in (("", 1), ("_ttfb", 0)):
-            p50s = [percentile([c[index] for c in calls], 0.50) for calls in mine]
-            every = [c[index] for calls in mine for c in calls]
-            figures[side + measure] = {
-                "p50": statistics.median(p50s) / 1e6,
-                "p99": percentile(every, 0.99) / 1e6,
-            }
-        figures[side]["per_s"] = statistics.median(len(calls) / seconds for calls in mine)
-    per_call = [cpu / len(calls) for cpu, calls in zip(wrapper_cpu, sides["via"], strict=True)]
-    span = windows[-1][2] - windows[0][1] + GAP_S
-    return figures | {
-        "cpu_ms_per_request": statistics.median(per_call) * 1000,
-        "client_cores": sum(result["cpu_s"] for result in results) / (span + lead),
-    }
-
-
-def verdict(value: float, budget: float, unit: str = "ms", at_least: bool = False) -> str:
-    ok = value >= budget if at_least else value <= budget
-    missed = "**under**" if at_least else "**over**"
-    return f"{'≥' if at_least else '≤'} {budget:g} {unit} " + ("ok" if ok else missed)
 
 
 def table(results: dict, command: str) -> str:
-    plain, stream = results["non_stream"], results["stream"]
-    plain16, stream16 = results["non_stream_c16"], results["stream_c16"]
-
-    def row(label: str, direct: dict, via: dict, budgeted: bool = True, rates: bool = False):
-        added = via["p50"] - direct["p50"]
-        budget = verdict(added, BUDGET_MS) if budgeted else "—"
-        cells = [
-            label,
-            f"{direct['p50']:.3f} / {direct['p99']:.3f}",
-            f"{via['p50']:.3f} / {via['p99']:.3f}",
-            f"{added:.3f}",
-        ]
-        if rates:
-            cells.append(f"{direct['per_s']:,.0f} / {via['per_s']:,.0f}" if "per_s" in via else "—")
-        return "| " + " | ".join([*cells, budget]) + " |"
-
-    def cpu_row(label: str, figures: dict, budgeted: bool, rates: bool = False) -> str:
-        cpu = figures["cpu_ms_per_request"]
-        budget = verdict(cpu, BUDGET_MS) if budgeted else "—"
-        return f"| {label} | — | — | {cpu:.3f} |{' — |' if rates else ''} {budget} |"
-
-    def hop_row(label: str, figures: dict, measure: str, budgeted: bool = True) -> str:
-        direct, bare, via = (figures[name + measure] for name in ("direct", "reference", "via"))
-        added = via["p50"] - direct["p50"]
-        cells = [
-            label,
-            *(f"{f['p50']:.3f} / {f['p99']:.3f}" for f in (direct, bare, via)),
-            f"{bare['p50'] - direct['p50']:.3f} / {added:.3f}",
-            verdict(added, BUDGET_MS) if budgeted else "—",
-        ]
-        return "| " + " | ".join(cells) + " |"
-
-    def hop_cpu_row(label: str, figures: dict, budgeted: bool) -> str:
-        cpu = figures["cpu_ms_per_request"]
-        budget = verdict(cpu, BUDGET_MS) if budgeted else "—"
-        bare = figures["reference_cpu_ms_per_request"]
-        return f"| {label} | — | — | — | {bare:.3f} / {cpu:.3f} | {budget} |"
-
-    def memory_row(label: str, memory: dict, budgeted: bool) -> str:
-        budget = verdict(memory["VmHWM"], BUDGET_RSS_MB, "MB") + " (peak)" if budgeted else "—"
-        return f"| {label} | {memory['VmRSS']:.1f} | {memory['VmHWM']:.1f} | {budget} |"
-
-    shares = results["clients"]
-    lines = [
-        f"`{command}` — {platform.node()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}, load average {results['loadavg_start']} at start, "
-        f"{results['loadavg_end']} at end",
-        "",
-        f"Concurrency 1: {results['requests']} calls per row in {results['rounds']} rounds "
-        "(median of the rounds' p50; p99 of all), direct, bare-hop and wrapped calls in turn. "
-        "The bare hop is the reference of DESIGN 7, a bare aiohttp pass-through (~0.4 ms "
-        "added on the machine the budgets were set on): what any Python hop costs here today.",
-        "",
-        "| measure (ms) | direct p50 / p99 | bare hop p50 / p99 | via wrapper p50 / p99 "
-        "| added p50: bare hop / wrapper | budget (wrapper) |",
-        "|---|---|---|---|---|---|",
-        hop_row("non-stream, whole call", plain, ""),
-        hop_row("stream, time to first byte", stream, "_ttfb"),
-        hop_row("stream, whole stream", stream, "", budgeted=False),
-        hop_cpu_row("CPU per request, non-stream", plain, budgeted=True),
-        hop_cpu_row("CPU per request, stream (not budgeted)", stream, budgeted=False),
-        "",
-        f"Concurrency {CONCURRENCY}: {shares} client processes x {CONCURRENCY // shares}"
-        f"{'+' if CONCURRENCY % shares else ''} threads, each with its own keep-alive connection; "
-        f"{results['rounds']} rounds of a direct then a wrapped {results['seconds']} s window "
-        "(median of the windows' p50 and req/s; p99 of all); the clients used "
-        f"{plain16['client_cores']:.2f} / {stream16['client_cores']:.2f} cores (non-stream / "
-        "stream); budgets are set at concurrency 1",
-        "",
-        "| measure (ms) | direct p50 / p99 | via wrapper p50 / p99 | added p50 "
-        "| req/s direct / via | budget |",
-        "|---|---|---|---|---|---|",
-        row("non-stream, whole call", plain16["direct"], plain16["via"], False, True),
-        row(
-            "stream, time to first byte", stream16["direct_ttfb"], stream16["via_ttfb"], False, True
-        ),
-        row("stream, whole stream", stream16["direct"], stream16["via"], False, True),
-        cpu_row("wrapper CPU per request, non-stream", plain16, budgeted=False, rates=True),
-        cpu_row("wrapper CPU per request, stream", stream16, budgeted=False, rates=True),
-        "",
-        "| wrapper memory (MB) | VmRSS | VmHWM (peak) | budget |",
-        "|---|---|---|---|",
-        memory_row("at start (healthy, before any call)", results["memory_start"], False),
-        memory_row("at end (after all scenarios)", results["memory_end"], True),
-    ]
-    return "\n".join(lines)
+    return hop_report(results, command, "wrapper", "wrapped")
 
 
 # --- token throughput on the embedded model ---------------------------------------------------
@@ -681,23 +329,13 @@ def throughput_table(results: dict, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=3_000, help="timed calls per scenario")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds the calls are split into")
-    parser.add_argument("--warmup", type=int, default=200, help="untimed calls first")
-    parser.add_argument("--seconds", type=float, default=0.8, help="concurrency 16: per window")
-    parser.add_argument("--clients", type=int, default=4, help="concurrency 16: client processes")
+    hop_arguments(parser)
     parser.add_argument("--throughput", action="store_true", help="tok/s on the embedded model")
     parser.add_argument("--runs", type=int, default=5, help="--throughput: runs of each path")
     parser.add_argument("--tokens", type=int, default=256, help="--throughput: tokens per run")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
-    parser.add_argument("--serve-fake", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    parser.add_argument("--serve-passthrough", type=int, nargs=2, help=argparse.SUPPRESS)
+    output_arguments(parser)
     args = parser.parse_args(argv)
-    if args.serve_fake:
-        serve_fake(args.serve_fake)
-        return 0
-    if args.serve_passthrough:
-        serve_passthrough(*args.serve_passthrough)
+    if serve_helper(args, FakeOllama):
         return 0
     command = shlex.join(["python", "scripts/bench_wrapper.py", *(argv or sys.argv[1:])])
     if args.throughput:
@@ -709,46 +347,17 @@ def main(argv: list[str] | None = None) -> int:
     fake_port, wrapper_port, reference_port = free_port(), free_port(), free_port()
     state = Path(tempfile.mkdtemp(prefix="bench-wrapper-"))
     env = wrapper_env(state, wrapper_port, fake_port)
-    fake_argv = [sys.executable, __file__, "--serve-fake", str(fake_port)]
-    fake = start(fake_argv, env, state / "fake.log")
+    fake, reference = start_helpers(__file__, env, state, fake_port, reference_port)
     wrapper = start([sys.executable, "-m", "services", WRAPPER], env, state / "wrapper.log")
-    reference_argv = [__file__, "--serve-passthrough", str(reference_port), str(fake_port)]
-    reference = start([sys.executable, *reference_argv], env, state / "reference.log")
     # spawn, not fork: clients start clean; Ctrl-C is the parent's to handle.
     pool = multiprocessing.get_context("spawn").Pool(args.clients, initializer=ignore_sigint)
     try:
         wait_ready(fake, fake_port, "/api/version")
         wait_ready(wrapper, wrapper_port, "/health")
         wait_ready(reference, reference_port, "/api/version")
-        results: dict = {
-            "requests": args.requests,
-            "rounds": args.rounds,
-            "seconds": args.seconds,
-            "clients": args.clients,
-            "memory_start": memory_mb(wrapper.pid),
-        }
-        for scenario in ("non_stream", "stream"):
-            results[scenario] = run(
-                scenario,
-                fake_port,
-                (reference_port, reference.pid),
-                (wrapper_port, wrapper.pid),
-                args.requests,
-                args.warmup,
-                args.rounds,
-            )
-        for scenario in ("non_stream", "stream"):
-            results[f"{scenario}_c16"] = run_concurrent(
-                pool,
-                args.clients,
-                scenario,
-                fake_port,
-                wrapper_port,
-                wrapper.pid,
-                args.seconds,
-                max(1, args.warmup // CONCURRENCY),
-                args.rounds,
-            )
+        hops = partial(targets, direct=fake_port, reference=reference_port, wrapper=wrapper_port)
+        pids = {"reference": reference.pid, "via": wrapper.pid}
+        results = measure_hop(pool, args, hops, pids)
         results["memory_end"] = memory_mb(wrapper.pid)
     except Exception:
         print(f"failed; logs in {state}", file=sys.stderr)
