@@ -1,4 +1,4 @@
-"""Usage records: stored through SQLModel (SQLite by default, PostgreSQL by URL), and the
+"""Usage records: stored through SQLAlchemy (SQLite by default, PostgreSQL by URL), and the
 dashboard's queries over them (DESIGN 5; the record kinds are in ``schemas.usage``)."""
 
 from __future__ import annotations
@@ -9,9 +9,23 @@ import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, Index, Integer, case, cast, delete, func, select
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    case,
+    cast,
+    delete,
+    func,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Field, SQLModel
 
 from schemas.usage import (
     AgentUsage,
@@ -27,34 +41,33 @@ log = logging.getLogger(__name__)
 MAX_LATENCIES = 100_000  # rows read for the percentiles of one by-agent answer
 
 
-class UsageRow(SQLModel, table=True):
-    __tablename__ = "usage"
+# SQLAlchemy Core, not SQLModel: the router reads and writes rows in bulk, never as
+# objects, and SQLModel's ORM layer would cost the router ~6 MB of its 80 MB budget.
+METADATA = MetaData()
+T = Table(
+    "usage",
+    METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("record_id", String(64), nullable=False, unique=True),
+    Column("kind", String(8), nullable=False),
+    Column("request_id", String(128), nullable=False, index=True),
+    Column("time", Float, nullable=False),  # epoch seconds
+    Column("agent_id", String(128)),
+    Column("provider", String(64), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("capability", String(64)),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("time_to_first_token_ms", Float),
+    Column("stream", Boolean, nullable=False),
+    Column("status", String(8), nullable=False),
+    Column("fallback_from", String(128)),
+    Column("cost", Float, nullable=False),
     # The dashboard reads a time window of one kind, or of one agent.
-    __table_args__ = (
-        Index("ix_usage_kind_time", "kind", "time"),
-        Index("ix_usage_agent_time", "agent_id", "time"),
-    )
-
-    id: int | None = Field(default=None, primary_key=True)
-    record_id: str = Field(max_length=64, unique=True)
-    kind: str = Field(max_length=8)
-    request_id: str = Field(max_length=128, index=True)
-    time: float  # epoch seconds
-    agent_id: str | None = Field(default=None, max_length=128)
-    provider: str = Field(max_length=64)
-    model: str = Field(max_length=200)
-    capability: str | None = Field(default=None, max_length=64)
-    prompt_tokens: int
-    completion_tokens: int
-    latency_ms: float
-    time_to_first_token_ms: float | None = None
-    stream: bool
-    status: str = Field(max_length=8)
-    fallback_from: str | None = Field(default=None, max_length=128)
-    cost: float
-
-
-T = UsageRow.__table__
+    Index("ix_usage_kind_time", "kind", "time"),
+    Index("ix_usage_agent_time", "agent_id", "time"),
+)
 
 
 class UsageStore:
@@ -64,7 +77,7 @@ class UsageStore:
         self.engine = engine
         self.clock = clock
         self.reference_price_per_1k = reference_price_per_1k
-        SQLModel.metadata.create_all(engine, tables=[T])
+        METADATA.create_all(engine)
 
     def add(self, records: Sequence[UsageRecord]) -> int:
         """Store records; one already stored (a resent batch) is skipped. Returns how many
