@@ -111,7 +111,11 @@ class Router:
         fallbacks = self.settings.capability_fallbacks
         return served | {c for c, others in fallbacks.items() if served.intersection(others)}
 
-    def candidates(self, capability: str, prefer_local: bool = True) -> list[Candidate]:
+    def candidates(
+        self, capability: str, prefer_local: bool = True, *, open_circuits: bool = False
+    ) -> list[Candidate]:
+        """Who may serve ``capability`` now, best first (``open_circuits``: also those
+        whose circuit is open)."""
         if capability not in self.capabilities():
             known = ", ".join(sorted(self.capabilities())) or "none yet"
             raise NotFound(
@@ -126,7 +130,7 @@ class Router:
             fallbacks=self.settings.capability_fallbacks,
             providers=self.settings.keyed_providers(),
             prefer_local=prefer_local,
-            usable=lambda endpoint: self.breakers[endpoint].allows(),
+            usable=lambda endpoint: open_circuits or self.breakers[endpoint].allows(),
             latency_ms=lambda c: self._load(c.endpoint).latency_ms,
             in_flight=lambda c: self._load(c.endpoint).in_flight,
         )
@@ -374,9 +378,13 @@ class Router:
         attempts = "; ".join(
             f"{c.agent_id or c.provider} ({c.endpoint}): {failure.reason}" for c, failure in tried
         )
-        # When the first candidate may be tried again: what its 429 asked, or its circuit.
+        # When the first candidate may be tried again: what its 429 asked, or its circuit
+        # (with nothing tried, every circuit was open: the first to close).
         waits = [
             max(f.retry_after or 0.0, self.breakers[c.endpoint].retry_after()) for c, f in tried
+        ] or [
+            self.breakers[c.endpoint].retry_after()
+            for c in self.candidates(capability, open_circuits=True)
         ]
         retry_after = max(1, math.ceil(min(waits))) if waits else 1
         message = f"no candidate could serve {capability!r}"
