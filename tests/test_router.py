@@ -205,7 +205,13 @@ class Upstream:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.calls.append({"body": body, "request_id": request.headers.get("X-Request-ID")})
+        self.calls.append(
+            {
+                "body": body,
+                "request_id": request.headers.get("X-Request-ID"),
+                "connection": request.transport.get_extra_info("peername"),
+            }
+        )
         if self.mode == "error":
             return web.json_response({"error": {"message": "boom"}}, status=500)
         if self.mode == "refuse":
@@ -428,6 +434,9 @@ async def test_a_stream_passes_through_and_a_stall_ends_it_with_an_error_event(
     assert whole.headers["content-type"].startswith("text/event-stream")
     assert whole.text.count("data: ") == 3
     assert whole.text.endswith("data: [DONE]\n\n")
+    await router.post("/v1/chat/completions", json=CHAT | {"stream": True})
+    assert len({call["connection"] for call in upstream.calls}) == 1  # a finished stream
+    # gives its connection back to the pool
     upstream.mode = "stall"
     stalled = await router.post("/v1/chat/completions", json=CHAT | {"stream": True})
     events = [line for line in stalled.text.split("\n\n") if line]
