@@ -4,6 +4,7 @@ dashboard's queries over them (DESIGN 5; the record kinds are in ``schemas.usage
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -25,7 +26,6 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 from schemas.usage import (
     AgentUsage,
@@ -78,6 +78,7 @@ class UsageStore:
         self.clock = clock
         self.reference_price_per_1k = reference_price_per_1k
         METADATA.create_all(engine)
+        self._insert = _insert_or_ignore(engine.dialect.name)
 
     def add(self, records: Sequence[UsageRecord]) -> int:
         """Store records; one already stored (a resent batch) is skipped. Returns how many
@@ -85,15 +86,16 @@ class UsageStore:
         if not records:
             return 0
         rows = [_row(record) for record in records]
-        dialect = {"sqlite": sqlite, "postgresql": postgresql}.get(self.engine.dialect.name)
         with self.engine.begin() as conn:
-            if dialect is None:  # another database: skip known ids by asking first
+            if self._insert is None:  # another database: skip known ids by asking first
                 ids = [row["record_id"] for row in rows]
                 known = set(conn.execute(select(T.c.record_id).where(T.c.record_id.in_(ids))))
                 rows = [row for row in rows if (row["record_id"],) not in known]
-                return conn.execute(T.insert(), rows).rowcount if rows else 0
-            statement = dialect.insert(T).on_conflict_do_nothing(index_elements=["record_id"])
-            return conn.execute(statement, rows).rowcount
+                if rows:
+                    conn.execute(T.insert(), rows)
+                return len(rows)
+            # Counted by RETURNING: psycopg reports no row count for a batch (-1).
+            return len(conn.execute(self._insert, rows).all())
 
     def prune(self, older_than_seconds: float) -> int:
         with self.engine.begin() as conn:
@@ -277,6 +279,17 @@ class UsageLog:
         while True:
             await sleep(self.interval)
             await self.flush()
+
+
+def _insert_or_ignore(dialect: str):
+    """``INSERT ... ON CONFLICT (record_id) DO NOTHING`` where the database has it. The
+    dialect is imported for the database in use only: PostgreSQL's costs a router on
+    SQLite 2 MB of its memory budget."""
+    if dialect not in ("sqlite", "postgresql"):
+        return None
+    insert = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert
+    statement = insert(T).on_conflict_do_nothing(index_elements=["record_id"])
+    return statement.returning(T.c.record_id)
 
 
 def _row(record: UsageRecord) -> dict:

@@ -19,8 +19,11 @@ from router.breaker import Breaker
 from router.candidates import rank
 from router.ratelimit import RateLimiter
 from router.settings import RouterSettings
+from router.usage import METADATA, UsageStore
 from schemas.agents import AgentRecord
 from schemas.config import ProviderConfig
+from schemas.usage import UsageRecord
+from services.common.database import create_db_engine
 from tests.conftest import DATA, FakeClock, free_port
 
 pytestmark = pytest.mark.anyio
@@ -785,3 +788,22 @@ async def test_an_anthropic_stream_becomes_openai_chunks_with_usage(start_router
     assert 'router_cloud_tokens_total{direction="output",provider="anthropic"} 15.0' in metrics
     assert 'router_time_to_first_token_seconds_count{capability="reasoning",' in metrics
     assert "router_active_requests 0.0" in metrics
+
+
+def test_the_usage_store_is_the_same_on_sqlite_and_postgresql(database_url):
+    engine = create_db_engine(database_url)
+    try:
+        store = UsageStore(engine, clock=FakeClock(NOW.timestamp()), reference_price_per_1k=0.002)
+        records = [
+            UsageRecord.model_validate(call_record(n, "llm_a", "local", 10 * n, n, 100.0 * n))
+            for n in (1, 2)
+        ]
+        assert store.add(records) == 2
+        assert store.add(records) == 0  # resent: stored once
+        summary = store.summary(3_600)
+        assert (summary.calls, summary.prompt_tokens, summary.completion_tokens) == (2, 30, 3)
+        assert [r.record_id for r in store.for_request("req-2")] == ["rec-2"]
+        assert store.by_agent(3_600).agents[0].latency_p99_ms == 200.0
+    finally:
+        METADATA.drop_all(engine)
+        engine.dispose()
