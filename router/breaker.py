@@ -1,7 +1,9 @@
 """Per-endpoint circuit breakers: closed, open for a cool-down, then one half-open trial.
 
 A circuit opens after ``failures`` consecutive failures, or when at least half a window
-of recent calls has failed at ``failure_rate`` or more. While open, the endpoint is not a
+of recent calls has failed at ``failure_rate`` or more, or at once on a refused
+connection: nothing listens there (a killed wrapper), and DESIGN 7 wants a dead wrapper
+out of routing within a second of its first failed call. While open, the endpoint is not a
 candidate; after the cool-down one call may try it (half-open): success closes the
 circuit, failure opens it again for another cool-down.
 """
@@ -59,13 +61,14 @@ class Breaker:
         self.state = "closed"
         self.trial_running = False
 
-    def failed(self) -> None:
+    def failed(self, *, refused: bool = False) -> None:
         self.recent.append(False)
         self.consecutive += 1
         failed_share = self.recent.count(False) / len(self.recent)
         enough = len(self.recent) >= self.window // 2
         if (
-            self.state == "half_open"
+            refused
+            or self.state == "half_open"
             or self.consecutive >= self.failures
             or (enough and failed_share >= self.failure_rate)
         ):

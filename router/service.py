@@ -191,11 +191,11 @@ class Router:
                         answer = await self._cloud(candidate, body, stream)
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     failure = UpstreamFailed(_describe(exc), kind=_kind(exc))
-                    breaker.failed()
+                    breaker.failed(refused=failure.kind == "connect")
                 except UpstreamFailed as failed:
                     failure = failed
                     if failure.retry_after is None:  # broken; a 429 is only busy
-                        breaker.failed()
+                        breaker.failed(refused=failure.kind == "connect")
                 else:
                     failure = None
                 who = _name(candidate)

@@ -174,6 +174,12 @@ def test_a_circuit_opens_after_consecutive_failures_and_tries_once_when_cooled()
     assert (circuit.state, circuit.allows()) == ("closed", True)
 
 
+def test_a_refused_connection_opens_the_circuit_at_once():
+    circuit = breaker(FakeClock(0.0))
+    circuit.failed(refused=True)  # nothing listens: a killed wrapper
+    assert (circuit.state, circuit.allows()) == ("open", False)
+
+
 def test_a_circuit_opens_on_the_failure_rate_of_a_window():
     circuit = breaker(FakeClock(0.0))
     for outcome in ("ok", "fail", "ok", "fail", "ok"):  # never 3 failures in a row
@@ -384,13 +390,18 @@ async def test_a_failed_candidate_falls_back_to_the_next(
         assert response.status_code == 200, response.text
         assert response.headers["X-Routed-To"] == "b-second"
     assert len(second.calls) == 2
+    # a refused connection takes the endpoint out at once: the second call did not try it
+    expected_attempts = 1 if failure == "refused" else 2
     metrics = (await router.get("/metrics")).text
-    assert 'router_fallbacks_total{capability="reasoning"} 2.0' in metrics
+    assert f'router_fallbacks_total{{capability="reasoning"}} {expected_attempts:.1f}' in metrics
     assert 'router_calls_total{capability="reasoning",served_by="b-second",status="ok"} 2.0' in (
         metrics
     )
     kind = {"error": "http_5xx", "busy": "http_429", "slow": "timeout", "refused": "connect"}
-    expected = f'router_failed_attempts_total{{candidate="a-first",kind="{kind[failure]}"}} 2.0'
+    expected = (
+        f'router_failed_attempts_total{{candidate="a-first",kind="{kind[failure]}"}} '
+        f"{expected_attempts:.1f}"
+    )
     assert expected in metrics
 
 
