@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from schemas.agents import AgentRecord
@@ -62,9 +62,19 @@ def provider_candidate(
     )
 
 
+def by_capability(agents: Iterable[AgentRecord]) -> dict[str, list[AgentRecord]]:
+    """Agents indexed by capability: built once per registry read, so that ranking reads
+    only the agents with the capability asked for, however many the registry has."""
+    index: dict[str, list[AgentRecord]] = {}
+    for agent in agents:
+        for capability in agent.capabilities:
+            index.setdefault(capability, []).append(agent)
+    return index
+
+
 def rank(
     capability: str,
-    agents: Iterable[AgentRecord],
+    agents: Mapping[str, Sequence[AgentRecord]],
     *,
     fallbacks: Mapping[str, list[str]],
     providers: Mapping[str, ProviderConfig],
@@ -75,18 +85,18 @@ def rank(
 ) -> list[Candidate]:
     """Every candidate for ``capability``, best first.
 
-    Candidates: passing agents with the capability, then agents with one of its fallback
+    ``agents`` is :func:`by_capability`'s index. Candidates: passing agents with the
+    capability, then agents with one of its fallback
     capabilities, then keyed cloud providers with either. Order: local first when
     ``prefer_local``, the capability itself before a fallback, then cost, then the
     latency and load the router measured. Endpoints whose circuit is open (``usable``
     says no) are left out.
     """
-    agents = list(agents)
     found: dict[str, Candidate] = {}  # by endpoint: one agent, once, at its best
     for index, wanted in enumerate([capability, *fallbacks.get(capability, [])]):
         fallback = index > 0
-        for agent in agents:
-            if wanted in agent.capabilities and agent.status == "passing":
+        for agent in agents.get(wanted, ()):
+            if agent.status == "passing":
                 found.setdefault(agent.endpoint, agent_candidate(agent, wanted, fallback))
         for name, provider in providers.items():
             if wanted in provider.models:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 from pydantic import ValidationError
 
+from router.candidates import by_capability
 from schemas.agents import AgentList, AgentRecord
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,10 @@ class Directory:
         self.clock = clock
         self.sleep = sleep
         self.agents: list[AgentRecord] = []
+        self.by_capability: dict[str, list[AgentRecord]] = {}
+        self.by_model: dict[str, AgentRecord] = {}  # the first agent serving each model
         self.read_at: float | None = None
         self.error: str | None = None
-        self.changed = asyncio.Event()  # set after every successful refresh
 
     async def refresh(self) -> None:
         """Read every passing agent; keep the last snapshot if the registry fails."""
@@ -58,7 +60,11 @@ class Directory:
             log.warning("%s", self.error)
             return
         self.agents, self.read_at, self.error = agents, self.clock(), None
-        self.changed.set()
+        self.by_capability = by_capability(agents)
+        self.by_model = {}
+        for agent in agents:
+            if "model" in agent.metadata:
+                self.by_model.setdefault(str(agent.metadata["model"]), agent)
 
     async def run(self) -> None:
         while True:

@@ -55,9 +55,7 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
 async def models(request: Request) -> Response:
     routing = router_of(request)
     names = [f"{CAPABILITY_PREFIX}{c}" for c in sorted(routing.capabilities())]
-    names += sorted(
-        {str(a.metadata["model"]) for a in routing.directory.agents if "model" in a.metadata}
-    )
+    names += sorted(routing.directory.by_model)
     created = int(request.app.state.started_wall)
     listed = [openai.Model(id=name, created=created, owned_by="local-llm-swarm") for name in names]
     return json_response(openai.ModelList(data=listed))

@@ -105,7 +105,7 @@ class Router:
     def capabilities(self) -> set[str]:
         """Every capability some agent or keyed provider serves, itself or through one of
         the profile's capability fallbacks."""
-        served = {c for agent in self.directory.agents for c in agent.capabilities}
+        served = set(self.directory.by_capability)
         for provider in self.settings.keyed_providers().values():
             served |= set(provider.models)
         fallbacks = self.settings.capability_fallbacks
@@ -126,7 +126,7 @@ class Router:
             )
         return rank(
             capability,
-            self.directory.agents,
+            self.directory.by_capability,
             fallbacks=self.settings.capability_fallbacks,
             providers=self.settings.keyed_providers(),
             prefer_local=prefer_local,
@@ -157,9 +157,9 @@ class Router:
             return model.removeprefix(CAPABILITY_PREFIX).strip().lower()
         if header:
             return header.strip().lower()
-        for agent in self.directory.agents:
-            if agent.metadata.get("model") == model and agent.capabilities:
-                return agent.capabilities[0]
+        agent = self.directory.by_model.get(model)
+        if agent is not None and agent.capabilities:
+            return agent.capabilities[0]
         raise NotFound(
             f"no agent serves the model {model!r}; ask for a capability with "
             f'"model": "capability:<name>" or the X-Capability header',

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from router.app import create_app
 from router.breaker import Breaker
-from router.candidates import rank
+from router.candidates import by_capability, rank
 from router.ratelimit import RateLimiter
 from router.settings import RouterSettings
 from router.usage import METADATA, UsageStore
@@ -84,7 +84,7 @@ def ranked(
         c.agent_id or c.provider
         for c in rank(
             capability,
-            agents,
+            by_capability(agents),
             fallbacks=fallbacks or {},
             providers=providers or {},
             prefer_local=prefer_local,
