@@ -79,7 +79,8 @@ def create_app(
                 clock=wall_clock,
                 reference_price_per_1k=settings.reference_price_per_1k_tokens,
             )
-            usage = UsageLog(store, db_runner(engine))
+            retention = settings.usage_retention_days * 86_400
+            usage = UsageLog(store, db_runner(engine), retention=retention)
             owned.push_async_callback(usage.flush)  # at shutdown, after the last request
             router = Router(
                 settings, directory, breakers, session, clock, metrics, usage, wall_clock, cloud

@@ -35,10 +35,12 @@ from schemas.usage import (
     UsageSummary,
     UsageTimeseries,
 )
+from services.common.pending import Pending
 
 log = logging.getLogger(__name__)
 
 MAX_LATENCIES = 100_000  # rows read for the percentiles of one by-agent answer
+PRUNE_EVERY_SECONDS = 3_600
 
 
 # SQLAlchemy Core, not SQLModel: the router reads and writes rows in bulk, never as
@@ -249,31 +251,42 @@ class UsageStore:
 
 class UsageLog:
     """The router's own records, written in batches off the request path: every
-    ``interval`` seconds, and at shutdown."""
+    ``interval`` seconds, and at shutdown. Records older than ``retention`` seconds are
+    deleted once every ``PRUNE_EVERY_SECONDS``."""
 
-    def __init__(self, store: UsageStore, run, *, interval: float = 1.0, limit: int = 100_000):
+    def __init__(
+        self,
+        store: UsageStore,
+        run,
+        *,
+        retention: float,
+        interval: float = 1.0,
+        limit: int = 100_000,
+    ) -> None:
         self.store = store
         self.run = run  # how the blocking store is called (services.common.database)
+        self.retention = retention
         self.interval = interval
-        self.limit = limit
-        self.pending: list[UsageRecord] = []
-        self.dropped = 0
+        # While the database is gone, the newest records stay, up to ``limit``.
+        self.pending = Pending(limit)
+        self.pruned_at: float | None = None
 
     def add(self, record: UsageRecord) -> None:
-        if len(self.pending) >= self.limit:  # the database is gone for long: keep the newest
-            self.pending.pop(0)
-            self.dropped += 1
-        self.pending.append(record)
+        self.pending.add(record)
 
     async def flush(self) -> None:
-        batch, self.pending = self.pending, []
-        if not batch:
-            return
-        try:
-            await self.run(self.store.add, batch)
-        except Exception:
-            log.exception("usage records not stored; keeping them for the next flush")
-            self.pending = batch + self.pending
+        batch = self.pending.batch(len(self.pending))
+        if batch:
+            try:
+                await self.run(self.store.add, batch)
+            except Exception:
+                log.exception("usage records not stored; keeping them for the next flush")
+                return
+            self.pending.done(batch)
+        now = self.store.clock()
+        if self.pruned_at is None or now - self.pruned_at >= PRUNE_EVERY_SECONDS:
+            self.pruned_at = now
+            await self.run(self.store.prune, self.retention)
 
     async def run_forever(self, sleep=asyncio.sleep) -> None:
         while True:

@@ -19,11 +19,11 @@ from router.breaker import Breaker
 from router.candidates import by_capability, rank
 from router.ratelimit import RateLimiter
 from router.settings import RouterSettings
-from router.usage import METADATA, UsageStore
+from router.usage import METADATA, UsageLog, UsageStore
 from schemas.agents import AgentRecord
 from schemas.config import ProviderConfig
 from schemas.usage import UsageRecord
-from services.common.database import create_db_engine
+from services.common.database import create_db_engine, db_runner
 from tests.conftest import DATA, FakeClock, free_port
 
 pytestmark = pytest.mark.anyio
@@ -818,3 +818,17 @@ def test_the_usage_store_is_the_same_on_sqlite_and_postgresql(database_url):
     finally:
         METADATA.drop_all(engine)
         engine.dispose()
+
+
+async def test_usage_older_than_the_retention_is_deleted(tmp_path):
+    clock = FakeClock(NOW.timestamp())
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    store = UsageStore(engine, clock=clock, reference_price_per_1k=0.002)
+    log = UsageLog(store, db_runner(engine), retention=86_400)
+    log.add(UsageRecord.model_validate(call_record(1, "llm_a", "local", 1, 1, 1.0)))
+    await log.flush()
+    assert store.summary(3 * 86_400).calls == 1
+    clock.advance(2 * 86_400)  # a day past the retention
+    await log.flush()
+    assert store.summary(3 * 86_400).calls == 0
+    engine.dispose()

@@ -427,5 +427,5 @@ def test_the_usage_buffer_keeps_the_newest_when_full():
                 latency_ms=1.0,
             )
         )
-    assert [r.record_id for r in reporter.pending] == ["r2", "r3", "r4"]
-    assert reporter.dropped == 2
+    assert [r.record_id for r in reporter.pending.records] == ["r2", "r3", "r4"]
+    assert reporter.pending.dropped == 2

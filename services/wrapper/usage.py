@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random as random_module
-from collections import deque
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -19,6 +18,7 @@ from pydantic import SecretStr
 
 from schemas.usage import MAX_BATCH, UsageBatch, UsageRecord
 from services.common.backoff import backoff_delay
+from services.common.pending import Pending
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +40,18 @@ class UsageReporter:
         self.http = http
         self.headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
         self.interval = interval
-        self.pending: deque[UsageRecord] = deque(maxlen=limit)
-        self.dropped = 0
+        self.pending = Pending(limit)
         self.sleep = sleep
         self.random = random
         self.failures = 0
 
     def add(self, record: UsageRecord) -> None:
-        if len(self.pending) == self.pending.maxlen:
-            self.dropped += 1
-            if self.dropped in (1, 100) or self.dropped % 10_000 == 0:
-                log.warning("usage buffer full: %d oldest records dropped", self.dropped)
-        self.pending.append(record)
+        self.pending.add(record)
 
     async def flush(self) -> bool:
         """Send what is pending, a batch at a time; True once nothing is left."""
         while self.pending:
-            batch = [self.pending[n] for n in range(min(MAX_BATCH, len(self.pending)))]
+            batch = self.pending.batch(MAX_BATCH)
             body = UsageBatch(records=batch).model_dump(mode="json")
             try:
                 response = await self.http.post("/usage", json=body, headers=self.headers)
@@ -65,10 +60,7 @@ class UsageReporter:
                 self.failures += 1
                 log.warning("usage report failed (%s); %d records kept", exc, len(self.pending))
                 return False
-            sent = {record.record_id for record in batch}
-            # By id: while the batch was on its way a full buffer may have dropped some.
-            while self.pending and self.pending[0].record_id in sent:
-                self.pending.popleft()
+            self.pending.done(batch)
             self.failures = 0
         return True
 
