@@ -3,7 +3,6 @@ routes the official ``ollama`` client and Ollama tools use."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -12,7 +11,7 @@ from starlette.responses import Response
 
 from schemas import ollama as api
 from schemas.errors import OllamaError
-from services.common.errors import ServiceUnavailable, SwarmError
+from services.common.errors import ServiceUnavailable
 from services.common.streaming import json_response, ndjson, ndjson_error, ndjson_response
 from services.wrapper import translate
 from services.wrapper.backend import canonical_model_name
@@ -25,9 +24,7 @@ from services.wrapper.service import (
     first_chunk,
     wrapper_of,
 )
-from services.wrapper.stats import Call
-
-log = logging.getLogger(__name__)
+from services.wrapper.stats import Call, counting_failures, stream_failure
 
 ERRORS = {status: {"model": OllamaError} for status in (400, 413, 422, 503)}
 router = APIRouter(tags=["Ollama"], responses=ERRORS)
@@ -51,7 +48,7 @@ async def _model_call(
 ) -> Response:
     """Run a chat or generate request: whole, or NDJSON once the first chunk is in."""
     call = wrapper.stats.begin(api_name, body.stream)
-    try:
+    with counting_failures(call):
         job = make_job(body)
         if not body.stream:
             answer = await wrapper.run(job)
@@ -60,12 +57,6 @@ async def _model_call(
             return json_response(answer)
         parts = wrapper.stream(job)
         first = await first_chunk(parts)
-    except SwarmError as exc:
-        call.failed(exc.code)
-        raise
-    except BaseException:
-        call.failed("internal_error")
-        raise
     call.first_token()
     return ndjson_response(_lines(first, parts, call, job))
 
@@ -89,14 +80,8 @@ async def _lines(
             "the model backend ended the stream before the answer was complete",
             code="backend_error",
         )
-    except SwarmError as exc:
-        call.failed(exc.code)
-        log.warning("stream failed: %s", exc.message)
-        yield ndjson_error(exc)
-    except Exception:
-        call.failed("internal_error")
-        log.exception("stream failed")
-        yield ndjson_error(SwarmError("internal error"))
+    except Exception as exc:
+        yield ndjson_error(stream_failure(call, exc))
     finally:
         call.failed("client_disconnected")  # a no-op when the call already ended
         await close(parts)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -11,7 +10,7 @@ from starlette.responses import Response
 from schemas import ollama as api
 from schemas import openai
 from schemas.errors import ErrorEnvelope
-from services.common.errors import ServiceUnavailable, SwarmError
+from services.common.errors import ServiceUnavailable
 from services.common.streaming import SSE_DONE, json_response, sse, sse_error, sse_response
 from services.wrapper import translate
 from services.wrapper.service import (
@@ -23,9 +22,7 @@ from services.wrapper.service import (
     wall_clock,
     wrapper_of,
 )
-from services.wrapper.stats import Call
-
-log = logging.getLogger(__name__)
+from services.wrapper.stats import Call, counting_failures, stream_failure
 
 ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 413, 422, 503)}
 router = APIRouter(tags=["OpenAI"], responses=ERRORS)
@@ -39,7 +36,7 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
     wrapper = wrapper_of(request)
     settings = wrapper.settings
     call = wrapper.stats.begin("openai", body.stream)
-    try:
+    with counting_failures(call):
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         check_max_tokens(body.max_output_tokens, settings.max_tokens_limit, param)
         limit = settings.max_tokens_limit
@@ -57,12 +54,6 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
             return json_response(completion)
         stream = wrapper.stream(job)
         first = await first_chunk(stream)
-    except SwarmError as exc:
-        call.failed(exc.code)
-        raise
-    except BaseException:
-        call.failed("internal_error")
-        raise
     call.first_token()
     events = _events(first, stream, call, job, completion_id, created, body.include_usage)
     return sse_response(events)
@@ -123,14 +114,8 @@ async def _events(
         if include_usage:
             tail += sse(translate.usage_chunk(completion_id, created, model, usage))
         yield tail + SSE_DONE  # the end in one write
-    except SwarmError as exc:
-        call.failed(exc.code)
-        log.warning("stream failed: %s", exc.message)
-        yield head + sse_error(exc) + SSE_DONE
-    except Exception:
-        call.failed("internal_error")
-        log.exception("stream failed")
-        yield head + sse_error(SwarmError("internal error")) + SSE_DONE
+    except Exception as exc:
+        yield head + sse_error(stream_failure(call, exc)) + SSE_DONE
     finally:
         call.failed("client_disconnected")  # a no-op when the call already ended
         await close(stream)

@@ -3,11 +3,13 @@ LLM metrics for ``/metrics`` (on the app's own CollectorRegistry)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -17,9 +19,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from schemas.health import Performance
 from schemas.usage import UsageRecord
 from services.common.context import current_request_id
+from services.common.errors import SwarmError
 from services.common.metrics import LLM_DURATION_BUCKETS, TTFT_BUCKETS
 
 WINDOW = 256
+
+log = logging.getLogger(__name__)
 
 
 class LlmMetrics:
@@ -227,3 +232,28 @@ class Call:
         self.stats.in_flight -= 1
         self.stats.metrics.active.dec()
         return False
+
+
+@contextlib.contextmanager
+def counting_failures(call: Call) -> Iterator[None]:
+    """Count a call that fails before it answers; the error goes on to its handler."""
+    try:
+        yield
+    except SwarmError as exc:
+        call.failed(exc.code)
+        raise
+    except BaseException:
+        call.failed("internal_error")
+        raise
+
+
+def stream_failure(call: Call, exc: Exception) -> SwarmError:
+    """Count a stream that failed after it started (call from its ``except``); the error
+    to end the stream with."""
+    if isinstance(exc, SwarmError):
+        call.failed(exc.code)
+        log.warning("stream failed: %s", exc.message)
+        return exc
+    call.failed("internal_error")
+    log.exception("stream failed")
+    return SwarmError("internal error")

@@ -40,6 +40,7 @@ from services.common.errors import ServiceUnavailable, ValidationFailed
 from services.common.streaming import close
 from services.wrapper import translate
 from services.wrapper.service import Wrapper
+from services.wrapper.stats import counting_failures
 from services.wrapper.taxonomy import field_prompt, open_record, prompt_prefix
 
 TOP_LOGPROBS = 20  # Ollama's maximum
@@ -161,16 +162,14 @@ class DomainClassifier:
         text = ""
         parts = self.wrapper.stream(job)
         try:
-            async for part in parts:
-                call.first_token()
-                assert isinstance(part, api.GenerateResponse)
-                steps.extend(part.logprobs or ())
-                text += part.response
-                if part.done or decided(words, text.lstrip()):
-                    break
-        except BaseException as exc:
-            call.failed(getattr(exc, "code", "internal_error"))
-            raise
+            with counting_failures(call):
+                async for part in parts:
+                    call.first_token()
+                    assert isinstance(part, api.GenerateResponse)
+                    steps.extend(part.logprobs or ())
+                    text += part.response
+                    if part.done or decided(words, text.lstrip()):
+                        break
         finally:
             await close(parts)
         if not steps:
