@@ -83,7 +83,15 @@ def create_app(
             usage = UsageLog(store, db_runner(engine), retention=retention)
             owned.push_async_callback(usage.flush)  # at shutdown, after the last request
             router = Router(
-                settings, directory, breakers, session, clock, metrics, usage, wall_clock, cloud
+                settings=settings,
+                directory=directory,
+                breakers=breakers,
+                session=session,
+                clock=clock,
+                metrics=metrics,
+                usage=usage,
+                wall_clock=wall_clock,
+                cloud=cloud,
             )
             metrics.active.set_function(lambda: sum(ld.in_flight for ld in router.loads.values()))
             app.state.router = router

@@ -24,8 +24,12 @@ from schemas.config import ProviderConfig
 
 ANTHROPIC_VERSION = "2023-06-01"
 ANTHROPIC_DEFAULT_MAX_TOKENS = 1_024  # Anthropic requires one; OpenAI callers may omit it
-FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
-FINISH_REASONS["tool_use"] = "tool_calls"
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+}
 
 
 @dataclass

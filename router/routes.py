@@ -7,7 +7,7 @@ import re
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
 from router.service import CAPABILITY_PREFIX, Router
@@ -89,7 +89,9 @@ _UNITS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}
 Window = Annotated[str, Query(max_length=16, description='"15m", "24h", "7d" or seconds')]
 
 
-def window_seconds(window: str, retention_days: float) -> float:
+def window_seconds(request: Request, window: Window = "24h") -> float:
+    """The ``window`` query parameter in seconds, at most the retention."""
+    retention_days = router_of(request).settings.usage_retention_days
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", window)
     seconds = float(match[1]) * _UNITS[match[2] or "s"] if match else 0.0
     if not 0 < seconds <= retention_days * 86_400:
@@ -98,6 +100,9 @@ def window_seconds(window: str, retention_days: float) -> float:
             param="window",
         )
     return seconds
+
+
+WindowSeconds = Annotated[float, Depends(window_seconds)]
 
 
 @router.post("/usage", response_model=UsageAccepted, summary="Report model calls (batched)")
@@ -113,28 +118,25 @@ async def report_usage(body: UsageBatch, request: Request) -> Response:
 
 
 @router.get("/api/usage/summary", response_model=UsageSummary, summary="Totals of a window")
-async def usage_summary(request: Request, window: Window = "24h") -> Response:
+async def usage_summary(request: Request, seconds: WindowSeconds) -> Response:
     routing = router_of(request)
-    seconds = window_seconds(window, routing.settings.usage_retention_days)
     return json_response(await routing.usage.run(routing.usage.store.summary, seconds))
 
 
 @router.get("/api/usage/timeseries", response_model=UsageTimeseries, summary="Over time")
 async def usage_timeseries(
     request: Request,
-    window: Window = "24h",
+    seconds: WindowSeconds,
     buckets: Annotated[int, Query(ge=1, le=500)] = 48,
 ) -> Response:
     routing = router_of(request)
-    seconds = window_seconds(window, routing.settings.usage_retention_days)
     store = routing.usage.store
     return json_response(await routing.usage.run(store.timeseries, seconds, buckets))
 
 
 @router.get("/api/usage/by-agent", response_model=UsageByAgent, summary="Per agent")
-async def usage_by_agent(request: Request, window: Window = "24h") -> Response:
+async def usage_by_agent(request: Request, seconds: WindowSeconds) -> Response:
     routing = router_of(request)
-    seconds = window_seconds(window, routing.settings.usage_retention_days)
     return json_response(await routing.usage.run(routing.usage.store.by_agent, seconds))
 
 
