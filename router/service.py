@@ -255,7 +255,9 @@ class Router:
                 yield chunk
 
         async def release() -> None:
-            answer.close()
+            # Back to the pool once read to the end (aiohttp closes one left half-read):
+            # closing every streamed connection cost a new connection per stream.
+            answer.release()
 
         first = await answer.content.readany()
         return Answer(answer.status, media, first, rest(), release=release)

@@ -26,6 +26,7 @@ import pytest
 import respx
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from starlette.requests import ClientDisconnect
 
 from registry.app import create_app
 from registry.settings import RegistrySettings
@@ -270,6 +271,54 @@ WRAPPER = "http://wrapper.test"
 MODEL = "llama3.2"  # the model of the Ollama fixtures
 LIMIT = 512
 CONTEXT = 4096
+
+
+# --- a client that leaves mid-stream -------------------------------------------------------
+
+
+async def post_and_leave(app: Any, path: str, body: dict, spec_version: str) -> list[dict]:
+    """POST ``body`` straight to an ASGI ``app`` as a client that goes away after the first
+    body chunk, and return what the app sent. An ASGI 2.3 server (uvicorn over HTTP/1.1)
+    tells ``receive`` of the disconnect; from 2.4 the next ``send`` fails instead."""
+    request = json.dumps(body).encode()
+    incoming = [{"type": "http.request", "body": request, "more_body": False}]
+    gone = asyncio.Event()
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if incoming:
+            return incoming.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if gone.is_set() and spec_version == "2.4":
+            raise OSError("client disconnected")
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body"):
+            gone.set()
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": spec_version},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"app.test"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(request)).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("app.test", 80),
+    }
+    with contextlib.suppress(ClientDisconnect):  # what Starlette raises when send fails
+        await asyncio.wait_for(app(scope, receive, send), timeout=5)
+    return sent
 
 
 # --- wrappers (only the Ollama backend is mocked) ---------------------------------------

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import respx
 from aiohttp import web
+from sqlalchemy import event
 
 from router.app import create_app
 from router.breaker import Breaker
@@ -22,9 +23,9 @@ from router.settings import RouterSettings
 from router.usage import METADATA, UsageLog, UsageStore
 from schemas.agents import AgentRecord
 from schemas.config import ProviderConfig
-from schemas.usage import UsageRecord
+from schemas.usage import MAX_BATCH, UsageRecord
 from services.common.database import create_db_engine, db_runner
-from tests.conftest import DATA, FakeClock, free_port
+from tests.conftest import DATA, FakeClock, free_port, post_and_leave
 
 pytestmark = pytest.mark.anyio
 
@@ -194,13 +195,13 @@ def test_a_circuit_opens_on_the_failure_rate_of_a_window():
 
 class Upstream:
     """A fake OpenAI-compatible server on a loopback port. ``mode``: ok, refuse (400),
-    error (500),
-    busy (429), slow (answers after the router's read timeout), stall (streams one chunk,
-    then nothing)."""
+    error (500), busy (429), slow (answers after the router's read timeout), stall
+    (streams one chunk, then nothing), long (streams a chunk every 0.1 s for 10 s)."""
 
     def __init__(self) -> None:
         self.mode = "ok"
         self.calls: list[dict] = []
+        self.dropped = 0  # streams whose caller went away
 
     async def start(self) -> str:
         app = web.Application()
@@ -240,12 +241,16 @@ class Upstream:
             return web.json_response(COMPLETION)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for piece in ("Hel", "lo"):
-            chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
-            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            if self.mode == "stall":
-                await asyncio.sleep(1.5)
-        await response.write(b"data: [DONE]\n\n")
+        try:
+            pieces = ["Hel", "lo"] if self.mode != "long" else ["Hel"] + ["lo"] * 100
+            for piece in pieces:
+                chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
+                await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                if self.mode in ("stall", "long"):
+                    await asyncio.sleep(1.5 if self.mode == "stall" else 0.1)
+            await response.write(b"data: [DONE]\n\n")
+        except ConnectionResetError:
+            self.dropped += 1
         return response
 
 
@@ -457,6 +462,28 @@ async def test_a_stream_passes_through_and_a_stall_ends_it_with_an_error_event(
     assert '"Hel"' in events[0]
     assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "upstream_failed"
     assert events[-1] == "data: [DONE]"
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+async def test_a_client_that_goes_away_drops_the_upstream_stream(
+    start_router, registry_http, upstreams, spec_version
+):
+    upstream, url = await upstreams()
+    upstream.mode = "long"  # 10 s of chunks: still generating when the client leaves
+    await register(registry_http, "streamer", url)
+    router = await start_router()
+    body = CHAT | {"stream": True}
+    sent = await post_and_leave(router.app, "/v1/chat/completions", body, spec_version)
+    assert (sent[0]["status"], b'"Hel"' in sent[1]["body"]) == (200, True)
+    for _ in range(100):  # the upstream sees its connection closed at its next write
+        if upstream.dropped:
+            break
+        await asyncio.sleep(0.05)
+    assert upstream.dropped == 1
+    await router.app.state.router.usage.flush()
+    request_id = dict(sent[0]["headers"])[b"x-request-id"].decode()
+    (route,) = (await router.get(f"/api/usage/requests/{request_id}")).json()["records"]
+    assert (route["agent_id"], route["status"]) == ("streamer", "error")
 
 
 async def test_a_tripped_endpoint_is_skipped_and_the_last_failure_says_what_was_tried(
@@ -818,6 +845,51 @@ def test_the_usage_store_is_the_same_on_sqlite_and_postgresql(database_url):
     finally:
         METADATA.drop_all(engine)
         engine.dispose()
+
+
+def test_a_batch_of_any_size_is_one_prepared_statement_on_sqlite(tmp_path):
+    # sqlite3 keeps 128 prepared statements per connection: a statement per batch size
+    # (SQLAlchemy's INSERT ... RETURNING with the rows in the SQL) grew the router by tens
+    # of MB under load.
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    inserts: list[tuple[str, int]] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith("INSERT"):
+            inserts.append((statement, len(parameters) if executemany else 1))
+
+    store = UsageStore(engine, clock=FakeClock(NOW.timestamp()), reference_price_per_1k=0.0)
+    numbers = iter(range(1, 100))
+    for size in (1, 2, 5, 3):
+        records = [
+            UsageRecord.model_validate(call_record(next(numbers), "llm_a", "local", 1, 1, 1.0))
+            for _ in range(size)
+        ]
+        assert store.add(records) == size
+        assert store.add(records[:2]) == 0  # known ids are not counted
+    assert len({statement for statement, _ in inserts}) == 1
+    assert [rows for _, rows in inserts] == [1, 1, 2, 2, 5, 2, 3, 2]
+    engine.dispose()
+
+
+async def test_a_backlog_is_written_in_bounded_batches(tmp_path):
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    store = UsageStore(engine, clock=FakeClock(NOW.timestamp()), reference_price_per_1k=0.0)
+    batches: list[int] = []
+
+    async def run(function, *args):
+        if function == store.add:
+            batches.append(len(args[0]))
+        return function(*args)
+
+    log = UsageLog(store, run, retention=86_400)
+    for n in range(2 * MAX_BATCH + 5):
+        log.add(UsageRecord.model_validate(call_record(n, "llm_a", "local", 1, 1, 1.0)))
+    await log.flush()
+    assert batches == [MAX_BATCH, MAX_BATCH, 5]
+    assert (len(log.pending), store.summary(3_600).calls) == (0, 2 * MAX_BATCH + 5)
+    engine.dispose()
 
 
 async def test_usage_older_than_the_retention_is_deleted(tmp_path):

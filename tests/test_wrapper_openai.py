@@ -6,14 +6,11 @@ wrapper runs in-process with its lifespan, registering with the real registry ap
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 
 import httpx
 import openai
 import pytest
-from starlette.requests import ClientDisconnect
 
 from schemas.ollama import Message
 from services.wrapper.translate import (
@@ -28,6 +25,7 @@ from tests.conftest import (
     MODEL,
     BackendStream,
     make_settings,
+    post_and_leave,
     read,
     read_lines,
     sent_json,
@@ -327,44 +325,8 @@ async def test_a_client_that_goes_away_stops_the_backend_stream(wrapper, backend
     tokens = [line for line in read_lines("chat_stream.ndjson") if not line["done"]]
     body = BackendStream(tokens, hang=True)  # then the model is still "generating"
     backend.post("/api/chat").respond(stream=body)
-    request = json.dumps({"model": "any", "messages": MESSAGES, "stream": True}).encode()
-    incoming = [{"type": "http.request", "body": request, "more_body": False}]
-    gone = asyncio.Event()
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        if incoming:
-            return incoming.pop(0)
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        if gone.is_set() and spec_version == "2.4":
-            raise OSError("client disconnected")
-        sent.append(message)
-        if message["type"] == "http.response.body" and message.get("body"):
-            gone.set()  # the client leaves after the first event
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": spec_version},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"wrapper.test"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(request)).encode()),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("wrapper.test", 80),
-    }
-    with contextlib.suppress(ClientDisconnect):  # what Starlette raises when send fails
-        await asyncio.wait_for(wrapper.app(scope, receive, send), timeout=5)
+    request = {"model": "any", "messages": MESSAGES, "stream": True}
+    sent = await post_and_leave(wrapper.app, "/v1/chat/completions", request, spec_version)
 
     assert sent[0]["status"] == 200
     assert body.closed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 
@@ -30,7 +31,7 @@ class Pending:
         self.records.append(record)
 
     def batch(self, size: int) -> list[UsageRecord]:
-        return [self.records[n] for n in range(min(size, len(self.records)))]
+        return list(itertools.islice(self.records, size))
 
     def done(self, batch: list[UsageRecord]) -> None:
         acknowledged = {record.record_id for record in batch}

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import pydantic_core
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from schemas.errors import ErrorDetail, ErrorEnvelope, OllamaError
 from services.common.context import current_request_id
@@ -67,10 +69,34 @@ class EventStream(StreamingResponse):
     def __init__(self, content: AsyncIterator[bytes], media_type: str) -> None:
         super().__init__(content, media_type=media_type, headers=STREAM_HEADERS)
 
-    async def stream_response(self, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # uvicorn speaks ASGI 2.3 over HTTP/1.1: a send to a client that left does not
+        # fail, so a disconnect must be watched for, or a model would go on generating for
+        # nobody. Starlette watches in an anyio task group, whose cancel scopes cost more
+        # CPU per stream than the relay itself; one asyncio task cancelling this one is
+        # the same contract.
+        streaming = asyncio.current_task()
+        assert streaming is not None
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left = True
+            streaming.cancel()
+
+        watcher = asyncio.create_task(watch())
         try:
-            await super().stream_response(send)
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            # The client left (our cancel): the stream just ends. Any other cancel goes on.
+            if not left or streaming.uncancel() > 0:
+                raise
+        except OSError:  # an ASGI 2.4 server: the send failed
+            raise ClientDisconnect() from None
         finally:
+            watcher.cancel()
             await close(self.body_iterator)
 
 
