@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import configparser
+import json
+import socket
 import subprocess
 import sys
 
 import pytest
 
 from schemas.config import load_settings
+from services.control import cli
 from services.control.daemons import daemons, external_backends
 from services.control.supervisor import render_config
 from tests.conftest import REPO, free_port, process_env
@@ -84,5 +87,78 @@ def test_wait_names_the_daemon_that_did_not_come_up(tmp_path):
         check=False,
     )
     assert done.returncode == 1
-    assert "error: registry is not healthy" in done.stdout
-    assert "boom: could not open the database" in done.stdout
+    assert "swarm: error: registry is not healthy after 0.5 s" in done.stderr
+    assert "boom: could not open the database" in done.stderr
+
+
+# --- the swarm command: one line and an exit code for what the user must fix ------------------
+
+
+@pytest.fixture
+def profile(tmp_path, monkeypatch):
+    """A profile of the registry and router only, on free ports."""
+
+    def write(text: str = "") -> dict[str, int]:
+        ports = {"registry": free_port(), "router": free_port()}
+        path = tmp_path / "profile.yaml"
+        path.write_text(
+            f"registry: {{port: {ports['registry']}}}\nrouter: {{port: {ports['router']}}}\n" + text
+        )
+        monkeypatch.setenv("SWARM_CONFIG", str(path))
+        return ports
+
+    return write
+
+
+def test_a_command_when_the_swarm_is_not_up_is_one_line_and_exit_1(profile, capsys):
+    ports = profile()
+    assert cli.main(["route", "reasoning"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"swarm: error: router at http://127.0.0.1:{ports['router']}/route does not answer "
+        "(ConnectError); is the swarm up? (swarm up)\n"
+    )
+
+
+def test_up_refuses_a_port_another_process_holds(profile, capsys, tmp_path):
+    ports = profile()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", ports["registry"]))
+        squatter.listen()
+        assert cli.main(["up", "--timeout", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"swarm: error: port {ports['registry']} (registry) is in use by another process: "
+        "stop it, or give registry another port in the profile\n"
+    )
+    assert not (tmp_path / "supervisord.pid").exists()  # nothing was started
+
+
+def test_up_names_a_model_that_is_not_installed(profile, capsys):
+    profile(f"backends: {{tiny: {{kind: embedded, model: 'nosuch:1b', port: {free_port()}}}}}\n")
+    assert cli.main(["up"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("swarm: error: backend 'tiny': unknown model 'nosuch:1b'; known models:")
+    assert err.count("\n") == 1
+
+
+def test_status_says_what_is_not_running_as_a_table_or_json(profile, capsys):
+    ports = profile()
+    assert cli.main(["status"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["DAEMON", "PROCESS", "PID", "HEALTH", "URL"]
+    assert lines[1].split()[:3] == ["registry", "NOT_STARTED", "-"]
+    assert cli.main(["status", "--json"]) == 1
+    statuses = json.loads(capsys.readouterr().out)
+    assert [(s["name"], s["state"], s["pid"]) for s in statuses] == [
+        ("registry", "NOT_STARTED", None),
+        ("router", "NOT_STARTED", None),
+    ]
+    assert statuses[1]["url"] == f"http://127.0.0.1:{ports['router']}/health"
+
+
+def test_down_when_nothing_runs_says_so(profile, capsys):
+    profile()
+    assert cli.main(["down"]) == 0
+    assert capsys.readouterr().out == "the swarm is not running\n"

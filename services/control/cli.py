@@ -1,0 +1,329 @@
+"""``swarm``: run the swarm and talk to it from a terminal.
+
+Every command prints a table (or, with ``--json``, the answer as JSON for scripts). An error
+is one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import httpx
+
+from schemas.config import ConfigError, SwarmSettings, load_settings
+from services.control import swarm
+from services.control.daemons import daemons
+from services.control.supervisor import config_path, render_config
+
+TIMEOUT = httpx.Timeout(10.0, read=300.0)  # a model may take a while to answer
+EXIT_ERROR, EXIT_USAGE = 1, 2
+
+
+class CommandFailed(Exception):
+    """One line for the user, then exit 1."""
+
+
+# --- running the swarm ---------------------------------------------------------------------
+
+
+def cmd_up(settings: SwarmSettings, args: argparse.Namespace) -> int:
+    swarm.up(settings, timeout=args.timeout, say=lambda line: print(f"==> {line}"))
+    print_status(settings, args)
+    print()
+    rows = [*urls(settings), ("logs", str(settings.state_dir / "logs"), "")]
+    table(None, [*rows, ("stop with", "./scripts/stop_all.sh", "(or: swarm down)")])
+    return 0
+
+
+def urls(settings: SwarmSettings) -> list[tuple[str, str, str]]:
+    found = [
+        ("router", f"{settings.router_url}/v1", 'OpenAI API, model "capability:<name>"'),
+        ("dashboard", f"{settings.router_url}/dashboard", "costs and latency"),
+        ("registry", settings.registry_url, f"agents; docs at {settings.registry_url}/docs"),
+    ]
+    for name, wrapper in settings.wrappers.items():
+        url = settings.local_url(wrapper.host, wrapper.port)
+        found.append((name, f"{url}/v1", f"model {wrapper.model}"))
+    return found
+
+
+def cmd_down(settings: SwarmSettings, args: argparse.Namespace) -> int:
+    if not swarm.down(settings, say=print):
+        print("the swarm is not running")
+    return 0
+
+
+def cmd_status(settings: SwarmSettings, args: argparse.Namespace) -> int:
+    statuses = print_status(settings, args)
+    healthy = all(s.state == "RUNNING" and s.health == "healthy" for s in statuses)
+    return 0 if healthy else EXIT_ERROR
+
+
+def print_status(settings: SwarmSettings, args: argparse.Namespace) -> list[swarm.DaemonStatus]:
+    statuses = swarm.status(settings)
+    if args.json:
+        emit([asdict(s) for s in statuses])
+    else:
+        rows = [(s.name, s.state, s.pid or "-", s.health, s.url) for s in statuses]
+        table(("DAEMON", "PROCESS", "PID", "HEALTH", "URL"), rows)
+    return statuses
+
+
+def cmd_wait(settings: SwarmSettings, args: argparse.Namespace) -> int:
+    swarm.wait_healthy(settings, args.timeout)
+    return 0
+
+
+def cmd_config(settings: SwarmSettings, args: argparse.Namespace) -> int:
+    """supervisord's config for the profile, written where ``up`` writes it."""
+    path = config_path(settings)
+    path.write_text(render_config(settings, daemons(settings)))
+    print(path)
+    return 0
+
+
+# --- talking to it -------------------------------------------------------------------------
+
+
+def cmd_agents(settings: SwarmSettings, args: argparse.Namespace) -> int:
+    params = {"limit": args.limit} | ({"capability": args.capability} if args.capability else {})
+    agents = call("GET", f"{settings.registry_url}/agents", "registry", params=params)["agents"]
+    show_agents(agents, args)
+    return 0
+
+
+def cmd_discover(settings: SwarmSettings, args: argparse.Namespace) -> int:
+    body = {"capabilities": [args.capability], "include_unhealthy": args.all}
+    agents = call("POST", f"{settings.registry_url}/discover", "registry", json=body)["agents"]
+    if not agents and not args.json:
+        raise CommandFailed(f"no {'' if args.all else 'healthy '}agent has {args.capability!r}")
+    show_agents(agents, args)
+    return 0 if agents else EXIT_ERROR
+
+
+def show_agents(agents: list[dict], args: argparse.Namespace) -> None:
+    if args.json:
+        emit(agents)
+        return
+    rows = [
+        (a["agent_id"], a["status"], a["endpoint"], ",".join(a["capabilities"]), a["name"])
+        for a in agents
+    ]
+    table(("AGENT", "STATUS", "ENDPOINT", "CAPABILITIES", "NAME"), rows)
+
+
+def cmd_route(settings: SwarmSettings, args: argparse.Namespace) -> int:
+    body = {"capability": args.capability, "prefer_local": not args.prefer_cloud}
+    decision = call("POST", f"{settings.router_url}/route", "router", json=body)
+    if args.json:
+        emit(decision)
+    else:
+        fallbacks = ", ".join(f"{f['agent_id'] or f['provider']}" for f in decision["fallbacks"])
+        rows = [(key, decision[key]) for key in ("provider", "model", "endpoint", "agent_id")]
+        rows += [("cost_per_1k_tokens", decision["cost_per_1k_tokens"])]
+        rows += [("fallbacks", fallbacks or "-"), ("reason", decision["reason"])]
+        table(None, rows)
+    return 0
+
+
+def cmd_chat(settings: SwarmSettings, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {
+        "model": f"capability:{args.capability}",
+        "messages": [{"role": "user", "content": args.prompt}],
+        "stream": args.stream,
+    }
+    if args.max_tokens:
+        body["max_tokens"] = args.max_tokens
+    url = f"{settings.router_url}/v1/chat/completions"
+    if not args.stream:
+        answer = call("POST", url, "router", json=body)
+        if args.json:
+            emit(answer)
+        else:
+            print(answer["choices"][0]["message"]["content"])
+        return 0
+    for event in stream_events(url, body):
+        if args.json:
+            print(json.dumps(event), flush=True)
+        elif event.get("choices"):
+            print(event["choices"][0].get("delta", {}).get("content") or "", end="", flush=True)
+    if not args.json:
+        print()
+    return 0
+
+
+def stream_events(url: str, body: dict) -> Iterable[dict]:
+    """The SSE events of a streamed chat, until ``[DONE]``; an error event is an error."""
+    try:
+        with httpx.stream("POST", url, json=body, timeout=TIMEOUT) as response:
+            if response.status_code != 200:
+                response.read()
+                raise CommandFailed(describe(response, "router"))
+            for line in response.iter_lines():
+                data = line.removeprefix("data: ")
+                if not line.startswith("data: ") or data == "[DONE]":
+                    continue
+                event = json.loads(data)
+                if "error" in event:
+                    raise CommandFailed(f"router: {event['error'].get('message')}")
+                yield event
+    except httpx.HTTPError as exc:
+        raise CommandFailed(unreachable("router", url, exc)) from None
+
+
+def cmd_classify(settings: SwarmSettings, args: argparse.Namespace) -> int:
+    """Through the registry, as any client would: the agent serving domain classification."""
+    body = {"capabilities": ["domain_classification"]}
+    agents = call("POST", f"{settings.registry_url}/discover", "registry", json=body)["agents"]
+    if not agents:
+        raise CommandFailed("no healthy agent serves domain_classification (swarm status?)")
+    classifier = agents[0]
+    url = f"{classifier['endpoint']}/classify_domain"
+    answer = call("POST", url, classifier["agent_id"], json={"query": args.query, "top_k": 3})
+    if args.json:
+        emit(answer)
+    else:
+        rows = [(d["domain"], f"{d['confidence']:.3f}") for d in answer["domains"]]
+        table(("DOMAIN", "CONFIDENCE"), rows)
+    return 0
+
+
+def cmd_costs(settings: SwarmSettings, args: argparse.Namespace) -> int:
+    url = f"{settings.router_url}/api/usage/summary"
+    summary = call("GET", url, "router", params={"window": args.window})
+    if args.json:
+        emit(summary)
+        return 0
+    share = summary["local_share"]
+    rows = [
+        ("window", args.window),
+        ("calls", f"{summary['calls']:,} ({summary['errors']:,} errors)"),
+        ("served locally", "-" if share is None else f"{share:.1%}"),
+        ("tokens local", f"{summary['local_tokens']:,}"),
+        ("tokens cloud", f"{summary['cloud_tokens']:,}"),
+        ("cost", f"${summary['cost']:.4f}"),
+        ("would have cost", f"${summary['would_have_cost']:.4f} at the reference price"),
+        ("saved", f"${summary['saved']:.4f}"),
+        ("routed requests", f"{summary['routed']:,}"),
+        ("fallbacks", f"{summary['fallbacks']:,}"),
+    ]
+    table(None, rows)
+    return 0
+
+
+# --- plumbing ------------------------------------------------------------------------------
+
+
+def call(method: str, url: str, who: str, **kwargs: Any) -> Any:
+    """One request; an unreachable daemon or an error answer becomes one line."""
+    try:
+        response = httpx.request(method, url, timeout=TIMEOUT, **kwargs)
+    except httpx.HTTPError as exc:
+        raise CommandFailed(unreachable(who, url, exc)) from None
+    if response.status_code >= 400:
+        raise CommandFailed(describe(response, who))
+    return response.json()
+
+
+def unreachable(who: str, url: str, exc: Exception) -> str:
+    return f"{who} at {url} does not answer ({type(exc).__name__}); is the swarm up? (swarm up)"
+
+
+def describe(response: httpx.Response, who: str) -> str:
+    """The error envelope's message, else the status line."""
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.reason_phrase
+    return f"{who}: HTTP {response.status_code}: {message}"
+
+
+def emit(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def table(headers: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> None:
+    lines = [[str(cell) for cell in row] for row in rows]
+    if headers:
+        lines.insert(0, list(headers))
+    if not lines:
+        return
+    widths = [max(len(line[n]) for line in lines) for n in range(len(lines[0]))]
+    for line in lines:
+        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        print("  ".join(cells).rstrip())
+
+
+COMMANDS: dict[str, Callable[[SwarmSettings, argparse.Namespace], int]] = {
+    "up": cmd_up,
+    "down": cmd_down,
+    "status": cmd_status,
+    "wait": cmd_wait,
+    "config": cmd_config,
+    "agents": cmd_agents,
+    "discover": cmd_discover,
+    "route": cmd_route,
+    "chat": cmd_chat,
+    "classify": cmd_classify,
+    "costs": cmd_costs,
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="swarm", description="Run the local LLM swarm and talk to it."
+    )
+    top.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    up = sub.add_parser("up", help="start every daemon under supervisord; wait until healthy")
+    up.add_argument("--timeout", type=float, default=180.0, help="seconds (default 180)")
+    sub.add_parser("down", help="stop every daemon (wrappers deregister) and supervisord")
+    sub.add_parser("status", help="each daemon's process state and health")
+    wait = sub.add_parser("wait", help="wait until every daemon is healthy")
+    wait.add_argument("--timeout", type=float, default=180.0)
+    sub.add_parser("config", help="write supervisord's config for the profile; print its path")
+    agents = sub.add_parser("agents", help="the agents in the registry")
+    agents.add_argument("--capability", help="only those with this capability")
+    agents.add_argument("--limit", type=int, default=100)
+    discover = sub.add_parser("discover", help="healthy agents with a capability")
+    discover.add_argument("capability")
+    discover.add_argument("--all", action="store_true", help="unhealthy ones too")
+    route = sub.add_parser("route", help="where the router would send a capability")
+    route.add_argument("capability")
+    route.add_argument("--prefer-cloud", action="store_true", help="do not prefer local")
+    chat = sub.add_parser("chat", help="chat through the router")
+    chat.add_argument("prompt")
+    chat.add_argument("--capability", default="reasoning")
+    chat.add_argument("--stream", action="store_true")
+    chat.add_argument("--max-tokens", type=int)
+    classify = sub.add_parser("classify", help="the TLC domain of a query")
+    classify.add_argument("query")
+    costs = sub.add_parser("costs", help="the dashboard's summary: tokens, cost, savings")
+    costs.add_argument("--window", default="24h", help='"15m", "24h", "7d" (default 24h)')
+    for command in sub.choices.values():  # --json also after the command
+        command.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        return COMMANDS[args.command](settings, args)
+    except ConfigError as exc:
+        print(f"swarm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CommandFailed, swarm.SwarmError) as exc:
+        print(f"swarm: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The swarm's life: bring every daemon of the profile up under supervisord, wait until each
+is healthy, report their state, and take them down again."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+
+from schemas.config import SwarmSettings
+from services.control.daemons import Daemon, daemons, external_backends
+from services.control.supervisor import Supervisor, config_path, log_path, render_config
+
+LOG_LINES = 20  # of a daemon that did not come up
+
+
+class SwarmError(Exception):
+    """Something the user must fix; the message is one line that says what."""
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    name: str
+    state: str  # supervisord's: RUNNING, STARTING, BACKOFF, STOPPED, FATAL... or NOT_STARTED
+    pid: int | None
+    health: str  # the daemon's own /health status, or why it gave none
+    url: str
+
+
+def up(settings: SwarmSettings, *, timeout: float, say: Callable[[str], None]) -> None:
+    """Start (or bring in line with the profile) every daemon; return once all are healthy."""
+    supervisor = Supervisor(settings)
+    running = supervisor.running()
+    if not running:
+        check_ports(settings)
+    check_models(settings)
+    config_path(settings).write_text(render_config(settings, daemons(settings)))
+    if running:
+        say("supervisord already running; applying the current profile")
+        supervisor.update()
+    else:
+        say(f"starting supervisord (logs in {settings.state_dir / 'logs'})")
+        supervisor.start()
+    for name, url in external_backends(settings).items():
+        if not _health(f"{url}/api/version")[0]:
+            say(f"warning: backend {name!r} (Ollama) does not answer at {url}")
+    say("waiting until every daemon is healthy")
+    wait_healthy(settings, timeout)
+
+
+def down(settings: SwarmSettings, *, say: Callable[[str], None]) -> bool:
+    """Stop every daemon and supervisord; False if the swarm was not running."""
+    supervisor = Supervisor(settings)
+    if not supervisor.running():
+        return False
+    # Wrappers first, while the registry can still take their deregistration.
+    supervisor.stop([name for name in supervisor.processes() if name.startswith("wrapper-")])
+    supervisor.shutdown()
+    say("stopped")
+    return True
+
+
+def status(settings: SwarmSettings) -> list[DaemonStatus]:
+    supervisor = Supervisor(settings)
+    processes = supervisor.processes() if supervisor.running() else {}
+    found = []
+    for daemon in daemons(settings):
+        info = processes.get(daemon.name, {})
+        _, health = _health(daemon.health_url)
+        found.append(
+            DaemonStatus(
+                name=daemon.name,
+                state=info.get("statename", "NOT_STARTED"),
+                pid=info.get("pid") or None,
+                health=health,
+                url=daemon.health_url,
+            )
+        )
+    return found
+
+
+def wait_healthy(settings: SwarmSettings, timeout: float) -> None:
+    """Poll every daemon's health until all answer 200; else name the first one that did
+    not, with the last lines of its log."""
+    pending = daemons(settings)
+    deadline = time.monotonic() + timeout
+    while pending:
+        pending = [daemon for daemon in pending if not _health(daemon.health_url)[0]]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise SwarmError(_not_healthy(settings, pending[0], timeout))
+        time.sleep(0.25)
+
+
+def check_ports(settings: SwarmSettings) -> None:
+    """Before a fresh start: a port the profile wants that something else holds."""
+    for daemon in daemons(settings):
+        address = urlsplit(daemon.health_url)
+        if _listening(address.hostname or "127.0.0.1", address.port or 80):
+            raise SwarmError(
+                f"port {address.port} ({daemon.name}) is in use by another process: "
+                f"stop it, or give {daemon.name} another port in the profile"
+            )
+
+
+def check_models(settings: SwarmSettings) -> None:
+    """An embedded backend whose packaged model is not installed."""
+    # Only the catalog: no llama.cpp import for a check.
+    from services.modelhost.catalog import ModelUnavailable, lookup, package_dir
+
+    for name, backend in settings.backends.items():
+        if backend.kind != "embedded":
+            continue
+        try:
+            package_dir(lookup(backend.model))
+        except ModelUnavailable as exc:
+            raise SwarmError(f"backend {name!r}: {exc}") from None
+
+
+def _not_healthy(settings: SwarmSettings, daemon: Daemon, timeout: float) -> str:
+    log = log_path(settings, daemon.name)
+    lines = log.read_text(errors="replace").splitlines()[-LOG_LINES:] if log.exists() else []
+    tail = "\n".join(f"  {line}" for line in lines or ["(no log)"])
+    return (
+        f"{daemon.name} is not healthy after {timeout:g} s ({daemon.health_url})\n"
+        f"last lines of {log}:\n{tail}"
+    )
+
+
+def _health(url: str) -> tuple[bool, str]:
+    """(healthy, what it said): its ``status`` field, or why there was none."""
+    try:
+        response = httpx.get(url, timeout=2.0)
+    except httpx.HTTPError as exc:
+        return False, f"no answer ({type(exc).__name__})"
+    try:
+        said = response.json().get("status")
+    except ValueError:
+        said = None
+    healthy = response.status_code == 200
+    return healthy, str(said or ("healthy" if healthy else f"HTTP {response.status_code}"))
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
