@@ -12,7 +12,7 @@ import aiohttp
 import httpx
 from fastapi import FastAPI
 
-from router import routes
+from router import dashboard, routes
 from router.breaker import Breaker, Breakers
 from router.cloud import CloudClient
 from router.directory import Directory
@@ -121,5 +121,6 @@ def create_app(
         app.add_middleware(RateLimitMiddleware, limiter=limiter, paths=(*CHAT_PATHS, "/route"))
     install_plumbing(app, max_body_bytes=settings.max_body_bytes)
     app.include_router(routes.router)
+    app.include_router(dashboard.router)
     serve_lean(app, [routes.router], CHAT_PATHS)
     return app

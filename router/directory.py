@@ -45,16 +45,8 @@ class Directory:
 
     async def refresh(self) -> None:
         """Read every passing agent; keep the last snapshot if the registry fails."""
-        agents: list[AgentRecord] = []
         try:
-            while len(agents) < MAX_AGENTS:
-                params = {"status": "passing", "limit": PAGE, "offset": len(agents)}
-                response = await self.http.get("/agents", params=params)
-                response.raise_for_status()
-                page = AgentList.model_validate_json(response.content).agents
-                agents += page
-                if len(page) < PAGE:
-                    break
+            agents = await read_agents(self.http, most=MAX_AGENTS, status="passing")
         except (httpx.HTTPError, ValidationError) as exc:
             self.error = f"the registry at {self.http.base_url} cannot be read: {exc}"
             log.warning("%s", self.error)
@@ -73,3 +65,21 @@ class Directory:
 
     def age(self) -> float | None:
         return None if self.read_at is None else round(self.clock() - self.read_at, 3)
+
+
+async def read_agents(
+    http: httpx.AsyncClient, *, most: int, status: str | None = None
+) -> list[AgentRecord]:
+    """The registry's agents (of ``status`` only, when given), page by page, at most
+    ``most``. Raises what the client or the validation raise."""
+    agents: list[AgentRecord] = []
+    while len(agents) < most:
+        limit = min(PAGE, most - len(agents))
+        params = {"limit": limit, "offset": len(agents)} | ({"status": status} if status else {})
+        response = await http.get("/agents", params=params)
+        response.raise_for_status()
+        page = AgentList.model_validate_json(response.content).agents
+        agents += page
+        if len(page) < limit:
+            break
+    return agents

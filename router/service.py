@@ -34,7 +34,7 @@ from router.metrics import RouterMetrics
 from router.settings import RouterSettings
 from router.usage import UsageLog
 from schemas.routing import RouteDecision
-from schemas.usage import UsageRecord
+from schemas.usage import Status, UsageRecord
 from services.common.backoff import backoff_delay
 from services.common.context import REQUEST_ID_HEADER, current_request_id
 from services.common.errors import NotFound, ServiceUnavailable, SwarmError
@@ -213,7 +213,8 @@ class Router:
                 if answer.rest is None:
                     load.in_flight -= 1
                     load.observe((self.clock() - started) * 1000)
-                    self._record(outcome, ok=answer.status < 400, first_at=None, usage=answer.usage)
+                    status = "ok" if answer.status < 400 else "error"
+                    self._record(outcome, status=status, first_at=None, usage=answer.usage)
                     return Response(
                         answer.first,
                         status_code=answer.status,
@@ -229,7 +230,8 @@ class Router:
                 break
             await self.sleep(wait)
         self.metrics.calls.labels(capability, "", "error").inc()
-        self._record(Outcome(capability, None, tried, stream, began), ok=False, first_at=None)
+        outcome = Outcome(capability, None, tried, stream, began)
+        self._record(outcome, status="error", first_at=None)
         raise self._exhausted(capability, tried)
 
     async def _local(self, candidate: Candidate, body: bytes, stream: bool) -> Answer:
@@ -290,13 +292,16 @@ class Router:
         assert candidate is not None
         assert answer.rest is not None
         first_at = self.clock()
-        ok = False
+        status: Status = "error"
         try:
             yield answer.first
             async for chunk in answer.rest:
                 yield chunk
             load.observe((self.clock() - started) * 1000)
-            ok = True
+            status = "ok"
+        except (GeneratorExit, asyncio.CancelledError):  # the caller left
+            status = "cancelled"
+            raise
         except (aiohttp.ClientError, httpx.HTTPError, TimeoutError) as exc:
             self.breakers[candidate.endpoint].failed()
             message = f"{_name(candidate)} failed mid-stream: {_describe(exc)}"
@@ -306,13 +311,13 @@ class Router:
             load.in_flight -= 1
             if answer.release is not None:
                 await answer.release()
-            self._record(outcome, ok=ok, first_at=first_at, usage=answer.usage)
+            self._record(outcome, status=status, first_at=first_at, usage=answer.usage)
 
     def _record(
         self,
         outcome: Outcome,
         *,
-        ok: bool,
+        status: Status,
         first_at: float | None,
         usage: list[int] | None = None,
     ) -> None:
@@ -337,7 +342,7 @@ class Router:
                 (first_at - outcome.began) * 1000 if first_at is not None else latency_ms
             ),
             stream=outcome.stream,
-            status="ok" if ok else "error",
+            status=status,
             fallback_from=_name(outcome.tried[0][0]) if outcome.tried else None,
         )
         self.usage.add(route)

@@ -4,7 +4,9 @@ dashboard's queries over them (DESIGN 5; the record kinds are in ``schemas.usage
 from __future__ import annotations
 
 import asyncio
+import bisect
 import importlib
+import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -28,6 +30,7 @@ from sqlalchemy import (
 )
 
 from schemas.usage import (
+    LATENCY_BUCKETS_MS,
     MAX_BATCH,
     AgentUsage,
     UsageBucket,
@@ -40,7 +43,7 @@ from services.common.pending import Pending
 
 log = logging.getLogger(__name__)
 
-MAX_LATENCIES = 100_000  # rows read for the percentiles of one by-agent answer
+MAX_LATENCIES = 100_000  # rows read for the percentiles and histograms of one by-agent answer
 PRUNE_EVERY_SECONDS = 3_600
 
 
@@ -64,7 +67,7 @@ T = Table(
     Column("latency_ms", Float, nullable=False),
     Column("time_to_first_token_ms", Float),
     Column("stream", Boolean, nullable=False),
-    Column("status", String(8), nullable=False),
+    Column("status", String(16), nullable=False),
     Column("fallback_from", String(128)),
     Column("cost", Float, nullable=False),
     # The dashboard reads a time window of one kind, or of one agent.
@@ -245,6 +248,7 @@ class UsageStore:
                     latency_p50_ms=_percentile(ms, 0.50),
                     latency_p95_ms=_percentile(ms, 0.95),
                     latency_p99_ms=_percentile(ms, 0.99),
+                    latency_histogram=_histogram(ms),
                     errors=errors,
                 )
             )
@@ -330,6 +334,14 @@ def _record(row) -> UsageRecord:
 
 def _share(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
+
+
+def _histogram(ordered: list[float]) -> list[int]:
+    """Counts per bucket of ``LATENCY_BUCKETS_MS`` (a value on a bound is in that bucket),
+    then the count above the last bound."""
+    at_most = [bisect.bisect_right(ordered, bound) for bound in LATENCY_BUCKETS_MS]
+    at_most.append(len(ordered))
+    return [n - below for below, n in itertools.pairwise([0, *at_most])]
 
 
 def _percentile(ordered: list[float], fraction: float) -> float | None:

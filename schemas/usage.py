@@ -19,6 +19,12 @@ from pydantic import BaseModel, Field
 from schemas.agents import Strict
 
 MAX_BATCH = 1_000
+# "cancelled": the caller left mid-stream. Its tokens count; it is no error of the model.
+Status = Literal["ok", "error", "cancelled"]
+# Upper bounds (ms) of the per-agent latency histogram's buckets, as Prometheus' ``le``; one
+# more bucket counts the calls slower than the last. Fixed, so that the histograms of
+# different agents and windows compare bar by bar.
+LATENCY_BUCKETS_MS = (50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0)
 
 
 class UsageRecord(Strict):
@@ -37,7 +43,7 @@ class UsageRecord(Strict):
     latency_ms: float = Field(ge=0)
     time_to_first_token_ms: float | None = Field(default=None, ge=0)
     stream: bool = False
-    status: Literal["ok", "error"] = "ok"
+    status: Status = "ok"
     fallback_from: str | None = Field(default=None, max_length=128)
     cost: float = Field(default=0.0, ge=0)
 
@@ -103,9 +109,17 @@ class AgentUsage(BaseModel):
     latency_p50_ms: float | None
     latency_p95_ms: float | None
     latency_p99_ms: float | None
+    latency_histogram: list[int] = Field(
+        description="Calls that succeeded (those of the percentiles) per latency bucket: "
+        "at most each bound of ``latency_buckets_ms``, then slower than the last."
+    )
     errors: int
 
 
 class UsageByAgent(BaseModel):
     window_seconds: float
+    latency_buckets_ms: list[float] = Field(
+        default=list(LATENCY_BUCKETS_MS),
+        description="Upper bounds of the latency histograms' buckets (all but the last).",
+    )
     agents: list[AgentUsage]

@@ -483,7 +483,7 @@ async def test_a_client_that_goes_away_drops_the_upstream_stream(
     await router.app.state.router.usage.flush()
     request_id = dict(sent[0]["headers"])[b"x-request-id"].decode()
     (route,) = (await router.get(f"/api/usage/requests/{request_id}")).json()["records"]
-    assert (route["agent_id"], route["status"]) == ("streamer", "error")
+    assert (route["agent_id"], route["status"]) == ("streamer", "cancelled")
 
 
 async def test_a_tripped_endpoint_is_skipped_and_the_last_failure_says_what_was_tried(

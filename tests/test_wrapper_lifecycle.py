@@ -283,6 +283,9 @@ def test_settings_resolve_from_the_profile_for_chained_wrappers():
     classifier = WrapperSettings.from_swarm(swarm, "classifier", host="127.0.0.2")
     assert classifier.backend_url == "http://127.0.0.1:11435"
     assert classifier.endpoint == "http://127.0.0.2:8051"
+    # One model call, one record: the wrapper that calls the model reports it, not the one
+    # in front of it.
+    assert (classifier.usage_url, tlc.usage_url) == (swarm.router_url, None)
 
 
 def test_an_unknown_wrapper_name_stops_with_one_line(capsys, monkeypatch):

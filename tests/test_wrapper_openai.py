@@ -326,6 +326,8 @@ async def test_a_client_that_goes_away_stops_the_backend_stream(wrapper, backend
     body = BackendStream(tokens, hang=True)  # then the model is still "generating"
     backend.post("/api/chat").respond(stream=body)
     request = {"model": "any", "messages": MESSAGES, "stream": True}
+    records = []
+    wrapper.app.state.wrapper.stats.report = records.append
     sent = await post_and_leave(wrapper.app, "/v1/chat/completions", request, spec_version)
 
     assert sent[0]["status"] == 200
@@ -333,6 +335,12 @@ async def test_a_client_that_goes_away_stops_the_backend_stream(wrapper, backend
     assert wrapper.app.state.wrapper.stats.in_flight == 0
     metrics = (await wrapper.http.get("/metrics")).text
     assert 'llm_errors_total{model="llama3.2",type="client_disconnected"} 1.0' in metrics
+    # Not an error of the model: the call is recorded as cancelled, with what it used.
+    (record,) = records
+    assert record.status == "cancelled"
+    assert 1 <= record.completion_tokens <= len(tokens)  # the tokens read before it stopped
+    texts = "\n".join(["Be brief.", "Why is the sky blue?", "Scattering.", "Say more."])
+    assert record.prompt_tokens == estimate_tokens(texts)  # Ollama reports it only at the end
 
 
 # --- prompt style ------------------------------------------------------------------------------

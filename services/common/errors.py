@@ -85,8 +85,10 @@ class ServiceUnavailable(SwarmError):
 
 def is_ollama_path(path: str) -> bool:
     """Ollama-style paths answer errors as Ollama does: ``{"error": "message"}``. The
-    router's ``/api/usage/...`` is the project's own API, in the envelope."""
-    return (path.startswith("/api/") and not path.startswith("/api/usage")) or path == "/generate"
+    router's ``/api/usage/...`` and ``/api/agents`` are the project's own API, in the
+    envelope."""
+    own = path.startswith(("/api/usage", "/api/agents"))
+    return (path.startswith("/api/") and not own) or path == "/generate"
 
 
 def error_response(path: str, error: SwarmError) -> JSONResponse:

@@ -83,7 +83,8 @@ async def _lines(
     except Exception as exc:
         yield ndjson_error(stream_failure(call, exc))
     finally:
-        call.failed("client_disconnected")  # a no-op when the call already ended
+        # Ollama counts the prompt only in its last chunk: a stream left early estimates it.
+        call.cancelled(translate.estimate_tokens(job.prompt), chunks)  # no-op once ended
         await close(parts)
 
 

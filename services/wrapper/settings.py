@@ -56,7 +56,9 @@ class WrapperSettings(WrapperConfig):
             "host": host,
             "backend_url": swarm.backend_url(name),
             "registry_url": swarm.registry_url,
-            "usage_url": swarm.router_url,
+            # A wrapper in front of another wrapper (the TLC classifier) makes no model call
+            # of its own: the one behind it reports the call, once.
+            "usage_url": None if config.backend in swarm.wrappers else swarm.router_url,
             "registry_token": swarm.registry_token,
             "endpoint": swarm.local_url(host, port),
         }

@@ -12,12 +12,12 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from schemas.health import Performance
-from schemas.usage import UsageRecord
+from schemas.usage import Status, UsageRecord
 from services.common.context import current_request_id
 from services.common.errors import SwarmError
 from services.common.metrics import LLM_DURATION_BUCKETS, TTFT_BUCKETS
@@ -154,7 +154,7 @@ class Stats:
 
 
 class Call:
-    """One model call; it ends once, with ``done`` or ``failed``."""
+    """One model call; it ends once, with ``done``, ``failed`` or ``cancelled``."""
 
     __slots__ = ("ended", "first_token_at", "series", "started", "stats", "stream")
 
@@ -174,16 +174,11 @@ class Call:
     def done(self, prompt_tokens: int, completion_tokens: int) -> None:
         if self._end():
             return
-        stats, metrics = self.stats, self.stats.metrics
-        elapsed = stats.clock() - self.started
-        stats.recent.append((elapsed, completion_tokens))
+        elapsed = self.stats.clock() - self.started
+        self.stats.recent.append((elapsed, completion_tokens))
         self.series.ok.inc()
         self.series.duration.observe(elapsed)
-        metrics.input_tokens.inc(prompt_tokens)
-        metrics.output_tokens.inc(completion_tokens)
-        cost = (prompt_tokens + completion_tokens) / 1000 * stats.cost_per_1k_tokens
-        if cost:
-            metrics.cost.inc(cost)
+        cost = self._tokens(prompt_tokens, completion_tokens)
         self._report("ok", prompt_tokens, completion_tokens, elapsed, cost)
 
     def failed(self, error_type: str) -> None:
@@ -193,9 +188,29 @@ class Call:
         self.stats.metrics.errors.labels(self.stats.model, error_type).inc()
         self._report("error", 0, 0, self.stats.clock() - self.started, 0.0)
 
+    def cancelled(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """The caller left mid-stream (the TLC classifier does, once its label is
+        decided). The tokens spent so far count; it is no failure of the model."""
+        if self._end():
+            return
+        self.stats.metrics.errors.labels(self.stats.model, "client_disconnected").inc()
+        cost = self._tokens(prompt_tokens, completion_tokens)
+        elapsed = self.stats.clock() - self.started
+        self._report("cancelled", prompt_tokens, completion_tokens, elapsed, cost)
+
+    def _tokens(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """Count the tokens; their cost."""
+        metrics = self.stats.metrics
+        metrics.input_tokens.inc(prompt_tokens)
+        metrics.output_tokens.inc(completion_tokens)
+        cost = (prompt_tokens + completion_tokens) / 1000 * self.stats.cost_per_1k_tokens
+        if cost:
+            metrics.cost.inc(cost)
+        return cost
+
     def _report(
         self,
-        status: Literal["ok", "error"],
+        status: Status,
         prompt: int,
         completion: int,
         elapsed: float,
