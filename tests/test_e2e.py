@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 
+from services.control.supervisor import process_alive
 from tests.conftest import free_port, process_env
 
 pytestmark = pytest.mark.process
@@ -232,18 +233,11 @@ def test_down_stops_everything_and_leaves_no_process(swarm):
     assert len(pids) == 7
     done = swarm.swarm("down", timeout=120)
     assert done.returncode == 0, done.stderr
-    left = [name for name, pid in [*pids.items(), ("supervisord", supervisord)] if alive(pid)]
+    pids["supervisord"] = supervisord
+    left = [name for name, pid in pids.items() if process_alive(pid)]
     assert left == []
     assert {s["state"] for s in swarm.json("status", check=False)} == {"NOT_STARTED"}
     # Wrappers stop first, so each told the registry it was leaving.
     logs = Path(swarm.env["SWARM_DATA_DIR"]) / "logs"
     for wrapper in ("reasoner", "classifier", "tlc_domain_classifier"):
         assert "deregistered" in (logs / f"wrapper-{wrapper}.log").read_text()
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -129,13 +129,13 @@ class Supervisor:
         self.rpc.stopAllProcesses()
         self.rpc.shutdown()
         deadline = time.monotonic() + timeout
-        while _alive(pid):
+        while process_alive(pid):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"supervisord (pid {pid}) did not exit in {timeout:g} s")
             time.sleep(0.1)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
