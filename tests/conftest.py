@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from starlette.requests import ClientDisconnect
 
 from registry.app import create_app
 from registry.settings import RegistrySettings
+from router.app import create_app as create_router_app
+from router.settings import RouterSettings
 from services.wrapper.app import create_app as create_wrapper_app
 from services.wrapper.registration import Registrar
 from services.wrapper.settings import WrapperSettings
@@ -271,6 +274,78 @@ WRAPPER = "http://wrapper.test"
 MODEL = "llama3.2"  # the model of the Ollama fixtures
 LIMIT = 512
 CONTEXT = 4096
+
+
+# --- the router ----------------------------------------------------------------------------
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+async def forever(_: float) -> None:
+    """A sleep that never ends: the router's background loops stay parked in tests."""
+    await asyncio.Event().wait()
+
+
+@pytest.fixture
+async def start_router(registry_http, tmp_path):
+    """The router in-process, on the in-process registry (or ``registry_client``), its
+    usage in SQLite, its background loops parked; ``.app`` and ``.wall_clock`` ride along."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(
+            clock=None, registry_client: httpx.AsyncClient | None = None, **changes
+        ) -> httpx.AsyncClient:
+            settings = RouterSettings(
+                registry_url="http://registry.test",
+                database_url=f"sqlite:///{tmp_path / 'usage.db'}",
+                read_timeout_seconds=0.5,
+                capability_fallbacks={"classification": ["reasoning"]},
+                **changes,
+            )
+            wall_clock = FakeClock(NOW.timestamp())
+            app = create_router_app(
+                settings,
+                registry_client=registry_client or registry_http,
+                sleep=forever,
+                wall_clock=wall_clock,
+                **({"clock": clock} if clock else {}),
+            )
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            client = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://router.test"
+            )
+            stack.push_async_callback(client.aclose)
+            client.app = app
+            client.wall_clock = wall_clock
+            return client
+
+        yield start
+
+
+def call_record(
+    n: int,
+    agent_id: str | None,
+    provider: str,
+    prompt: int,
+    completion: int,
+    latency_ms: float,
+    cost: float = 0.0,
+    status: str = "ok",
+) -> dict:
+    return {
+        "record_id": f"rec-{n}",
+        "kind": "call",
+        "request_id": f"req-{n}",
+        "time": NOW.isoformat(),
+        "agent_id": agent_id,
+        "provider": provider,
+        "model": "m",
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "latency_ms": latency_ms,
+        "status": status,
+        "cost": cost,
+    }
 
 
 # --- a client that leaves mid-stream -------------------------------------------------------

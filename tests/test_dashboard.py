@@ -4,7 +4,6 @@ against a real registry and router, its numbers checked against the usage API.""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -17,49 +16,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from router.app import create_app
-from router.settings import RouterSettings
 from schemas.usage import LATENCY_BUCKETS_MS
-from tests.conftest import Daemons, FakeClock, free_port, load_data
-from tests.test_router import NOW, call_record, forever
+from tests.conftest import Daemons, call_record, free_port, load_data
 
 STATIC = Path(__file__).resolve().parent.parent / "router" / "static"
 # A namespace name in the script, never fetched (and the page's CSP would refuse it).
 NOT_FETCHED = {"http://www.w3.org/2000/svg"}
 
 
-@pytest.fixture
-async def dashboard_router(registry_http, tmp_path):
-    """Start the router in-process on the in-process registry, or on ``registry_client``."""
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def start(registry_client: httpx.AsyncClient | None = None) -> httpx.AsyncClient:
-            settings = RouterSettings(
-                registry_url="http://registry.test",
-                database_url=f"sqlite:///{tmp_path / 'usage.db'}",
-            )
-            app = create_app(
-                settings,
-                registry_client=registry_client or registry_http,
-                sleep=forever,
-                wall_clock=FakeClock(NOW.timestamp()),
-            )
-            await stack.enter_async_context(app.router.lifespan_context(app))
-            client = httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://router.test"
-            )
-            stack.push_async_callback(client.aclose)
-            return client
-
-        yield start
-
-
 # --- the page and its assets ---------------------------------------------------------------
 
 
 @pytest.mark.anyio
-async def test_the_page_and_its_assets_come_from_the_router_only(dashboard_router):
-    router = await dashboard_router()
+async def test_the_page_and_its_assets_come_from_the_router_only(start_router):
+    router = await start_router()
     page = await router.get("/dashboard")
     assert page.status_code == 200
     assert page.headers["content-type"] == "text/html; charset=utf-8"
@@ -83,8 +53,8 @@ async def test_the_page_and_its_assets_come_from_the_router_only(dashboard_route
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("name", ["dashboard.html", "routes.py", "..%2Fdashboard.py", "x.js"])
-async def test_only_the_named_assets_are_served(dashboard_router, name):
-    router = await dashboard_router()
+async def test_only_the_named_assets_are_served(start_router, name):
+    router = await start_router()
     response = await router.get(f"/dashboard/static/{name}")
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "not_found_error"
@@ -94,10 +64,10 @@ async def test_only_the_named_assets_are_served(dashboard_router, name):
 
 
 @pytest.mark.anyio
-async def test_api_agents_lists_every_agent_with_its_health(dashboard_router, registry_http, clock):
+async def test_api_agents_lists_every_agent_with_its_health(start_router, registry_http, clock):
     for agent in load_data("dashboard_usage.json")["agents"]:
         (await registry_http.post("/register", json=agent)).raise_for_status()
-    router = await dashboard_router()
+    router = await start_router()
     clock.advance(5)  # the classifier's TTL is 1 s: critical now, not gone
     response = await router.get("/api/agents")
     assert response.status_code == 200
@@ -110,9 +80,9 @@ async def test_api_agents_lists_every_agent_with_its_health(dashboard_router, re
 
 
 @pytest.mark.anyio
-async def test_api_agents_is_a_503_while_the_registry_cannot_be_read(dashboard_router):
+async def test_api_agents_is_a_503_while_the_registry_cannot_be_read(start_router):
     gone = httpx.AsyncClient(base_url=f"http://127.0.0.1:{free_port()}")  # nothing listens
-    router = await dashboard_router(registry_client=gone)
+    router = await start_router(registry_client=gone)
     response = await router.get("/api/agents")
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "5"
@@ -129,8 +99,8 @@ async def test_api_agents_is_a_503_while_the_registry_cannot_be_read(dashboard_r
 
 
 @pytest.mark.anyio
-async def test_the_latency_histogram_counts_every_successful_call_once(dashboard_router):
-    router = await dashboard_router()
+async def test_the_latency_histogram_counts_every_successful_call_once(start_router):
+    router = await start_router()
     # on a bound is in that bucket; over the last bound is the last bucket
     latencies = [3.0, 50.0, 50.5, 99.9, 100.0, 700.0, 2_500.0, 9_999.0, 10_000.0, 10_000.1, 6e4]
     records = [call_record(n, "llm_a", "local", 10, 5, ms) for n, ms in enumerate(latencies)]

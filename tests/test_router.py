@@ -5,31 +5,25 @@ that answer, fail, refuse or stall as a test asks)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from datetime import UTC, datetime
 
-import httpx
 import pytest
 import respx
 from aiohttp import web
 from sqlalchemy import event
 
-from router.app import create_app
 from router.breaker import Breaker
 from router.candidates import by_capability, rank
 from router.ratelimit import RateLimiter
-from router.settings import RouterSettings
 from router.usage import METADATA, UsageLog, UsageStore
 from schemas.agents import AgentRecord
 from schemas.config import ProviderConfig
 from schemas.usage import MAX_BATCH, UsageRecord
 from services.common.database import create_db_engine, db_runner
-from tests.conftest import DATA, FakeClock, free_port, post_and_leave
+from tests.conftest import DATA, NOW, FakeClock, call_record, free_port, post_and_leave
 
 pytestmark = pytest.mark.anyio
 
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
 COMPLETION = {
     "id": "chatcmpl-1",
     "object": "chat.completion",
@@ -268,42 +262,6 @@ async def upstreams():
         await upstream.runner.cleanup()
 
 
-async def forever(_: float) -> None:
-    await asyncio.Event().wait()
-
-
-@pytest.fixture
-async def start_router(registry_http, tmp_path):
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def start(clock=None, **changes) -> httpx.AsyncClient:
-            settings = RouterSettings(
-                registry_url="http://registry.test",
-                database_url=f"sqlite:///{tmp_path / 'usage.db'}",
-                read_timeout_seconds=0.5,
-                capability_fallbacks={"classification": ["reasoning"]},
-                **changes,
-            )
-            wall_clock = FakeClock(NOW.timestamp())
-            app = create_app(
-                settings,
-                registry_client=registry_http,
-                sleep=forever,
-                wall_clock=wall_clock,
-                **({"clock": clock} if clock else {}),
-            )
-            await stack.enter_async_context(app.router.lifespan_context(app))
-            client = httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://router.test"
-            )
-            stack.push_async_callback(client.aclose)
-            client.app = app
-            client.wall_clock = wall_clock
-            return client
-
-        yield start
-
-
 async def register(
     registry_http, agent_id: str, endpoint: str, *capabilities: str, cost: float = 0.0
 ) -> None:
@@ -529,32 +487,6 @@ async def test_health_says_whether_the_registry_was_read(start_router):
 
 
 # --- usage records and the usage API -----------------------------------------------------
-
-
-def call_record(
-    n: int,
-    agent_id: str | None,
-    provider: str,
-    prompt: int,
-    completion: int,
-    latency_ms: float,
-    cost: float = 0.0,
-    status: str = "ok",
-) -> dict:
-    return {
-        "record_id": f"rec-{n}",
-        "kind": "call",
-        "request_id": f"req-{n}",
-        "time": NOW.isoformat(),
-        "agent_id": agent_id,
-        "provider": provider,
-        "model": "m",
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "latency_ms": latency_ms,
-        "status": status,
-        "cost": cost,
-    }
 
 
 async def test_reported_calls_add_up_to_the_summary(start_router):
