@@ -106,7 +106,7 @@ class Router:
         """Every capability some agent or keyed provider serves, itself or through one of
         the profile's capability fallbacks."""
         served = set(self.directory.by_capability)
-        for provider in self.settings.keyed_providers().values():
+        for provider in self.settings.keyed_providers.values():
             served |= set(provider.models)
         fallbacks = self.settings.capability_fallbacks
         return served | {c for c, others in fallbacks.items() if served.intersection(others)}
@@ -115,25 +115,26 @@ class Router:
         self, capability: str, prefer_local: bool = True, *, open_circuits: bool = False
     ) -> list[Candidate]:
         """Who may serve ``capability`` now, best first (``open_circuits``: also those
-        whose circuit is open)."""
-        if capability not in self.capabilities():
-            known = ", ".join(sorted(self.capabilities())) or "none yet"
-            raise NotFound(
-                f"no agent or provider serves the capability {capability!r}; "
-                f"capabilities served now: {known}",
-                code="unknown_capability",
-                param="capability",
-            )
-        return rank(
+        whose circuit is open). None at all: a 404 when nothing serves the capability (the
+        caller asked for the wrong thing), else an empty list (every circuit is open)."""
+        ranked = rank(
             capability,
             self.directory.by_capability,
             fallbacks=self.settings.capability_fallbacks,
-            providers=self.settings.keyed_providers(),
+            providers=self.settings.keyed_providers,
             prefer_local=prefer_local,
             usable=lambda endpoint: open_circuits or self.breakers[endpoint].allows(),
             latency_ms=lambda c: self._load(c.endpoint).latency_ms,
             in_flight=lambda c: self._load(c.endpoint).in_flight,
         )
+        if not ranked and capability not in (served := self.capabilities()):
+            raise NotFound(
+                f"no agent or provider serves the capability {capability!r}; "
+                f"capabilities served now: {', '.join(sorted(served)) or 'none yet'}",
+                code="unknown_capability",
+                param="capability",
+            )
+        return ranked
 
     def decide(self, capability: str, prefer_local: bool = True) -> RouteDecision:
         ranked = self.candidates(capability, prefer_local)

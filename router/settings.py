@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import cached_property
 
 from pydantic import SecretStr
 
@@ -28,8 +29,10 @@ class RouterSettings(RouterConfig):
         }
         return cls(**values | given)
 
+    @cached_property
     def keyed_providers(self) -> dict[str, ProviderConfig]:
-        """Cloud providers whose key is set: the only ones ever called."""
+        """Cloud providers whose key is set at start: the only ones ever called. Read once,
+        not per request (a key set later needs a restart, as any environment variable)."""
         return {
             name: provider
             for name, provider in self.providers.items()
