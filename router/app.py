@@ -52,13 +52,15 @@ def create_app(
             )
             session = aiohttp.ClientSession(timeout=timeout)
             owned.push_async_callback(session.close)
-            cloud_http = httpx.AsyncClient(
-                timeout=httpx.Timeout(
-                    settings.read_timeout_seconds, connect=settings.connect_timeout_seconds
+            cloud = None  # no key, no cloud candidate: no client (nor its TLS context)
+            if settings.keyed_providers:
+                cloud_http = httpx.AsyncClient(
+                    timeout=httpx.Timeout(
+                        settings.read_timeout_seconds, connect=settings.connect_timeout_seconds
+                    )
                 )
-            )
-            owned.push_async_callback(cloud_http.aclose)
-            cloud = CloudClient(cloud_http, settings.providers)
+                owned.push_async_callback(cloud_http.aclose)
+                cloud = CloudClient(cloud_http, settings.providers)
             directory = Directory(
                 http, interval=settings.discovery_refresh_seconds, clock=clock, sleep=sleep
             )

@@ -95,7 +95,7 @@ class Router:
     metrics: RouterMetrics
     usage: UsageLog
     wall_clock: Callable[[], float]
-    cloud: CloudClient
+    cloud: CloudClient | None  # None when no provider is keyed
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     random: Callable[[], float] = random_module.random
     loads: dict[str, Load] = field(default_factory=dict)
@@ -267,6 +267,7 @@ class Router:
 
     async def _cloud(self, candidate: Candidate, body: bytes, stream: bool) -> Answer:
         """A keyed cloud provider (its call record is made with the route's)."""
+        assert self.cloud is not None  # cloud candidates exist only for keyed providers
         try:
             cloud = await self.cloud.chat(candidate, json.loads(body), stream)
             if cloud.chunks is None:
