@@ -11,6 +11,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 
 from sqlalchemy import (
     Boolean,
@@ -284,14 +285,11 @@ class UsageLog:
     async def flush(self) -> None:
         # In bounded batches: a backlog (the database was away) must not hold the event
         # loop, or the memory, in one statement.
-        for _ in range(math.ceil(len(self.pending) / MAX_BATCH)):
-            batch = self.pending.batch(MAX_BATCH)
-            try:
-                await self.run(self.store.add, batch)
-            except Exception:
-                log.exception("usage records not stored; keeping them for the next flush")
-                return
-            self.pending.done(batch)
+        try:
+            await self.pending.deliver(partial(self.run, self.store.add), MAX_BATCH)
+        except Exception:
+            log.exception("usage records not stored; keeping them for the next flush")
+            return
         now = self.store.clock()
         if self.pruned_at is None or now - self.pruned_at >= PRUNE_EVERY_SECONDS:
             self.pruned_at = now

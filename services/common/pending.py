@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections import deque
+from collections.abc import Awaitable, Callable
 
 from schemas.usage import UsageRecord
 
@@ -32,6 +34,18 @@ class Pending:
 
     def batch(self, size: int) -> list[UsageRecord]:
         return list(itertools.islice(self.records, size))
+
+    async def deliver(
+        self, send: Callable[[list[UsageRecord]], Awaitable[object]], size: int
+    ) -> None:
+        """Hand what is pending to ``send``, ``size`` records at a time, each batch
+        acknowledged once ``send`` returns. What ``send`` raises ends the round, and the
+        rest waits for the next. Records added meanwhile wait too: a busy source cannot
+        keep one round going forever."""
+        for _ in range(math.ceil(len(self.records) / size)):
+            batch = self.batch(size)
+            await send(batch)
+            self.done(batch)
 
     def done(self, batch: list[UsageRecord]) -> None:
         acknowledged = {record.record_id for record in batch}

@@ -49,20 +49,20 @@ class UsageReporter:
         self.pending.add(record)
 
     async def flush(self) -> bool:
-        """Send what is pending, a batch at a time; True once nothing is left."""
-        while self.pending:
-            batch = self.pending.batch(MAX_BATCH)
-            body = UsageBatch(records=batch).model_dump(mode="json")
-            try:
-                response = await self.http.post("/usage", json=body, headers=self.headers)
-                response.raise_for_status()
-            except httpx.HTTPError as exc:
-                self.failures += 1
-                log.warning("usage report failed (%s); %d records kept", exc, len(self.pending))
-                return False
-            self.pending.done(batch)
-            self.failures = 0
+        """Send what is pending, a batch at a time; False when the router failed."""
+        try:
+            await self.pending.deliver(self._send, MAX_BATCH)
+        except httpx.HTTPError as exc:
+            self.failures += 1
+            log.warning("usage report failed (%s); %d records kept", exc, len(self.pending))
+            return False
+        self.failures = 0
         return True
+
+    async def _send(self, batch: list[UsageRecord]) -> None:
+        body = UsageBatch(records=batch).model_dump(mode="json")
+        response = await self.http.post("/usage", json=body, headers=self.headers)
+        response.raise_for_status()
 
     async def run(self) -> None:
         """Flush every interval; after failures, back off (full jitter) up to 30 s."""
