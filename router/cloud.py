@@ -20,11 +20,13 @@ import httpx
 
 from router.candidates import Candidate
 from router.errors import UpstreamFailed, retry_after_seconds
+from schemas import openai
 from schemas.config import ProviderConfig
+from services.common.streaming import SSE_DONE, sse, to_json
 
 ANTHROPIC_VERSION = "2023-06-01"
 ANTHROPIC_DEFAULT_MAX_TOKENS = 1_024  # Anthropic requires one; OpenAI callers may omit it
-FINISH_REASONS = {
+FINISH_REASONS: dict[str, openai.FinishReason] = {
     "end_turn": "stop",
     "stop_sequence": "stop",
     "max_tokens": "length",
@@ -86,8 +88,9 @@ class CloudClient:
             if response.status_code < 400:
                 data = json.loads(raw)
                 if provider.kind == "anthropic":
-                    data = openai_completion(data)
-                    answer.body = json.dumps(data).encode()
+                    completion = openai_completion(data)
+                    answer.body = to_json(completion)
+                    data = completion.model_dump()
                 usage = data.get("usage") or {}
                 answer.usage = [usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)]
             return answer
@@ -140,29 +143,21 @@ def anthropic_request(body: dict[str, Any]) -> dict[str, Any]:
     return request
 
 
-def openai_completion(message: dict[str, Any]) -> dict[str, Any]:
+def openai_completion(message: dict[str, Any]) -> openai.ChatCompletion:
     """An Anthropic Messages answer as an OpenAI chat completion."""
     text = "".join(b.get("text", "") for b in message.get("content", []) if b.get("type") == "text")
     usage = message.get("usage") or {}
-    prompt, completion = usage.get("input_tokens", 0), usage.get("output_tokens", 0)
-    return {
-        "id": "chatcmpl-" + str(message.get("id", uuid.uuid4().hex)),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": message.get("model", ""),
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": FINISH_REASONS.get(message.get("stop_reason") or "", "stop"),
-            }
-        ],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        },
-    }
+    choice = openai.Choice(
+        message=openai.AssistantMessage(content=text),
+        finish_reason=FINISH_REASONS.get(message.get("stop_reason") or "", "stop"),
+    )
+    return openai.ChatCompletion(
+        id="chatcmpl-" + str(message.get("id", uuid.uuid4().hex)),
+        created=int(time.time()),
+        model=message.get("model", ""),
+        choices=[choice],
+        usage=openai.Usage.of(usage.get("input_tokens", 0), usage.get("output_tokens", 0)),
+    )
 
 
 async def openai_chunks_from_anthropic(
@@ -170,20 +165,13 @@ async def openai_chunks_from_anthropic(
 ) -> AsyncIterator[bytes]:
     """Anthropic's stream events as OpenAI chunks: the text deltas, then the finish reason
     and the usage, then ``[DONE]``."""
-    completion_id = "chatcmpl-" + uuid.uuid4().hex
-    created = int(time.time())
+    head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": model}
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        data = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        }
-        return b"data: " + json.dumps(data).encode() + b"\n\n"
+    def chunk(delta: openai.ChunkDelta, finish: openai.FinishReason | None = None) -> bytes:
+        choice = openai.ChunkChoice(delta=delta, finish_reason=finish)
+        return sse(openai.ChatCompletionChunk(**head, choices=[choice]))
 
-    finish = "stop"
+    finish: openai.FinishReason = "stop"
     async for line in lines:
         if not line.startswith("data: "):
             continue  # "event: ..." names the type that the data repeats
@@ -191,22 +179,18 @@ async def openai_chunks_from_anthropic(
         kind = event.get("type")
         if kind == "message_start":
             usage[0] = event["message"].get("usage", {}).get("input_tokens", 0)
-            yield chunk({"role": "assistant", "content": ""})
+            yield chunk(openai.ChunkDelta(role="assistant", content=""))
         elif kind == "content_block_delta" and event["delta"].get("type") == "text_delta":
-            yield chunk({"content": event["delta"]["text"]})
+            yield chunk(openai.ChunkDelta(content=event["delta"]["text"]))
         elif kind == "message_delta":
             usage[1] = event.get("usage", {}).get("output_tokens", usage[1])
             finish = FINISH_REASONS.get(event["delta"].get("stop_reason") or "", "stop")
         elif kind == "error":
             message = event.get("error", {}).get("message", "the provider failed")
             raise httpx.RemoteProtocolError(message)
-    total = {"prompt_tokens": usage[0], "completion_tokens": usage[1]}
-    total["total_tokens"] = usage[0] + usage[1]
-    last = chunk({}, finish)
     # OpenAI's usage chunk (include_usage) has no choices.
-    usage_chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created}
-    usage_chunk |= {"model": model, "choices": [], "usage": total}
-    yield last + b"data: " + json.dumps(usage_chunk).encode() + b"\n\ndata: [DONE]\n\n"
+    total = openai.ChatCompletionChunk(**head, choices=[], usage=openai.Usage.of(*usage))
+    yield chunk(openai.ChunkDelta(), finish) + sse(total) + SSE_DONE
 
 
 def _text(content: Any) -> str:
