@@ -52,22 +52,13 @@ TOP_LOGPROBS = 20  # Ollama's maximum
 def label_probabilities(labels: Sequence[str], steps: Sequence[api.Logprob]) -> dict[str, float]:
     """The probability of each label, from the logprobs of a generation constrained to
     ``labels`` as JSON strings (see the module docstring); labels never reached get 0."""
-    targets = {label: json.dumps(label, ensure_ascii=False) for label in labels}
     scores = dict.fromkeys(labels, 0.0)
-
-    def leads_to(text: str) -> list[str]:
-        return [
-            label
-            for label in live
-            if targets[label].startswith(text) or text.startswith(targets[label])
-        ]
-
     live = list(labels)
     text, mass = "", 1.0
     for step in steps:
         options = {top.token: top.logprob for top in step.top_logprobs or ()}
         options.setdefault(step.token, step.logprob)
-        branches = {token: leads_to(text + token) for token in options}
+        branches = {token: reachable(live, text + token) for token in options}
         weights = {t: math.exp(options[t]) for t, reached in branches.items() if reached}
         if step.token not in weights:  # not a label's text: the value has ended
             break
@@ -87,10 +78,15 @@ def label_probabilities(labels: Sequence[str], steps: Sequence[api.Logprob]) -> 
     return scores
 
 
-def decided(labels: Sequence[str], text: str) -> bool:
-    """Whether ``text``, the start of a generated value, leaves only one label."""
-    targets = [json.dumps(label, ensure_ascii=False) for label in labels]
-    return sum(1 for t in targets if t.startswith(text) or text.startswith(t)) <= 1
+def reachable(labels: Sequence[str], text: str) -> list[str]:
+    """The labels whose JSON string ``text`` (a generated value so far) can still become,
+    or already holds in full."""
+    found = []
+    for label in labels:
+        target = json.dumps(label, ensure_ascii=False)
+        if target.startswith(text) or text.startswith(target):
+            found.append(label)
+    return found
 
 
 # --- the classifier --------------------------------------------------------------------------
@@ -168,7 +164,7 @@ class DomainClassifier:
                     assert isinstance(part, api.GenerateResponse)
                     steps.extend(part.logprobs or ())
                     text += part.response
-                    if part.done or decided(words, text.lstrip()):
+                    if part.done or len(reachable(words, text.lstrip())) <= 1:  # decided
                         break
         finally:
             await close(parts)
