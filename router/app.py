@@ -22,9 +22,8 @@ from router.service import Router
 from router.settings import RouterSettings
 from router.usage import UsageLog, UsageStore
 from services.common.database import create_db_engine, db_runner
-from services.common.http import install_plumbing, serve_lean
+from services.common.http import install_plumbing, peer_client, serve_lean
 
-REGISTRY_TIMEOUT = httpx.Timeout(5.0)
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 
 
@@ -41,10 +40,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as owned:
-            http = registry_client
-            if http is None:
-                http = httpx.AsyncClient(base_url=settings.registry_url, timeout=REGISTRY_TIMEOUT)
-                owned.push_async_callback(http.aclose)
+            http = peer_client(registry_client, settings.registry_url, owned)
             timeout = aiohttp.ClientTimeout(
                 total=None,
                 sock_connect=settings.connect_timeout_seconds,

@@ -3,9 +3,11 @@ lean routes for the few endpoints on a hot path."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Collection, Iterable
 from typing import get_type_hints
 
+import httpx
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -21,6 +23,20 @@ from services.common.middleware import (
     OllamaJsonBodyMiddleware,
     RequestIdMiddleware,
 )
+
+# Another daemon of the swarm (the registry, the router): it answers in milliseconds.
+PEER_TIMEOUT = httpx.Timeout(5.0)
+
+
+def peer_client(
+    given: httpx.AsyncClient | None, base_url: str, owned: contextlib.AsyncExitStack
+) -> httpx.AsyncClient:
+    """``given`` (a test passes one), else a client for ``base_url`` closed with ``owned``."""
+    if given is not None:
+        return given
+    client = httpx.AsyncClient(base_url=base_url, timeout=PEER_TIMEOUT)
+    owned.push_async_callback(client.aclose)
+    return client
 
 
 def install_plumbing(app: FastAPI, *, max_body_bytes: int) -> CollectorRegistry:

@@ -13,18 +13,17 @@ import httpx
 import ollama
 from fastapi import FastAPI
 
-from services.common.http import install_plumbing, serve_lean
+from services.common.http import install_plumbing, peer_client, serve_lean
 from services.wrapper import ollama_routes, openai_routes, status_routes, tmd_routes
 from services.wrapper.aiohttp_client import ollama_client
 from services.wrapper.backend import Backend
-from services.wrapper.registration import REGISTRY_TIMEOUT, Registrar, Sleep
+from services.wrapper.registration import Registrar, Sleep
 from services.wrapper.service import Wrapper, wall_clock
 from services.wrapper.settings import WrapperSettings
 from services.wrapper.stats import Stats
 from services.wrapper.tmd import DomainClassifier
 from services.wrapper.usage import UsageReporter
 
-USAGE_TIMEOUT = httpx.Timeout(5.0)
 # The model calls: the wrapper's hot path, served by lean routes.
 MODEL_CALL_PATHS = (
     "/v1/chat/completions",
@@ -64,18 +63,10 @@ def create_app(
                     read_timeout=settings.read_timeout_seconds,
                 )
                 owned.push_async_callback(client.close)
-            http = registry_client
-            if http is None:
-                http = httpx.AsyncClient(base_url=settings.registry_url, timeout=REGISTRY_TIMEOUT)
-                owned.push_async_callback(http.aclose)
+            http = peer_client(registry_client, settings.registry_url, owned)
             reporter = None
             if settings.usage_url is not None:
-                to_router = usage_client
-                if to_router is None:
-                    to_router = httpx.AsyncClient(
-                        base_url=settings.usage_url, timeout=USAGE_TIMEOUT
-                    )
-                    owned.push_async_callback(to_router.aclose)
+                to_router = peer_client(usage_client, settings.usage_url, owned)
                 reporter = UsageReporter(
                     to_router, token=settings.registry_token, sleep=sleep, random=random
                 )

@@ -23,7 +23,6 @@ from services.wrapper.settings import WrapperSettings
 
 log = logging.getLogger(__name__)
 
-REGISTRY_TIMEOUT = httpx.Timeout(5.0)
 DEREGISTER_TIMEOUT_SECONDS = 2.0
 RECOVERY_SECONDS = 1.0  # the heartbeat interval while the backend is not passing
 
