@@ -313,7 +313,7 @@ def _insert_or_ignore(dialect: str):
         # No RETURNING: then every batch runs one prepared statement, and sqlite3 counts
         # the rows added. With RETURNING, SQLAlchemy writes the rows into the SQL, a new
         # statement for each batch size, and sqlite3 keeps 128 of them prepared: the
-        # router grew by 27 MB under load (scripts/bench_router.py, memray).
+        # router grew by 27 MB under load (scripts/bench/bench_router.py, memray).
         return statement
     return statement.returning(T.c.record_id)
 

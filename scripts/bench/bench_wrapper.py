@@ -23,9 +23,9 @@ called directly with the ``ollama`` client; helpers shared with ``bench_modelhos
 
 A benchmark, not a test: a missed budget is reported, not turned into an exit code.
 
-    .venv/bin/python scripts/bench_wrapper.py [--requests 3000] [--rounds 5] [--seconds 0.8]
+    .venv/bin/python scripts/bench/bench_wrapper.py [--requests 3000] [--rounds 5] [--seconds 0.8]
         [--clients 4] [--json]
-    .venv/bin/python scripts/bench_wrapper.py --throughput [--runs 5] [--tokens 256] [--json]
+    .venv/bin/python scripts/bench/bench_wrapper.py --throughput [--runs 5] [--tokens 256] [--json]
 """
 
 from __future__ import annotations
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if serve_helper(args, FakeOllama):
         return 0
-    command = shlex.join(["python", "scripts/bench_wrapper.py", *(argv or sys.argv[1:])])
+    command = shlex.join(["python", "scripts/bench/bench_wrapper.py", *(argv or sys.argv[1:])])
     if args.throughput:
         results = throughput(args)
         print(json.dumps(results, indent=2) if args.json else throughput_table(results, command))

@@ -22,7 +22,7 @@ the same run, as ``bench_wrapper.py`` does for the wrapper:
 
 A benchmark, not a test: a missed budget is reported, not turned into an exit code.
 
-    .venv/bin/python scripts/bench_router.py [--requests 3000] [--rounds 5] [--seconds 0.8]
+    .venv/bin/python scripts/bench/bench_router.py [--requests 3000] [--rounds 5] [--seconds 0.8]
         [--clients 4] [--max-concurrency 64] [--json]
 """
 
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if serve_helper(args, FakeOpenAI):
         return 0
-    command = shlex.join(["python", "scripts/bench_router.py", *(argv or sys.argv[1:])])
+    command = shlex.join(["python", "scripts/bench/bench_router.py", *(argv or sys.argv[1:])])
 
     load_at_start = load_average()
     fake_port, reference_port = free_port(), free_port()

@@ -7,7 +7,7 @@ the registry's memory. Prints a Markdown table (or ``--json``) of each figure ag
 budget. A benchmark, not a test: a missed budget is reported, not turned into an exit code;
 the exit code is non-zero only when the registry failed to start or requests errored.
 
-    .venv/bin/python scripts/bench_registry.py [--agents 10000] [--duration 10] [--json]
+    .venv/bin/python scripts/bench/bench_registry.py [--agents 10000] [--duration 10] [--json]
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Prints a Markdown table (medians, min-max) and the ratio host/direct; DESIGN sec
 budget for the wrapper chain is >= 97% of direct. A benchmark, not a test: the exit code is
 non-zero only when the host fails.
 
-    .venv/bin/python scripts/bench_modelhost.py [--model smollm2:135m] [--runs 5]
+    .venv/bin/python scripts/bench/bench_modelhost.py [--model smollm2:135m] [--runs 5]
         [--tokens 256] [--threads N]
 """
 
@@ -34,7 +34,7 @@ import httpx
 import ollama
 from benchlib import free_port, load_average
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from schemas.config import load_settings  # noqa: E402
