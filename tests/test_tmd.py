@@ -286,8 +286,8 @@ async def test_info_reports_the_taxonomy_and_prompt_versions(tlc, backend, taxon
 
 # --- the real chain: embedded Gemma 3 host, classifier wrapper, TLC wrapper --------------
 
-# Floors for a regression to trip, below what the evaluation measures (README); the whole
-# set and the targets are scripts/eval_tmd.py's job.
+# Floors for a regression to trip, below what the evaluation measures (scripts/bench/README.md);
+# the whole set and the targets are scripts/eval_tmd.py's job.
 SUBSET_EVERY = 3
 FLOOR_TOP1, FLOOR_TOP3 = 0.70, 0.90
 
