@@ -29,6 +29,8 @@ from schemas.agents import (
     Heartbeat,
     HeartbeatAck,
     Identifier,
+    Locality,
+    Tier,
     Token,
 )
 from schemas.errors import ErrorEnvelope
@@ -120,7 +122,8 @@ async def list_agents(
     registry: State,
     capability: Annotated[str | None, Query(max_length=64)] = None,
     status: CheckStatus | None = None,
-    tier: Token | None = None,
+    tier: Annotated[Tier | None, Query()] = None,
+    locality: Locality | None = None,
     role: Token | None = None,
     limit: Annotated[int, Query(ge=1)] = DEFAULT_PAGE_SIZE,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
@@ -132,6 +135,7 @@ async def list_agents(
             capability=capability.strip().lower() if capability else None,
             status=status,
             tier=tier,
+            locality=locality,
             role=role,
             limit=limit,
             offset=offset,

@@ -18,7 +18,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import TypeAdapter
-from sqlalchemy import Engine, bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from registry.tables import TABLES, AgentRow, CapabilityRow
@@ -45,6 +56,8 @@ _RECORDS = TypeAdapter(list[AgentRecord])
 # How far _rarity_query counts a capability: far enough to tell rare from common, short
 # enough that counting a capability every agent has stays well under a millisecond.
 RAREST_PROBE = 2_000
+# The columns discovery and listing filter on by equality.
+LABELS = ("tier", "locality", "role")
 
 
 def record_columns(now: float | Any) -> list:
@@ -108,6 +121,20 @@ class AgentStore:
         self.reap_after = reap_after
 
     def create_tables(self) -> None:
+        """Create the tables; tables of another version are replaced, not migrated.
+
+        Registrations are soft state: every agent registers again on its next heartbeat
+        (the registry answers 404), so starting empty loses nothing an agent cannot resend.
+        """
+        found = inspect(self.engine)
+        if found.has_table(AGENTS.name):
+            stored = {column["name"] for column in found.get_columns(AGENTS.name)}
+            if stored != {column.name for column in AGENTS.columns}:
+                log.warning(
+                    "the agents table is from another version of the registry: replacing it; "
+                    "agents register again on their next heartbeat"
+                )
+                AgentRow.metadata.drop_all(self.engine, tables=TABLES)
         AgentRow.metadata.create_all(self.engine, tables=TABLES)
 
     def register(self, definition: AgentDefinition) -> AgentRecord:
@@ -175,7 +202,8 @@ class AgentStore:
         *,
         capability: str | None = None,
         status: CheckStatus | None = None,
-        tier: str | None = None,
+        tier: int | None = None,
+        locality: str | None = None,
         role: str | None = None,
         limit: int,
         offset: int = 0,
@@ -187,7 +215,7 @@ class AgentStore:
             health = [AGENTS.c.expires_at >= now, AGENTS.c.check_status == status]
         else:
             health = []
-        conditions = [*health, *_labels(tier, role)]
+        conditions = [*health, *_labels(tier=tier, locality=locality, role=role)]
         query = _having_all([capability] if capability else [], conditions, now)
         # Pages need a stable order; discovery does not, and is faster without one.
         query = query.order_by(AGENTS.c.agent_id).offset(offset).limit(limit)
@@ -203,13 +231,13 @@ class AgentStore:
                 found = counts.one()
                 capabilities = [c for _, c in sorted(zip(found, capabilities, strict=True))]
             params |= _numbered(capabilities)
-            params |= {"tier": request.tier, "role": request.role}
+            labels = {name: getattr(request, name) for name in LABELS}
+            params |= labels
             params["probe_limit"] = request.limit * len(capabilities)
             shape = (
                 match_any,
                 len(capabilities),
-                request.tier is not None,
-                request.role is not None,
+                frozenset(name for name, value in labels.items() if value is not None),
                 not request.include_unhealthy,
             )
             found = _records(conn.execute(_discover_query(*shape), params).all())
@@ -257,13 +285,9 @@ def _not_found(agent_id: str) -> NotFound:
     return NotFound(f"agent {agent_id!r} is not registered", code="agent_not_found")
 
 
-def _labels(tier: Any, role: Any) -> list:
-    conditions = []
-    if tier is not None:
-        conditions.append(AGENTS.c.tier == tier)
-    if role is not None:
-        conditions.append(AGENTS.c.role == role)
-    return conditions
+def _labels(**wanted: Any) -> list:
+    """Conditions on the label columns (tier, locality, role) given a value."""
+    return [AGENTS.c[name] == value for name, value in wanted.items() if value is not None]
 
 
 def _numbered(capabilities: list[str]) -> dict[str, str]:
@@ -298,11 +322,11 @@ def _rarity_query(count: int):
 
 
 @functools.lru_cache(maxsize=512)
-def _discover_query(match_any: bool, count: int, tier: bool, role: bool, healthy_only: bool):
-    """Discovery of one shape; values bind as now, limit, probe_limit, tier, role and
-    capability_0.. (rarest first for match all)."""
+def _discover_query(match_any: bool, count: int, labels: frozenset[str], healthy_only: bool):
+    """Discovery of one shape; values bind as now, limit, probe_limit, the ``labels``
+    filtered on and capability_0.. (rarest first for match all)."""
     now = bindparam("now")
-    conditions = _labels(bindparam("tier") if tier else None, bindparam("role") if role else None)
+    conditions = _labels(**{name: bindparam(name) for name in labels})
     if healthy_only:
         conditions += [AGENTS.c.expires_at >= now, AGENTS.c.check_status != "critical"]
     capabilities = _capability_params(count)

@@ -15,7 +15,8 @@ class AgentRow(SQLModel, table=True):
 
     agent_id: str = Field(primary_key=True, max_length=128)
     name: str = Field(max_length=128)
-    tier: str = Field(max_length=64, index=True)
+    tier: int = Field(index=True)
+    locality: str = Field(max_length=16, index=True)
     role: str = Field(max_length=64, index=True)
     endpoint: str = Field(max_length=2048)
     transport: str = Field(max_length=64)

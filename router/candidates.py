@@ -14,7 +14,7 @@ LOCAL = "local"
 
 @dataclass(frozen=True)
 class Candidate:
-    provider: str  # LOCAL for a registry agent, else the provider's name in the profile
+    provider: str  # a registry agent's locality (LOCAL or "cloud"), or a provider's name
     model: str
     endpoint: str  # the base URL: an agent's endpoint, or a provider's base_url
     agent_id: str | None
@@ -38,7 +38,7 @@ class Candidate:
 
 def agent_candidate(agent: AgentRecord, capability: str, fallback: bool) -> Candidate:
     return Candidate(
-        provider=LOCAL if agent.tier == LOCAL else agent.tier,
+        provider=agent.locality,  # LOCAL, or "cloud" for an agent in front of a cloud
         model=str(agent.metadata.get("model") or agent.agent_id),
         endpoint=agent.endpoint,
         agent_id=agent.agent_id,

@@ -73,6 +73,20 @@ Endpoint = Annotated[
 CheckStatus = Literal["passing", "warning", "critical"]
 
 
+def _refuse_locality_as_tier(value: Any) -> Any:
+    # Before the spec's integer tier, "local"/"cloud" went in tier: say where it goes now.
+    if isinstance(value, str) and value.strip().lower() in ("local", "cloud"):
+        raise ValueError(f"tier is an integer level (e.g. 2); {value.strip()!r} goes in locality")
+    return value
+
+
+# The spec's integer level of an agent in its hierarchy (its model services register 2).
+Tier = Annotated[int, BeforeValidator(_refuse_locality_as_tier), Field(ge=0, le=9)]
+DEFAULT_TIER = 2
+# Whether a call to the agent stays on the operator's machines or goes to a cloud provider.
+Locality = Literal["local", "cloud"]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -82,11 +96,14 @@ class AgentDefinition(Strict):
 
     agent_id: Identifier
     name: str = Field(min_length=1, max_length=128)
-    tier: Token = "local"
+    tier: Tier = DEFAULT_TIER
+    locality: Locality = "local"
     role: Token
     capabilities: Capabilities = Field(min_length=1)
     endpoint: Endpoint
-    transport: Token = "http"
+    transport: Token = Field(
+        default="http", description='"http", or the spec\'s "rest": both are HTTP.'
+    )
     cost_per_1k_tokens: float = Field(default=0.0, ge=0, le=1_000)
     metadata: dict[str, Any] = Field(default_factory=dict, max_length=MAX_METADATA_KEYS)
     ttl_seconds: float | None = Field(
@@ -99,7 +116,8 @@ class AgentRecord(BaseModel):
 
     agent_id: str
     name: str
-    tier: str
+    tier: int
+    locality: Locality
     role: str
     capabilities: list[str]
     endpoint: str
@@ -134,7 +152,8 @@ class HeartbeatAck(BaseModel):
 class DiscoverRequest(Strict):
     capabilities: Capabilities = Field(default_factory=list)
     match: Literal["all", "any"] = "all"
-    tier: Token | None = None
+    tier: Tier | None = None
+    locality: Locality | None = None
     role: Token | None = None
     include_unhealthy: bool = False
     limit: int = Field(default=DISCOVER_DEFAULT_LIMIT, ge=1)

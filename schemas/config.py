@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from schemas.agents import Capability, Identifier, Token
+from schemas.agents import DEFAULT_TIER, Capability, Identifier, Locality, Tier, Token
 from schemas.errors import describe_validation_errors
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -105,7 +105,10 @@ class WrapperConfig(Section):
     )
     prompt_style: Literal["chat", "completion"] = "chat"
     capabilities: list[Capability] = Field(min_length=1, max_length=32)
-    tier: Token = "local"
+    tier: Tier = Field(default=DEFAULT_TIER, description="The spec's integer level.")
+    locality: Locality = Field(
+        default="local", description='"cloud" for a wrapper whose calls leave the machines.'
+    )
     role: Token
     cost_per_1k_tokens: float = Field(default=0.0, ge=0)
     context_length: int | None = Field(default=None, ge=128)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from registry.app import create_app
+from registry.settings import RegistrySettings
 
 
 def register(client, agent: dict, **changes) -> httpx.Response:
@@ -24,7 +27,7 @@ def test_register_returns_the_stored_record(registry, agent, clock):
     response = register(registry, agent)
     assert response.status_code == 200
     record = response.json()
-    for key in ("agent_id", "name", "tier", "role", "capabilities", "endpoint", "metadata"):
+    for key in agent:
         assert record[key] == agent[key]
     assert record["status"] == "passing"
     assert record["ttl_seconds"] == 30.0
@@ -57,6 +60,54 @@ def test_capabilities_are_normalized(registry, agent):
 
 def test_optional_ttl_is_honoured(registry, agent):
     assert register(registry, agent, ttl_seconds=5).json()["ttl_seconds"] == 5
+
+
+# The agents table as the registry created it before tier became the spec's integer.
+OLDER_AGENTS_TABLE = """
+CREATE TABLE agents (
+    agent_id VARCHAR(128) PRIMARY KEY, name VARCHAR(128) NOT NULL, tier VARCHAR(64) NOT NULL,
+    role VARCHAR(64) NOT NULL, endpoint VARCHAR(2048) NOT NULL, transport VARCHAR(64) NOT NULL,
+    cost_per_1k_tokens FLOAT NOT NULL, capabilities JSON NOT NULL, metadata JSON NOT NULL,
+    ttl_seconds FLOAT NOT NULL, check_status VARCHAR(16) NOT NULL, output VARCHAR(1024) NOT NULL,
+    in_flight INTEGER, latency_ms FLOAT, registered_at FLOAT NOT NULL,
+    last_heartbeat FLOAT NOT NULL, expires_at FLOAT NOT NULL
+);
+INSERT INTO agents VALUES ('old', 'old', 'local', 'reasoner', 'http://127.0.0.1:9', 'http', 0,
+    '["reasoning"]', '{}', 30, 'passing', '', NULL, NULL, 0, 0, 0);
+"""
+
+
+def test_a_database_from_an_older_version_is_replaced(make_registry, tmp_path, agent):
+    """Registrations are soft state: the agents register again on their next heartbeat."""
+    path = tmp_path / "older.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(OLDER_AGENTS_TABLE)
+    settings = RegistrySettings(database_url=f"sqlite:///{path}", reap_interval_seconds=86_400)
+    client = make_registry(settings)
+    assert register(client, agent).status_code == 200
+    assert ids(client.get("/agents")) == [agent["agent_id"]]
+    assert client.post("/heartbeat/old").status_code == 404  # so it registers again
+
+
+def test_tier_and_locality_default_to_a_local_model_service(registry, agent):
+    bare = {k: v for k, v in agent.items() if k not in ("tier", "locality", "transport")}
+    record = register(registry, bare).json()
+    assert (record["tier"], record["locality"], record["transport"]) == (2, "local", "http")
+
+
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"tier": "local"}, "tier: tier is an integer level (e.g. 2); 'local' goes in locality"),
+        ({"tier": 10}, "tier: Input should be less than or equal to 9"),
+        ({"tier": 1.5}, "tier: Input should be a valid integer"),
+        ({"locality": "remote"}, "locality: Input should be 'local' or 'cloud'"),
+    ],
+)
+def test_a_bad_tier_or_locality_is_a_422_naming_it(registry, agent, changes, says):
+    response = register(registry, agent, **changes)
+    assert response.status_code == 422
+    assert says in response.json()["error"]["message"]
 
 
 def test_heartbeat_refreshes_liveness_and_carries_live_stats(registry, agent, clock):
@@ -110,14 +161,15 @@ def test_unknown_agent_is_404_in_the_envelope(registry):
 
 @pytest.fixture
 def fleet(registry, agent):
-    """Four agents with overlapping capabilities, roles and tiers."""
+    """Four agents with overlapping capabilities, roles, tiers and localities."""
     specs = {
-        "reasoner": ("reasoner", "local", ["reasoning", "planning"]),
-        "classifier": ("classifier", "local", ["classification", "tagging"]),
-        "tlc": ("domain_classifier", "local", ["classification", "domain_classification"]),
-        "remote": ("reasoner", "remote", ["reasoning", "classification"]),
+        "reasoner": ("reasoner", 2, "local", ["reasoning", "planning"]),
+        "classifier": ("classifier", 2, "local", ["classification", "tagging"]),
+        "tlc": ("domain_classifier", 3, "local", ["classification", "domain_classification"]),
+        "remote": ("reasoner", 2, "cloud", ["reasoning", "classification"]),
     }
-    for port, (agent_id, (role, tier, capabilities)) in enumerate(specs.items(), start=9001):
+    for port, (agent_id, spec) in enumerate(specs.items(), start=9001):
+        role, tier, locality, capabilities = spec
         endpoint = f"http://127.0.0.1:{port}"
         assert (
             register(
@@ -126,6 +178,7 @@ def fleet(registry, agent):
                 agent_id=agent_id,
                 role=role,
                 tier=tier,
+                locality=locality,
                 capabilities=capabilities,
                 endpoint=endpoint,
             ).status_code
@@ -142,7 +195,9 @@ def fleet(registry, agent):
         ({"capabilities": ["reasoning", "classification"], "match": "all"}, ["remote"]),
         ({"capabilities": ["planning", "tagging"], "match": "any"}, ["classifier", "reasoner"]),
         ({"capabilities": ["classification"], "role": "domain_classifier"}, ["tlc"]),
-        ({"capabilities": ["reasoning"], "tier": "local"}, ["reasoner"]),
+        ({"capabilities": ["reasoning"], "locality": "local"}, ["reasoner"]),
+        ({"capabilities": ["classification"], "tier": 3}, ["tlc"]),
+        ({"capabilities": ["classification"], "tier": 2, "locality": "cloud"}, ["remote"]),
         ({"capabilities": ["nothing_has_this"]}, []),
         ({}, ["classifier", "reasoner", "remote", "tlc"]),
     ],
@@ -186,7 +241,9 @@ def test_discover_returns_healthy_agents_unless_asked(fleet, clock):
         ({"capability": "classification"}, ["classifier", "remote", "tlc"]),
         ({"capability": " Classification "}, ["classifier", "remote", "tlc"]),
         ({"role": "reasoner"}, ["reasoner", "remote"]),
-        ({"tier": "remote"}, ["remote"]),
+        ({"locality": "cloud"}, ["remote"]),
+        ({"tier": 3}, ["tlc"]),
+        ({"tier": 2, "locality": "local"}, ["classifier", "reasoner"]),
         ({"role": "reasoner", "capability": "planning"}, ["reasoner"]),
         ({"limit": 1, "offset": 1}, ["reasoner"]),
     ],
@@ -213,6 +270,10 @@ def test_list_filters_by_status(fleet, clock):
         ("post", "/discover", {"limit": 5000}),
         ("get", "/agents?limit=0", None),
         ("get", "/agents?status=sleepy", None),
+        ("get", "/agents?tier=local", None),
+        ("get", "/agents?tier=10", None),
+        ("get", "/agents?locality=remote", None),
+        ("post", "/discover", {"tier": -1}),
         ("post", "/discover", {"match": "most"}),
         ("post", "/discover", {"capabilities": "reasoning"}),
         ("post", "/discover", {"capabilities": ["x"], "colour": "blue"}),

@@ -41,7 +41,7 @@ def agent(
     agent_id: str,
     *capabilities: str,
     cost: float = 0.0,
-    tier: str = "local",
+    locality: str = "local",
     endpoint: str | None = None,
     status: str = "passing",
     model: str = "m",
@@ -49,7 +49,8 @@ def agent(
     return AgentRecord(
         agent_id=agent_id,
         name=agent_id,
-        tier=tier,
+        tier=2,
+        locality=locality,
         role="reasoner",
         capabilities=list(capabilities),
         endpoint=endpoint or f"http://127.0.0.1:9/{agent_id}",
@@ -95,7 +96,7 @@ def ranked(
 
 def test_local_and_cheap_first_then_measured_latency():
     agents = [
-        agent("cloud-ish", "reasoning", cost=0.5, tier="remote"),
+        agent("cloud-ish", "reasoning", cost=0.5, locality="cloud"),
         agent("slow", "reasoning"),
         agent("fast", "reasoning"),
         agent("pricey", "reasoning", cost=0.1),

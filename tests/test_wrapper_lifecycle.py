@@ -78,9 +78,10 @@ async def test_it_registers_itself_with_the_models_measured_facts(
     architecture = shown["model_info"]["general.architecture"]
     assert record["status"] == "passing"
     assert record["endpoint"] == settings.endpoint
-    assert (record["name"], record["tier"], record["role"]) == (
+    assert (record["name"], record["tier"], record["locality"], record["role"]) == (
         settings.name,
         settings.tier,
+        settings.locality,
         settings.role,
     )
     assert record["capabilities"] == settings.capabilities

@@ -353,7 +353,7 @@
     body.replaceChildren(
       ...rows.map(({ usage, record }) => {
         const id = usage ? usage.agent_id : record.agent_id;
-        const provider = usage ? usage.provider : record.tier === "local" ? "local" : record.tier;
+        const provider = usage ? usage.provider : record.locality;
         const state = health(record, provider, registry.error);
         const u = usage || { calls: 0, errors: 0, prompt_tokens: 0, completion_tokens: 0 };
         const tr = node("tr", { "data-agent": id });

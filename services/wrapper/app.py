@@ -77,7 +77,7 @@ def create_app(
                 cost_per_1k_tokens=settings.cost_per_1k_tokens,
                 clock=clock,
                 agent_id=settings.agent_id,
-                provider=settings.tier,
+                provider=settings.locality,
                 report=reporter.add if reporter else None,
             )
             wrapper = Wrapper(

@@ -51,6 +51,7 @@ def agent_definition(
         agent_id=settings.agent_id,
         name=settings.name,
         tier=settings.tier,
+        locality=settings.locality,
         role=settings.role,
         capabilities=settings.capabilities,
         endpoint=settings.endpoint,
