@@ -54,7 +54,7 @@ def create_app(settings: RegistrySettings, clock: Clock = time.time) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.started = time.monotonic()
-    install_plumbing(app, max_body_bytes=settings.max_body_bytes)
+    install_plumbing(app, max_body_bytes=settings.max_body_bytes, readiness=routes.readiness)
     app.include_router(routes.writes)
     app.include_router(routes.router)
     return app

@@ -163,7 +163,21 @@ async def health(request: Request, registry: State):
     try:
         agents = await registry.run(registry.store.count)
     except Exception as exc:
-        reason = f"database unavailable: {type(exc).__name__}"
+        reason = _database_unavailable(exc)
         body = RegistryHealth(status="unhealthy", database="error", reason=reason, **base)
         return JSONResponse(body.model_dump(), status_code=503)
     return RegistryHealth(status="healthy", database="ok", agents=agents, **base)
+
+
+async def readiness(request: Request) -> str | None:
+    """Ready while the database answers (``GET /readyz``)."""
+    registry = await get_registry(request)
+    try:
+        await registry.run(registry.store.count)
+    except Exception as exc:
+        return _database_unavailable(exc)
+    return None
+
+
+def _database_unavailable(exc: Exception) -> str:
+    return f"database unavailable: {type(exc).__name__}"

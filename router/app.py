@@ -117,7 +117,7 @@ def create_app(
         limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst, clock)
         # Inside the shared plumbing: a 429 carries the request id and is counted.
         app.add_middleware(RateLimitMiddleware, limiter=limiter, paths=(*CHAT_PATHS, "/route"))
-    install_plumbing(app, max_body_bytes=settings.max_body_bytes)
+    install_plumbing(app, max_body_bytes=settings.max_body_bytes, readiness=routes.readiness)
     app.include_router(routes.router)
     app.include_router(dashboard.router)
     serve_lean(app, [routes.router], CHAT_PATHS)

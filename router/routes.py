@@ -67,8 +67,8 @@ async def health(request: Request) -> Response:
     still routes from its last snapshot)."""
     routing = router_of(request)
     directory = routing.directory
-    if directory.read_at is None:
-        status, reason = "unhealthy", directory.error or "the registry has not been read yet"
+    if (reason := await readiness(request)) is not None:
+        status = "unhealthy"
     elif directory.error:
         status, reason = "degraded", f"{directory.error} (snapshot {directory.age()} s old)"
     else:
@@ -81,6 +81,15 @@ async def health(request: Request) -> Response:
         reason=reason,
     )
     return json_response(body, exclude_none=False, status=200 if status == "healthy" else 503)
+
+
+async def readiness(request: Request) -> str | None:
+    """Ready once it has agents to route to: the registry was read once (``GET /readyz``);
+    a registry that is down later leaves it routing from that snapshot."""
+    directory = router_of(request).directory
+    if directory.read_at is None:
+        return directory.error or "the registry has not been read yet"
+    return None
 
 
 # --- usage (DESIGN 5) ------------------------------------------------------------------------

@@ -9,6 +9,13 @@ from pydantic import BaseModel
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]
 
 
+class Probe(BaseModel):
+    """``GET /healthz`` (``alive``) and ``GET /readyz`` (``ready``, or 503 ``not_ready``)."""
+
+    status: Literal["alive", "ready", "not_ready"]
+    reason: str | None = None
+
+
 class ServiceHealth(BaseModel):
     """``GET /health`` of every daemon; 200 when healthy, 503 otherwise."""
 

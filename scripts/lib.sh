@@ -18,21 +18,25 @@ find_python() {
 }
 
 # ensure_venv EXTRAS: create .venv if missing and install the project with EXTRAS ("dev",
-# "" for none).
-# Skips pip when pyproject.toml and the extras are unchanged since the last install.
+# "embedded", "" for none).
+# Skips pip when pyproject.toml and the extras are unchanged since the last install. With
+# the embedded engine (dev includes it), scripts/engine.py builds llama.cpp for this CPU
+# before pip could pick a cached wheel, and proves it decodes on this machine.
 ensure_venv() {
-    local extras="$1" stamp="$VENV/.installed" want spec="$ROOT"
+    local extras="$1" stamp="$VENV/.installed" want spec="$ROOT" engine=""
+    case ",$extras," in *,dev,* | *,embedded,*) engine=1 ;; esac
     if [ ! -x "$VENV/bin/python" ]; then
         echo "==> creating $VENV"
         "$(find_python)" -m venv "$VENV"
     fi
     want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1) [$extras]"
-    if [ -f "$stamp" ] && grep -qxF "$want" "$stamp"; then
-        return 0
+    if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
+        echo "==> installing local-llm-swarm[$extras] into .venv"
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip
+        [ -z "$engine" ] || "$VENV/bin/python" "$ROOT/scripts/engine.py" install
+        [ -n "$extras" ] && spec="$ROOT[$extras]"
+        "$VENV/bin/python" -m pip install --quiet -e "$spec"
+        echo "$want" >>"$stamp"
     fi
-    echo "==> installing local-llm-swarm[$extras] into .venv"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    [ -n "$extras" ] && spec="$ROOT[$extras]"
-    "$VENV/bin/python" -m pip install --quiet -e "$spec"
-    echo "$want" >>"$stamp"
+    [ -z "$engine" ] || "$VENV/bin/python" "$ROOT/scripts/engine.py" check
 }

@@ -162,3 +162,37 @@ def test_down_when_nothing_runs_says_so(profile, capsys):
     profile()
     assert cli.main(["down"]) == 0
     assert capsys.readouterr().out == "the swarm is not running\n"
+
+
+@pytest.mark.process
+def test_up_fails_in_one_line_naming_sigill_when_a_model_host_dies_on_its_first_decode(tmp_path):
+    """A model host whose llama.cpp build cannot run on this CPU: it loads its model, then
+    the warm-up decode dies. ``up`` must not wait for its timeout or call it healthy."""
+    port = free_port()
+    (tmp_path / "profile.yaml").write_text(
+        f"registry: {{port: {free_port()}}}\nrouter: {{port: {free_port()}}}\n"
+        f"backends: {{tiny: {{kind: embedded, model: 'smollm2:135m', port: {port}}}}}\n"
+    )
+    env = process_env(tmp_path, SWARM_CONFIG=str(tmp_path / "profile.yaml"))
+    env["PYTHONPATH"] = str(REPO / "tests" / "data" / "sigill_engine")
+
+    def swarm(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "services.control", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+
+    try:
+        up = swarm("up", "--timeout", "150")
+        assert up.returncode == 1, up.stdout + up.stderr
+        assert up.stderr.count("\n") == 1, up.stderr
+        assert up.stderr.startswith(
+            "swarm: error: modelhost-tiny keeps dying (2 times since start)"
+        )
+        assert "killed by SIGILL: the llama.cpp build uses instructions this CPU cannot run" in (
+            up.stderr
+        )
+        statuses = {s["name"]: s for s in json.loads(swarm("--json", "status").stdout)}
+        assert "last exit: killed by SIGILL" in statuses["modelhost-tiny"]["health"]
+        assert statuses["modelhost-tiny"]["state"] == "STOPPED"  # not restarted in a loop
+        assert statuses["registry"]["health"] == "healthy"
+    finally:
+        swarm("down")

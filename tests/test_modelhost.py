@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from services.modelhost.app import create_app
 from services.modelhost.catalog import CATALOG, lookup
-from services.modelhost.engine import Engine, load_engine
+from services.modelhost.engine import WARM_UP_PROMPT_TOKENS, Engine, load_engine
 from services.modelhost.settings import ModelHostSettings
 from tests.conftest import REPO, free_port, process_env, wait_healthy
 
@@ -112,6 +112,37 @@ def test_root_version_and_health(host) -> None:
     assert body["model_loaded"]
     assert body["load_duration_ms"] > 0
     assert health.headers["x-request-id"]
+
+
+def test_ready_only_once_a_warm_up_decode_of_a_long_prompt_succeeded(host, engine) -> None:
+    # Prompt batches run other kernels than single tokens: both must have run.
+    assert engine.warmed_up.prompt_eval_count >= WARM_UP_PROMPT_TOKENS
+    assert engine.warmed_up.eval_count > 0
+    assert httpx.get(f"{host}/healthz").json() == {"status": "alive"}
+    ready = httpx.get(f"{host}/readyz")
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+    warmed, engine.warmed_up = engine.warmed_up, None
+    try:
+        not_ready = httpx.get(f"{host}/readyz")
+    finally:
+        engine.warmed_up = warmed
+    assert (not_ready.status_code, not_ready.json()["status"]) == (503, "not_ready")
+
+
+def test_check_decodes_once_and_exits(tmp_path) -> None:
+    """What scripts/engine.py runs to prove a llama.cpp build works on this machine."""
+    done = subprocess.run(
+        [sys.executable, "-m", "services.modelhost", "--model", SMOLLM, "--check"],
+        cwd=REPO,
+        env=process_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{SMOLLM}: ")
+    assert "prompt tokens in" in done.stdout
 
 
 def test_list_show_and_ps_describe_the_loaded_file(client, engine) -> None:

@@ -366,6 +366,18 @@ def test_health_is_503_when_the_database_fails(registry):
     assert response.json()["database"] == "error"
 
 
+def test_alive_always_and_ready_while_the_database_answers(registry):
+    assert registry.get("/readyz").json() == {"status": "ready"}
+    registry.app.state.registry.store.engine.dispose()
+    registry.app.state.registry.store.engine = __import__("sqlalchemy").create_engine(
+        "sqlite:////nonexistent/dir/registry.db"
+    )
+    assert registry.get("/healthz").json() == {"status": "alive"}
+    not_ready = registry.get("/readyz")
+    assert (not_ready.status_code, not_ready.json()["status"]) == (503, "not_ready")
+    assert not_ready.json()["reason"].startswith("database unavailable")
+
+
 def test_openapi_documents_the_contract(registry):
     schema = registry.get("/openapi.json").json()
     assert {

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import pytest
 import respx
 from aiohttp import web
@@ -485,6 +486,21 @@ async def test_health_says_whether_the_registry_was_read(start_router):
     router = await start_router()
     health = await router.get("/health")
     assert (health.status_code, health.json()["status"]) == (200, "healthy")
+
+
+async def test_ready_once_the_registry_was_read(start_router):
+    ready = await (await start_router()).get("/readyz")
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    unread = httpx.AsyncClient(transport=httpx.MockTransport(refuse), base_url="http://r.test")
+    router = await start_router(registry_client=unread)
+    assert (await router.get("/healthz")).json() == {"status": "alive"}
+    not_ready = await router.get("/readyz")
+    assert (not_ready.status_code, not_ready.json()["status"]) == (503, "not_ready")
+    assert not_ready.json()["reason"]
 
 
 # --- usage records and the usage API -----------------------------------------------------

@@ -146,6 +146,21 @@ async def test_a_wrapper_starting_with_its_backend_down_is_not_discovered(
     assert (await wrapper.http.get("/health")).status_code == 503  # and it still serves
 
 
+async def test_alive_always_and_ready_only_while_the_backend_serves_the_model(
+    start_wrapper, settings, backend
+):
+    wrapper = await start_wrapper(settings)
+    assert (await wrapper.http.get("/healthz")).json() == {"status": "alive"}
+    ready = await wrapper.http.get("/readyz")
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+    backend.routes["tags"].mock(side_effect=httpx.ConnectError("connection refused"))
+    assert (await wrapper.http.get("/healthz")).status_code == 200
+    not_ready = await wrapper.http.get("/readyz")
+    assert not_ready.status_code == 503
+    assert not_ready.json()["status"] == "not_ready"
+    assert BACKEND in not_ready.json()["reason"]
+
+
 async def test_it_registers_again_when_the_registry_forgets_it(
     start_wrapper, settings, sleeper, wrapper_registry
 ):

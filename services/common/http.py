@@ -23,6 +23,7 @@ from services.common.middleware import (
     OllamaJsonBodyMiddleware,
     RequestIdMiddleware,
 )
+from services.common.probes import Readiness, install_probes
 
 # Another daemon of the swarm (the registry, the router): it answers in milliseconds.
 PEER_TIMEOUT = httpx.Timeout(5.0)
@@ -39,8 +40,11 @@ def peer_client(
     return client
 
 
-def install_plumbing(app: FastAPI, *, max_body_bytes: int) -> CollectorRegistry:
-    """Wire the shared middleware and ``GET /metrics``; return the app's metrics registry."""
+def install_plumbing(
+    app: FastAPI, *, max_body_bytes: int, readiness: Readiness
+) -> CollectorRegistry:
+    """Wire the shared middleware, ``GET /metrics`` and the probes (``/healthz``, ``/readyz``
+    answered by ``readiness``); return the app's metrics registry."""
     registry = CollectorRegistry(auto_describe=True)
     app.state.metrics_registry = registry
     install_error_handlers(app)
@@ -50,6 +54,7 @@ def install_plumbing(app: FastAPI, *, max_body_bytes: int) -> CollectorRegistry:
     app.add_middleware(MetricsMiddleware, metrics=HttpMetrics(registry))
     app.add_middleware(RequestIdMiddleware)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+    install_probes(app, readiness)
     return registry
 
 

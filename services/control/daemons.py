@@ -24,7 +24,7 @@ def daemons(settings: SwarmSettings, python: str = sys.executable) -> list[Daemo
         if backend.kind == "embedded":
             url = settings.local_url(backend.host, backend.port)
             argv = (python, "-m", "services.modelhost", "--backend", name)
-            found.append(Daemon(f"modelhost-{name}", argv, f"{url}/api/version", 10))
+            found.append(Daemon(f"modelhost-{name}", argv, f"{url}/health", 10))
     registry = (python, "-m", "registry")
     found.append(Daemon("registry", registry, f"{settings.registry_url}/health", 20))
     for name, wrapper in settings.wrappers.items():

@@ -3,8 +3,10 @@ truth), and a client for its XML-RPC interface on the state directory's unix soc
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -20,6 +22,46 @@ from services.control.daemons import Daemon
 
 def log_path(settings: SwarmSettings, daemon: str) -> Path:
     return settings.state_dir / "logs" / f"{daemon}.log"
+
+
+def supervisord_log_path(settings: SwarmSettings) -> Path:
+    return settings.state_dir / "logs" / "supervisord.log"
+
+
+def log_size(settings: SwarmSettings) -> int:
+    """Where supervisord's log ends now: read :func:`unexpected_exits` from here on."""
+    try:
+        return supervisord_log_path(settings).stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+# supervisord logs each death it did not ask for as
+# "exited: NAME (terminated by SIGILL (core dumped); not expected)" or "(exit status 2; ...)".
+_UNEXPECTED_EXIT = re.compile(r" exited: (?P<name>\S+) \((?P<how>.+); not expected\)$")
+_STARTED = " supervisord started with pid "
+_LOG_TAIL_BYTES = 1 << 20
+
+
+def unexpected_exits(settings: SwarmSettings, *, since: int | None = None) -> dict[str, list[str]]:
+    """How each program died unexpectedly, oldest first ("terminated by SIGILL", "exit
+    status 2"), from supervisord's log: after byte ``since``, else since supervisord's
+    last start. supervisord knows it only as a log line; its XML-RPC keeps no signal."""
+    path = supervisord_log_path(settings)
+    try:
+        with path.open("rb") as file:
+            start = since if since is not None else max(0, log_size(settings) - _LOG_TAIL_BYTES)
+            file.seek(start)
+            text = file.read().decode(errors="replace")
+    except FileNotFoundError:
+        return {}
+    if since is None and (started := text.rfind(_STARTED)) >= 0:
+        text = text[started:]
+    exits: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if match := _UNEXPECTED_EXIT.search(line):
+            exits.setdefault(match["name"], []).append(match["how"])
+    return exits
 
 
 def socket_path(settings: SwarmSettings) -> Path:
@@ -121,7 +163,18 @@ class Supervisor:
 
     def stop(self, names: list[str]) -> None:
         for name in names:
-            self.rpc.stopProcess(name)
+            with contextlib.suppress(xmlrpc.client.Fault):  # it is not running: nothing to do
+                self.rpc.stopProcess(name)
+
+    def keep_stopped(self, name: str, *, timeout: float = 10.0) -> None:
+        """Stop ``name`` for good: one caught between a death and its restart would
+        otherwise be restarted by ``autorestart``."""
+        deadline = time.monotonic() + timeout
+        while self.processes()[name]["statename"] not in ("STOPPED", "FATAL"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"supervisord did not stop {name} in {timeout:g} s")
+            self.stop([name])
+            time.sleep(0.1)
 
     def shutdown(self, *, timeout: float = 60.0) -> None:
         """Stop every program and supervisord itself; return once its process is gone."""

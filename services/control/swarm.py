@@ -13,13 +13,27 @@ import httpx
 
 from schemas.config import SwarmSettings
 from services.control.daemons import Daemon, daemons, external_backends
-from services.control.supervisor import Supervisor, config_path, log_path, render_config
+from services.control.supervisor import (
+    Supervisor,
+    config_path,
+    log_path,
+    log_size,
+    render_config,
+    unexpected_exits,
+)
 
 LOG_LINES = 20  # of a daemon that did not come up
+DEATHS_BEFORE_GIVING_UP = 2  # one death can be bad luck; two in one start is a cause
 
 
 class SwarmError(Exception):
     """Something the user must fix; the message is one line that says what."""
+
+
+class KeepsDying(SwarmError):
+    def __init__(self, message: str, daemon: str) -> None:
+        super().__init__(message)
+        self.daemon = daemon
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,7 @@ def up(settings: SwarmSettings, *, timeout: float, say: Callable[[str], None]) -
         check_ports(settings)
     check_models(settings)
     config_path(settings).write_text(render_config(settings, daemons(settings)))
+    since = log_size(settings)
     if running:
         say("supervisord already running; applying the current profile")
         supervisor.update()
@@ -49,7 +64,12 @@ def up(settings: SwarmSettings, *, timeout: float, say: Callable[[str], None]) -
         if not _health(f"{url}/api/version")[0]:
             say(f"warning: backend {name!r} (Ollama) does not answer at {url}")
     say("waiting until every daemon is healthy")
-    wait_healthy(settings, timeout)
+    try:
+        wait_healthy(settings, timeout, since=since)
+    except KeepsDying as exc:
+        # Restarting it again would only burn the CPU; `status` still says how it died.
+        supervisor.keep_stopped(exc.daemon)
+        raise
 
 
 def down(settings: SwarmSettings, *, say: Callable[[str], None]) -> bool:
@@ -67,10 +87,13 @@ def down(settings: SwarmSettings, *, say: Callable[[str], None]) -> bool:
 def status(settings: SwarmSettings) -> list[DaemonStatus]:
     supervisor = Supervisor(settings)
     processes = supervisor.processes() if supervisor.running() else {}
+    exits = unexpected_exits(settings) if processes else {}
     found = []
     for daemon in daemons(settings):
         info = processes.get(daemon.name, {})
-        _, health = _health(daemon.health_url)
+        healthy, health = _health(daemon.health_url)
+        if not healthy and (died := exits.get(daemon.name)):
+            health = f"{health}; last exit: {describe_exit(died[-1])}"
         found.append(
             DaemonStatus(
                 name=daemon.name,
@@ -83,18 +106,34 @@ def status(settings: SwarmSettings) -> list[DaemonStatus]:
     return found
 
 
-def wait_healthy(settings: SwarmSettings, timeout: float) -> None:
-    """Poll every daemon's health until all answer 200; else name the first one that did
-    not, with the last lines of its log."""
+def wait_healthy(settings: SwarmSettings, timeout: float, *, since: int | None = None) -> None:
+    """Poll every daemon's health until all answer 200; else name the first one that kept
+    dying (since byte ``since`` of supervisord's log; default: from now) and how, or that
+    did not come up in time, with the last lines of its log."""
+    since = log_size(settings) if since is None else since
     pending = daemons(settings)
     deadline = time.monotonic() + timeout
     while pending:
         pending = [daemon for daemon in pending if not _health(daemon.health_url)[0]]
         if not pending:
             return
+        exits = unexpected_exits(settings, since=since)
+        for daemon in pending:
+            if len(died := exits.get(daemon.name, ())) >= DEATHS_BEFORE_GIVING_UP:
+                raise KeepsDying(_keeps_dying(settings, daemon, died), daemon.name)
         if time.monotonic() > deadline:
-            raise SwarmError(_not_healthy(settings, pending[0], timeout))
+            raise SwarmError(_not_healthy(settings, daemon=pending[0], timeout=timeout))
         time.sleep(0.25)
+
+
+def describe_exit(how: str) -> str:
+    """supervisord's "terminated by SIGILL" or "exit status 2", said for a user."""
+    if "SIGILL" in how:
+        return (
+            "killed by SIGILL: the llama.cpp build uses instructions this CPU cannot run; "
+            "rebuild it for this CPU with .venv/bin/python scripts/engine.py check --rebuild"
+        )
+    return how.replace("terminated by ", "killed by ", 1)
 
 
 def check_ports(settings: SwarmSettings) -> None:
@@ -120,6 +159,18 @@ def check_models(settings: SwarmSettings) -> None:
             package_dir(lookup(backend.model))
         except ModelUnavailable as exc:
             raise SwarmError(f"backend {name!r}: {exc}") from None
+
+
+def _keeps_dying(settings: SwarmSettings, daemon: Daemon, died: list[str]) -> str:
+    log = log_path(settings, daemon.name)
+    said = ""
+    if not died[-1].startswith("terminated by"):  # it exited: its last line says why
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        said = next((f": {line.strip()}" for line in reversed(lines) if line.strip()), "")
+    return (
+        f"{daemon.name} keeps dying ({len(died)} times since start): "
+        f"{describe_exit(died[-1])}{said} (log: {log})"
+    )
 
 
 def _not_healthy(settings: SwarmSettings, daemon: Daemon, timeout: float) -> str:

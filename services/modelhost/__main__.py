@@ -1,4 +1,8 @@
-"""``python -m services.modelhost (--model NAME | --backend NAME) [--host H] [--port P]``"""
+"""``python -m services.modelhost (--model NAME | --backend NAME) [--host H] [--port P] [--check]``
+
+``--check`` loads the model, runs the warm-up decode and exits: 0 and one line of speeds
+when the engine works on this machine (``scripts/engine.py check`` runs it).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,21 @@ from schemas.errors import describe_validation_errors
 from services.common.server import serve, settings_or_exit
 from services.modelhost.app import create_app
 from services.modelhost.catalog import CATALOG, ModelUnavailable, lookup, package_dir
+from services.modelhost.engine import describe_speed, load_engine
 from services.modelhost.settings import ModelHostSettings
 
 
 def _exit(message: str) -> None:
     print(f"modelhost: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def check(settings: ModelHostSettings) -> None:
+    engine = load_engine(settings)
+    try:
+        print(f"{settings.model}: {describe_speed(engine.warmed_up)}")
+    finally:
+        engine.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help="port to bind (default 11434)")
     parser.add_argument("--context-length", type=int, help="context to load (default 2048)")
     parser.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
+    parser.add_argument(
+        "--check", action="store_true", help="load, decode a 128-token prompt, print, exit"
+    )
     args = parser.parse_args(argv)
     if not args.model and not args.backend:
         parser.error("give --model NAME or --backend NAME")
@@ -49,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         _exit(describe_validation_errors(exc.errors()))
     except ModelUnavailable as exc:
         _exit(str(exc))
+    if args.check:
+        check(settings)
+        return
     serve(create_app(settings), host=settings.host, port=settings.port, log_level=swarm.log_level)
 
 

@@ -43,6 +43,6 @@ def create_app(settings: ModelHostSettings, engine: Engine | None = None) -> Fas
     )
     app.state.settings = settings
     app.state.started = time.monotonic()
-    install_plumbing(app, max_body_bytes=settings.max_body_bytes)
+    install_plumbing(app, max_body_bytes=settings.max_body_bytes, readiness=routes.readiness)
     app.include_router(routes.router)
     return app

@@ -116,6 +116,13 @@ class Outcome:
 
 _END = object()
 
+WARM_UP_PROMPT_TOKENS = 128
+WARM_UP_TEXT = (
+    "The registry keeps a record of every model service in the swarm, with its capabilities, "
+    "its endpoint and the time it last reported. A router reads those records, prefers a local "
+    "model that costs nothing, and falls back to another candidate when a call fails."
+)
+
 
 class Engine:
     """A loaded model and the one-at-a-time access to it."""
@@ -144,6 +151,8 @@ class Engine:
         self._lock = asyncio.Lock()
         self._waiting = 0
         self._token_texts: dict[int, tuple[str, list[int]]] = {}
+        self.warmed_up: Outcome | None = None
+        """The warm-up decode, once it succeeded: the host is ready to serve."""
 
     def model_info(self) -> dict[str, Any]:
         """GGUF metadata as Ollama's ``model_info``, plus what llama.cpp computes."""
@@ -342,6 +351,22 @@ class Engine:
             cached = self._token_texts[token] = (raw.decode("utf-8", errors="replace"), list(raw))
         return cached
 
+    def warm_up(self) -> Outcome:
+        """Decode a prompt of over a hundred tokens and a few more, in the calling thread,
+        before the host says it is ready.
+
+        A llama.cpp build with instructions this CPU cannot run dies here (SIGILL), not on
+        a caller's first prompt: prompt batches take other kernels than single tokens, so
+        loading the model or decoding one token proves nothing. Only while nobody else can
+        use the engine (``load_engine`` calls it).
+        """
+        tokens = self.tokenize(WARM_UP_TEXT)
+        while len(tokens) < WARM_UP_PROMPT_TOKENS:
+            tokens += self.tokenize(WARM_UP_TEXT, add_bos=False)
+        job = Job(tokens=tokens, sampling=Sampling(temperature=0.0), num_predict=8)
+        self.warmed_up = self._run(job, lambda _: None, threading.Event())
+        return self.warmed_up
+
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self.llama.close()
@@ -479,11 +504,23 @@ def load_engine(settings: ModelHostSettings) -> Engine:
     )
     load_duration = time.perf_counter_ns() - started
     log.info("loaded %s from %s in %.0f ms", model.name, path, load_duration / 1e6)
-    return Engine(
+    engine = Engine(
         llama,
         model,
         path,
         load_duration=load_duration,
         digest=_sha256(path),
         max_queue=settings.max_queue,
+    )
+    log.info("warm-up: %s", describe_speed(engine.warm_up()))
+    return engine
+
+
+def describe_speed(outcome: Outcome) -> str:
+    prompt_s, eval_s = outcome.prompt_eval_duration / 1e9, outcome.eval_duration / 1e9
+    return (
+        f"{outcome.prompt_eval_count} prompt tokens in {prompt_s * 1e3:.0f} ms "
+        f"({outcome.prompt_eval_count / max(prompt_s, 1e-9):.0f} tok/s), "
+        f"{outcome.eval_count} tokens in {eval_s * 1e3:.0f} ms "
+        f"({outcome.eval_count / max(eval_s, 1e-9):.1f} tok/s)"
     )

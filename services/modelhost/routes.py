@@ -137,6 +137,15 @@ async def health(request: Request) -> HostHealth:
     )
 
 
+async def readiness(request: Request) -> str | None:
+    """Ready once the warm-up decode succeeded (``GET /readyz``); the lifespan loads the
+    model and runs it before the server listens, so this holds from the first answer."""
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None or engine.warmed_up is None:
+        return "the model has not completed its warm-up decode"
+    return None
+
+
 @router.get("/api/version", response_model=VersionResponse)
 async def version() -> VersionResponse:
     return VersionResponse(version=OLLAMA_VERSION)

@@ -123,7 +123,7 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
     )
-    install_plumbing(app, max_body_bytes=settings.max_body_bytes)
+    install_plumbing(app, max_body_bytes=settings.max_body_bytes, readiness=status_routes.readiness)
     routers = [openai_routes.router, ollama_routes.router, status_routes.router]
     if settings.taxonomy is not None:
         routers.append(tmd_routes.router)

@@ -61,6 +61,11 @@ async def info(request: Request) -> Response:
     return json_response(body, exclude_none=False)
 
 
+async def readiness(request: Request) -> str | None:
+    """Ready while the backend answers and serves the model (``GET /readyz``)."""
+    return (await wrapper_of(request).backend.probe()).reason
+
+
 def _version(request: Request) -> str:
     try:
         return metadata.version("local-llm-swarm")
