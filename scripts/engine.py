@@ -25,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,12 +100,14 @@ def x86_build(name: str, enabled: set[str]) -> Build:
     return Build(name, (*args, *COMMON_ARGS))
 
 
-def builds() -> list[Build]:
-    """The builds to try, fastest first; each one runs on more machines than the last."""
-    if platform.machine() not in ("x86_64", "AMD64"):
+def builds(machine: str | None = None, flags: set[str] | None = None) -> list[Build]:
+    """The builds to try on this machine (or ``machine`` with CPU ``flags``), fastest
+    first; each one runs on more machines than the last."""
+    machine = machine or platform.machine()
+    flags = cpu_flags() if flags is None else flags
+    if machine not in ("x86_64", "AMD64"):
         # Elsewhere llama.cpp's non-native default is the architecture's baseline.
         return [Build("generic", ("-DGGML_NATIVE=OFF", *COMMON_ARGS))]
-    flags = cpu_flags()
     detected = {option for option, needs in X86_FEATURES.items() if needs <= flags}
     candidates = [
         x86_build("cpu", detected),
@@ -148,22 +152,81 @@ def wheel_for(build: Build) -> Path:
         return Path(shutil.move(built, folder / built.name))
 
 
-def read_state() -> dict:
-    try:
-        return json.loads(STATE_FILE.read_text())
-    except (OSError, ValueError):
-        return {}
+@dataclass
+class Engine:
+    """The engine of one venv: the build installed there, and which builds were checked or
+    failed on which machine (kept in ``state_file``). ``install`` and ``check`` are the
+    slow parts, given so that a test can stand in for pip and the decode."""
+
+    state_file: Path = STATE_FILE
+    machine: str = field(default_factory=lambda: machine_id())
+    candidates: list[Build] = field(default_factory=lambda: builds())
+    install: Callable[[Build], None] = field(default=lambda build: install_wheel(wheel_for(build)))
+    check: Callable[[], str | None] = field(default=lambda: run_check())
+
+    def state(self) -> dict:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def update(self, **values) -> None:
+        self.state_file.write_text(json.dumps(self.state() | values, indent=2) + "\n")
+
+    def remaining(self) -> list[Build]:
+        """The builds not known to fail on this machine, the installed one first."""
+        state = self.state()
+        failed = set(state.get("failed", {}).get(self.machine, []))
+        remaining = [build for build in self.candidates if build.key not in failed]
+        remaining.sort(key=lambda build: build.key != state.get("installed"))
+        return remaining
+
+    def put(self, build: Build) -> None:
+        self.install(build)
+        self.update(installed=build.key, checked=None)
+
+    def ensure_installed(self) -> None:
+        """An engine in the venv before pip sees the project's extras, which would
+        otherwise make pip build (or take from its cache) a native one."""
+        if self.state().get("installed") and installed_version() == VERSION:
+            return
+        if not (remaining := self.remaining()):
+            raise EngineError("no llama.cpp build is left to try on this machine")
+        self.put(remaining[0])
+
+    def ensure_working(self, *, rebuild: bool = False) -> Build:
+        """Check the installed build on this machine once; install the next on failure."""
+        if rebuild and (installed := self.state().get("installed")):
+            self.give_up(installed)
+        while True:
+            if not (remaining := self.remaining()):
+                raise EngineError("no llama.cpp build runs on this CPU")
+            build, state = remaining[0], self.state()
+            if state.get("installed") == build.key and state.get("checked") == self.machine:
+                return build
+            if state.get("installed") != build.key or installed_version() != VERSION:
+                self.put(build)
+            say(f"checking the {build.name} build: a {CHECK_MODEL} decode in a subprocess")
+            if (problem := self.check()) is None:
+                self.update(checked=self.machine)
+                return build
+            say(f"the {build.name} build failed its check: {problem}")
+            self.give_up(build.key)
+
+    def give_up(self, key: str) -> None:
+        """Never try build ``key`` on this machine again."""
+        failed = self.state().get("failed", {})
+        failed.setdefault(self.machine, []).append(key)
+        self.update(failed=failed, installed=None, checked=None)
 
 
-def write_state(**values) -> None:
-    STATE_FILE.write_text(json.dumps(read_state() | values, indent=2) + "\n")
+class EngineError(Exception):
+    """No build of the engine runs here; the message says so in one line."""
 
 
-def install(build: Build) -> None:
-    wheel = wheel_for(build)
+def install_wheel(wheel: Path) -> None:
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall"]
     subprocess.run([*command, str(wheel)], check=True)
-    write_state(installed=build.key, checked=None)
 
 
 def machine_id() -> str:
@@ -191,70 +254,11 @@ def describe_exit(code: int, stderr: str = "") -> str:
     return last[0]
 
 
-def next_builds(state: dict) -> list[Build]:
-    """The builds not known to fail on this machine, the installed one first."""
-    failed = set(state.get("failed", {}).get(machine_id(), []))
-    remaining = [build for build in builds() if build.key not in failed]
-    remaining.sort(key=lambda build: build.key != state.get("installed"))
-    return remaining
-
-
-def command_install() -> int:
-    state = read_state()
-    if state.get("installed") and _installed_version() == VERSION:
-        return 0
-    candidates = next_builds(state)
-    if not candidates:
-        return fail("no llama.cpp build left to try on this machine")
-    install(candidates[0])
-    return 0
-
-
-def command_check(*, rebuild: bool = False) -> int:
-    if rebuild and (installed := read_state().get("installed")):
-        mark_failed(installed)
-    while True:
-        state = read_state()
-        if state.get("checked") == machine_id() and state.get("installed"):
-            return 0
-        candidates = next_builds(state)
-        if not candidates:
-            return fail("no llama.cpp build runs on this CPU")
-        build = candidates[0]
-        if state.get("installed") != build.key or _installed_version() != VERSION:
-            install(build)
-        say(f"checking the {build.name} build: a {CHECK_MODEL} decode in a subprocess")
-        problem = run_check()
-        if problem is None:
-            write_state(checked=machine_id())
-            return 0
-        say(f"the {build.name} build failed its check: {problem}")
-        mark_failed(build.key)
-
-
-def mark_failed(key: str) -> None:
-    """Never try build ``key`` on this machine again (the next check takes the next one)."""
-    failed = read_state().get("failed", {})
-    failed.setdefault(machine_id(), []).append(key)
-    write_state(failed=failed, installed=None, checked=None)
-
-
-def _installed_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
+def installed_version() -> str | None:
     try:
-        return version("llama-cpp-python")
-    except PackageNotFoundError:
+        return metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
         return None
-
-
-def fail(message: str) -> int:
-    print(
-        f"error: {message}; every build tried is recorded in {STATE_FILE}. Remove that file and"
-        f" {cache_dir()} to start over, or report the CPU (lscpu) with this line.",
-        file=sys.stderr,
-    )
-    return 1
 
 
 def main() -> int:
@@ -270,9 +274,20 @@ def main() -> int:
         for build in builds():
             print(build.key, " ".join(build.cmake_args))
         return 0
-    if args.command == "install":
-        return command_install()
-    return command_check(rebuild=args.rebuild)
+    engine = Engine()
+    try:
+        if args.command == "install":
+            engine.ensure_installed()
+        else:
+            engine.ensure_working(rebuild=args.rebuild)
+    except EngineError as exc:
+        print(
+            f"error: {exc}; the builds tried are recorded in {engine.state_file}; remove it and "
+            f"{cache_dir()} to start over, or report this line with the output of lscpu",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
