@@ -75,12 +75,21 @@ class RegistryConfig(Section):
 
 
 class BackendConfig(Section):
-    """A model backend speaking the Ollama API: a real Ollama or the embedded model host."""
+    """A model backend speaking the Ollama API: a real Ollama or the embedded model host.
+
+    An Ollama server is described once, however many models it serves: each wrapper names
+    the model it serves on it. An embedded host loads one model, named here.
+    """
 
     kind: Literal["embedded", "ollama"]
     host: str | None = None
     port: Port
-    model: str = Field(min_length=1, max_length=200)
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="Embedded host: the model it loads (required). Not for an Ollama server.",
+    )
     context_length: int = Field(
         default=2_048, ge=128, le=131_072, description="Embedded host: the context it loads."
     )
@@ -90,6 +99,16 @@ class BackendConfig(Section):
         le=256,
         description="Embedded host: llama.cpp threads (default: all cores but one).",
     )
+
+    @model_validator(mode="after")
+    def _check_model(self) -> BackendConfig:
+        if self.kind == "embedded" and self.model is None:
+            raise ValueError("an embedded backend needs a model: the one it loads")
+        if self.kind == "ollama" and self.model is not None:
+            raise ValueError(
+                "an Ollama backend takes no model: each wrapper names the model it serves on it"
+            )
+        return self
 
 
 class WrapperConfig(Section):
@@ -222,7 +241,10 @@ class SwarmSettings(BaseSettings):
         for key, host, port in self._listeners():
             other = seen.setdefault((host, port), key)
             if other != key:
-                raise ValueError(f"{key}: port {port} is already used by {other}")
+                hint = ""
+                if _is_ollama(self, key) and _is_ollama(self, other):
+                    hint = ": describe the server once and name each model in its wrappers"
+                raise ValueError(f"{key}: port {port} is already used by {other}{hint}")
         for name, wrapper in self.wrappers.items():
             if wrapper.backend not in self.backends and wrapper.backend not in self.wrappers:
                 raise ValueError(
@@ -230,6 +252,12 @@ class SwarmSettings(BaseSettings):
                 )
             if wrapper.backend == name:
                 raise ValueError(f"wrappers.{name}.backend: a wrapper cannot be its own backend")
+            backend = self.backends.get(wrapper.backend)
+            if backend is not None and backend.model not in (None, wrapper.model):
+                raise ValueError(
+                    f"wrappers.{name}.model: {wrapper.model!r} is not the model of the embedded "
+                    f"backend {wrapper.backend!r} ({backend.model!r})"
+                )
         return self
 
     def _listeners(self):
@@ -273,6 +301,13 @@ class SwarmSettings(BaseSettings):
         name = self.wrappers[wrapper].backend
         target = self.backends.get(name) or self.wrappers[name]
         return self.local_url(target.host, target.port)
+
+
+def _is_ollama(settings: SwarmSettings, key: str) -> bool:
+    """Whether a listener key (``backends.<name>.port``) is an Ollama backend's."""
+    section, _, rest = key.partition(".")
+    backend = settings.backends.get(rest.rpartition(".")[0]) if section == "backends" else None
+    return backend is not None and backend.kind == "ollama"
 
 
 def _url_host(host: str) -> str:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from schemas.config import ConfigError, load_settings
-from tests.conftest import REPO, process_env
+from services.wrapper.settings import WrapperSettings
+from tests.conftest import BACKEND, DATA, REPO, process_env, read, sent_json
 
 PROFILES = sorted((REPO / "config").glob("swarm*.yaml"))
 
@@ -122,6 +123,83 @@ def test_bad_values_name_the_key(monkeypatch, tmp_path, env, yaml, expected):
     message = str(caught.value)
     assert expected in message
     assert "\n" not in message
+
+
+# --- backends: one Ollama server, many models; one model per embedded host ----------------
+
+ONE_OLLAMA = DATA / "swarm.one_ollama.yaml"
+
+
+def test_one_ollama_server_serves_a_model_per_wrapper():
+    settings = load_settings(ONE_OLLAMA)
+    wrappers = {name: WrapperSettings.from_swarm(settings, name) for name in settings.wrappers}
+    assert {w.backend_url for w in wrappers.values()} == {"http://127.0.0.1:11434"}
+    assert {name: w.model for name, w in wrappers.items()} == {
+        "reasoner": "llama3.1:8b",
+        "classifier": "tinyllama:1.1b",
+    }
+
+
+@pytest.mark.anyio
+async def test_each_wrapper_asks_the_one_server_for_its_own_model(
+    monkeypatch, start_wrapper, backend
+):
+    host, port = BACKEND.removeprefix("http://").split(":")
+    monkeypatch.setenv("SWARM_BACKENDS__OLLAMA__HOST", host)
+    monkeypatch.setenv("SWARM_BACKENDS__OLLAMA__PORT", port)
+    settings = load_settings(ONE_OLLAMA)
+    route = backend.post("/api/chat").respond(json=read("chat_response.json"))
+    asked = []
+    for name, wrapper in settings.wrappers.items():
+        served = WrapperSettings.from_swarm(settings, name).model_copy(update={"usage_url": None})
+        running = await start_wrapper(served)
+        chat = {"model": "any", "messages": [{"role": "user", "content": "Hi"}]}
+        assert (await running.http.post("/v1/chat/completions", json=chat)).status_code == 200
+        asked.append((str(route.calls.last.request.url), sent_json(route)["model"]))
+        assert asked[-1][1] == wrapper.model
+    assert {url for url, _ in asked} == {f"{BACKEND}/api/chat"}
+
+
+@pytest.mark.parametrize(
+    ("backends", "wrapper_model", "expected"),
+    [
+        (
+            "{a: {kind: embedded, port: 9100}}",
+            "m",
+            "backends.a: an embedded backend needs a model: the one it loads",
+        ),
+        (
+            "{a: {kind: ollama, port: 9100, model: m}}",
+            "m",
+            "backends.a: an Ollama backend takes no model: each wrapper names the model it "
+            "serves on it",
+        ),
+        (
+            "{a: {kind: ollama, port: 9100}, b: {kind: ollama, port: 9100}}",
+            "m",
+            "backends.b.port: port 9100 is already used by backends.a.port: describe the server "
+            "once and name each model in its wrappers",
+        ),
+        (
+            "{a: {kind: embedded, port: 9100, model: smollm2:135m}}",
+            "gemma3:270m",
+            "wrappers.x.model: 'gemma3:270m' is not the model of the embedded backend 'a' "
+            "('smollm2:135m')",
+        ),
+    ],
+)
+def test_a_backend_that_cannot_serve_its_wrappers_is_refused_in_one_line(
+    tmp_path, backends, wrapper_model, expected
+):
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        f"backends: {backends}\n"
+        f"wrappers: {{x: {{agent_id: x, name: x, port: 9000, model: '{wrapper_model}', "
+        "backend: a, capabilities: [c], role: r}}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(profile)
+    assert str(caught.value) == f"config {profile}: {expected}"
 
 
 def test_missing_profile_is_one_line(tmp_path):

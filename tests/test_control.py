@@ -8,13 +8,16 @@ import socket
 import subprocess
 import sys
 
+import httpx
 import pytest
+import respx
 
 from schemas.config import load_settings
 from services.control import cli
 from services.control.daemons import daemons, external_backends
 from services.control.supervisor import render_config
-from tests.conftest import REPO, free_port, process_env
+from services.control.swarm import check_ollama_backends
+from tests.conftest import DATA, REPO, free_port, process_env, read
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +58,23 @@ def test_a_real_ollama_is_expected_not_started():
     assert external_backends(settings) == {
         name: f"http://127.0.0.1:{backend.port}" for name, backend in settings.backends.items()
     }
+
+
+def test_up_warns_of_an_ollama_server_that_lacks_a_model_or_does_not_answer():
+    settings = load_settings(DATA / "swarm.one_ollama.yaml")
+    entry = read("tags.json")["models"][0]
+    said: list[str] = []
+    with respx.mock:
+        tags = respx.get("http://127.0.0.1:11434/api/tags")
+        tags.respond(json={"models": [entry | {"name": "llama3.1:8b", "model": "llama3.1:8b"}]})
+        check_ollama_backends(settings, said.append)
+        tags.mock(side_effect=httpx.ConnectError("refused"))
+        check_ollama_backends(settings, said.append)
+    assert said == [
+        "warning: backend 'ollama' (Ollama at http://127.0.0.1:11434) has no model "
+        "'tinyllama:1.1b': ollama pull tinyllama:1.1b",
+        "warning: backend 'ollama' (Ollama) does not answer at http://127.0.0.1:11434",
+    ]
 
 
 def test_supervisor_config_has_one_restarting_program_per_daemon(tmp_path):

@@ -60,9 +60,7 @@ def up(settings: SwarmSettings, *, timeout: float, say: Callable[[str], None]) -
     else:
         say(f"starting supervisord (logs in {settings.state_dir / 'logs'})")
         supervisor.start()
-    for name, url in external_backends(settings).items():
-        if not _health(f"{url}/api/version")[0]:
-            say(f"warning: backend {name!r} (Ollama) does not answer at {url}")
+    check_ollama_backends(settings, say)
     say("waiting until every daemon is healthy")
     try:
         wait_healthy(settings, timeout, since=since)
@@ -159,6 +157,32 @@ def check_models(settings: SwarmSettings) -> None:
             package_dir(lookup(backend.model))
         except ModelUnavailable as exc:
             raise SwarmError(f"backend {name!r}: {exc}") from None
+
+
+def check_ollama_backends(settings: SwarmSettings, say: Callable[[str], None]) -> None:
+    """Warn about an Ollama server that does not answer, or lacks a model a wrapper serves
+    on it. The server is the user's: the swarm starts anyway, those wrappers unhealthy."""
+    from schemas.ollama import ListResponse
+    from services.wrapper.backend import canonical_model_name
+
+    for name, url in external_backends(settings).items():
+        try:
+            response = httpx.get(f"{url}/api/tags", timeout=2.0)
+            response.raise_for_status()
+            listing = ListResponse.model_validate_json(response.content)
+        except (httpx.HTTPError, ValueError):
+            say(f"warning: backend {name!r} (Ollama) does not answer at {url}")
+            continue
+        installed = {canonical_model_name(item.model) for item in listing.models}
+        wanted = {
+            wrapper.model for wrapper in settings.wrappers.values() if wrapper.backend == name
+        }
+        for model in sorted(wanted):
+            if canonical_model_name(model) not in installed:
+                say(
+                    f"warning: backend {name!r} (Ollama at {url}) has no model {model!r}: "
+                    f"ollama pull {model}"
+                )
 
 
 def _keeps_dying(settings: SwarmSettings, daemon: Daemon, died: list[str]) -> str:
