@@ -18,15 +18,21 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
-from schemas.agents import DEFAULT_TIER, Capability, Identifier, Locality, Tier, Token
+from schemas.agents import DEFAULT_TIER, Capability, Endpoint, Identifier, Locality, Tier, Token
 from schemas.errors import describe_validation_errors
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +44,55 @@ Seconds = Annotated[float, Field(gt=0, le=86_400)]
 
 class ConfigError(Exception):
     """A profile that cannot be used; the message is one line naming the key."""
+
+
+# An empty value is refused, never read as "unset": `SWARM_HOST=` binding every interface,
+# `SWARM_DATA_DIR=` writing state into the working directory or an empty token turning
+# writes into 401s would all be silent. Leaving the key out gives the default.
+def _refuse_empty(default: str):
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"is empty; leave it out for {default}")
+        return value
+
+    return BeforeValidator(check)
+
+
+Host = Annotated[str, _refuse_empty("the default host")]
+SectionHost = Annotated[str, _refuse_empty("the profile's host")]
+
+
+def _check_token(value: Any) -> Any:
+    # Headers carry no surrounding whitespace, so a token with some could never match.
+    if isinstance(value, str | SecretStr):
+        text = value if isinstance(value, str) else value.get_secret_value()
+        if not text.strip():
+            raise ValueError(
+                "SWARM_REGISTRY_TOKEN is set but empty: unset it to run without a token, "
+                "or give the token writes must carry"
+            )
+        return text.strip()
+    return value
+
+
+def _check_database_url(value: Any) -> Any:
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(
+                "SWARM_DATABASE_URL is set but empty: unset it for SQLite files under data_dir"
+            )
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value.strip())
+        except ArgumentError:
+            raise ValueError(
+                "is not a database URL (dialect+driver://user@host/name, e.g. "
+                "postgresql+psycopg://swarm@db/swarm)"
+            ) from None
+        return value.strip()
+    return value
 
 
 def _check_allowlist_entry(entry: str) -> str:
@@ -52,14 +107,20 @@ def _check_allowlist_entry(entry: str) -> str:
 AllowlistEntry = Annotated[str, AfterValidator(_check_allowlist_entry)]
 
 
+def _some_host(entries: list[str]) -> list[str]:
+    if not entries:
+        raise ValueError("is empty: no agent could register; leave it out for loopback only")
+    return entries
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class RegistryConfig(Section):
-    host: str | None = None
+    host: SectionHost | None = None
     port: Port = 6121
-    url: str | None = Field(
+    url: Annotated[Endpoint, _refuse_empty("http://host:port")] | None = Field(
         default=None, description="Where clients reach the registry; default http://host:port."
     )
     ttl_seconds: Seconds = 30.0
@@ -67,8 +128,10 @@ class RegistryConfig(Section):
         default=300.0, description="Grace after expiry before a critical agent is removed."
     )
     reap_interval_seconds: Seconds = 5.0
-    endpoint_allowlist: list[AllowlistEntry] = Field(
-        default_factory=lambda: ["127.0.0.0/8", "::1", "localhost"], max_length=256
+    endpoint_allowlist: Annotated[list[AllowlistEntry], AfterValidator(_some_host)] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1", "localhost"],
+        max_length=256,
+        description="Hosts agents may register from; empty is an error, not 'nobody'.",
     )
     max_body_bytes: int = Field(default=65_536, ge=1_024, le=16 * 1024 * 1024)
     max_page_size: int = Field(default=1_000, ge=1, le=100_000)
@@ -82,7 +145,7 @@ class BackendConfig(Section):
     """
 
     kind: Literal["embedded", "ollama"]
-    host: str | None = None
+    host: SectionHost | None = None
     port: Port
     model: str | None = Field(
         default=None,
@@ -116,7 +179,7 @@ class WrapperConfig(Section):
 
     agent_id: Identifier
     name: str = Field(min_length=1, max_length=128)
-    host: str | None = None
+    host: SectionHost | None = None
     port: Port
     model: str = Field(min_length=1, max_length=200)
     backend: str = Field(
@@ -147,7 +210,8 @@ class WrapperConfig(Section):
 
 
 class ProviderConfig(Section):
-    """A cloud provider; a candidate only while the env var named by api_key_env is set."""
+    """A cloud provider; a candidate only while the env var named by api_key_env holds a
+    key (set but empty counts as unset, as for the providers' own clients)."""
 
     kind: Literal["openai", "anthropic"]
     base_url: str
@@ -158,10 +222,12 @@ class ProviderConfig(Section):
 
 
 class RouterConfig(Section):
-    host: str | None = None
+    host: SectionHost | None = None
     port: Port = 6103
     capability_fallbacks: dict[Capability, list[Capability]] = Field(default_factory=dict)
-    reference_price_per_1k_tokens: float = Field(default=0.002, ge=0)
+    reference_price_per_1k_tokens: float = Field(
+        default=0.002, ge=0, description="What the dashboard's 'saved' prices tokens at; 0: none."
+    )
     discovery_refresh_seconds: Seconds = Field(
         default=1.0, description="How often the router re-reads the registry's agents."
     )
@@ -173,7 +239,7 @@ class RouterConfig(Section):
         ge=0,
         le=60,
         description="After every candidate failed, retry only if the wait (backoff with "
-        "jitter, or a 429's Retry-After) is at most this.",
+        "jitter, or a 429's Retry-After) is at most this; 0: never retry.",
     )
     connect_timeout_seconds: Seconds = 2.0
     read_timeout_seconds: Seconds = Field(
@@ -192,7 +258,9 @@ class RouterConfig(Section):
     max_body_bytes: int = Field(default=1_048_576, ge=1_024, le=64 * 1024 * 1024)
     usage_retention_days: float = Field(default=90, gt=0, le=3_650)
     rate_limit_per_second: float = Field(
-        default=50.0, ge=0, description="Model calls per client (API key or address); 0: none."
+        default=50.0,
+        ge=0,
+        description="Model calls a second per client (API key or address); 0 turns it off.",
     )
     rate_limit_burst: int = Field(default=100, ge=1)
 
@@ -207,15 +275,17 @@ class SwarmSettings(BaseSettings):
         frozen=True,
     )
 
-    host: str = "127.0.0.1"
-    data_dir: Path | None = Field(
+    host: Host = "127.0.0.1"
+    data_dir: Annotated[Path, _refuse_empty("the user's data directory")] | None = Field(
         default=None, description="State (databases, logs); default: the user's data directory."
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    database_url: str | None = Field(
+    database_url: Annotated[str, BeforeValidator(_check_database_url)] | None = Field(
         default=None, description="Any SQLAlchemy URL; default: SQLite files under data_dir."
     )
-    registry_token: SecretStr | None = None
+    registry_token: Annotated[SecretStr, BeforeValidator(_check_token)] | None = Field(
+        default=None, description="Writes to the registry need it when set; unset: no token."
+    )
 
     registry: RegistryConfig = RegistryConfig()
     router: RouterConfig = RouterConfig()
@@ -315,7 +385,15 @@ def _url_host(host: str) -> str:
 
 
 def profile_path() -> Path:
-    return Path(os.environ.get("SWARM_CONFIG") or DEFAULT_PROFILE)
+    """SWARM_CONFIG, else the default profile; set but empty is an error, not the default."""
+    given = os.environ.get("SWARM_CONFIG")
+    if given is None:
+        return DEFAULT_PROFILE
+    if not given.strip():
+        raise ConfigError(
+            f"SWARM_CONFIG is set but empty: unset it for {DEFAULT_PROFILE}, or name a profile"
+        )
+    return Path(given)
 
 
 def load_settings(path: Path | None = None) -> SwarmSettings:
@@ -338,6 +416,11 @@ def load_settings(path: Path | None = None) -> SwarmSettings:
         return SwarmSettings(**data)
     except ValidationError as exc:
         raise ConfigError(f"config {path}: {describe_validation_errors(exc.errors())}") from None
+    except SettingsError as exc:  # a SWARM_* value for a list or mapping that is not JSON
+        raise ConfigError(
+            f"config {path}: {exc}: SWARM_* values for lists and mappings are JSON, "
+            """e.g. SWARM_REGISTRY__ENDPOINT_ALLOWLIST='["localhost"]'"""
+        ) from None
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.config import ConfigError, load_settings
+from router.settings import RouterSettings
+from schemas.config import ConfigError, RouterConfig, load_settings
 from services.wrapper.settings import WrapperSettings
 from tests.conftest import BACKEND, DATA, REPO, process_env, read, sent_json
 
@@ -207,6 +208,90 @@ def test_missing_profile_is_one_line(tmp_path):
         load_settings(tmp_path / "nope.yaml")
 
 
+# --- empty and zero values: refused naming the key, or documented as what they do -------------
+
+
+@pytest.mark.parametrize(
+    ("env", "yaml", "expected"),
+    [
+        (
+            {"SWARM_REGISTRY_TOKEN": ""},
+            "",
+            "registry_token: SWARM_REGISTRY_TOKEN is set but empty: unset it to run without a "
+            "token, or give the token writes must carry",
+        ),
+        ({"SWARM_REGISTRY_TOKEN": "  "}, "", "SWARM_REGISTRY_TOKEN is set but empty"),
+        (
+            {"SWARM_DATABASE_URL": ""},
+            "",
+            "database_url: SWARM_DATABASE_URL is set but empty: unset it for SQLite files under "
+            "data_dir",
+        ),
+        ({"SWARM_DATABASE_URL": "db.example"}, "", "database_url: is not a database URL"),
+        ({"SWARM_HOST": ""}, "", "host: is empty; leave it out for the default host"),
+        ({"SWARM_DATA_DIR": ""}, "", "data_dir: is empty; leave it out for the user's data"),
+        ({}, "registry: {url: ''}\n", "registry.url: is empty; leave it out for http://host:port"),
+        ({}, "registry: {url: 'ftp://x'}\n", "registry.url: endpoint must be an http:// or"),
+        (
+            {"SWARM_REGISTRY__HOST": " "},
+            "",
+            "registry.host: is empty; leave it out for the profile's host",
+        ),
+        (
+            {},
+            "registry: {endpoint_allowlist: []}\n",
+            "registry.endpoint_allowlist: is empty: no agent could register",
+        ),
+        (
+            {"SWARM_REGISTRY__ENDPOINT_ALLOWLIST": "localhost"},
+            "",
+            "SWARM_* values for lists and mappings are JSON",
+        ),
+    ],
+)
+def test_an_empty_value_is_refused_naming_its_key(monkeypatch, tmp_path, env, yaml, expected):
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(profile)
+    assert expected in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_empty_swarm_config_is_refused_not_the_default_profile(monkeypatch):
+    monkeypatch.setenv("SWARM_CONFIG", "")
+    with pytest.raises(ConfigError, match=r"^SWARM_CONFIG is set but empty: unset it for "):
+        load_settings()
+
+
+def test_a_token_is_read_without_surrounding_whitespace(monkeypatch):
+    """A header carries none, so a token with some could never match."""
+    monkeypatch.setenv("SWARM_REGISTRY_TOKEN", " s3cret\n")
+    assert load_settings().registry_token.get_secret_value() == "s3cret"
+
+
+def test_an_empty_provider_key_counts_as_unset(monkeypatch):
+    settings = RouterSettings.from_swarm(load_settings(REPO / "config" / "swarm.ollama.yaml"))
+    monkeypatch.setenv("OPENAI_API_KEY", "")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    assert list(settings.keyed_providers) == ["anthropic"]
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        ("rate_limit_per_second", "; 0 turns it off."),
+        ("retry_wait_max_seconds", "; 0: never retry."),
+        ("reference_price_per_1k_tokens", "; 0: none."),
+    ],
+)
+def test_a_zero_that_switches_something_off_is_allowed_and_says_so(key, says):
+    assert RouterConfig.model_fields[key].description.endswith(says)
+    assert getattr(RouterConfig(**{key: 0}), key) == 0
+
+
 def test_token_value_never_appears_in_errors(monkeypatch, tmp_path):
     profile = tmp_path / "p.yaml"
     profile.write_text("registry_token: 8675309\n")
@@ -217,11 +302,18 @@ def test_token_value_never_appears_in_errors(monkeypatch, tmp_path):
 
 
 @pytest.mark.process
-def test_a_daemon_with_a_bad_value_stops_with_one_line(tmp_path):
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"SWARM_REGISTRY__TTL_SECONDS": "soon"}, "registry.ttl_seconds: Input should be a valid"),
+        ({"SWARM_REGISTRY_TOKEN": ""}, "registry_token: SWARM_REGISTRY_TOKEN is set but empty"),
+    ],
+)
+def test_a_daemon_with_a_bad_value_stops_with_one_line(tmp_path, env, expected):
     result = subprocess.run(
         [sys.executable, "-m", "registry"],
         cwd=REPO,
-        env=process_env(tmp_path, SWARM_REGISTRY__TTL_SECONDS="soon"),
+        env=process_env(tmp_path, **env),
         capture_output=True,
         text=True,
         timeout=60,
@@ -229,5 +321,5 @@ def test_a_daemon_with_a_bad_value_stops_with_one_line(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert "registry.ttl_seconds: Input should be a valid number" in lines[0]
+    assert expected in lines[0]
     assert Path(lines[0].split("config ", 1)[1].split(":", 1)[0]).name == "swarm.yaml"
