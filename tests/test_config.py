@@ -115,6 +115,11 @@ def test_default_database_is_sqlite_under_the_data_dir(monkeypatch, tmp_path):
     ],
 )
 def test_bad_values_name_the_key(monkeypatch, tmp_path, env, yaml, expected):
+    assert expected in refusal(monkeypatch, tmp_path, env, yaml)
+
+
+def refusal(monkeypatch, tmp_path, env: dict[str, str], yaml: str) -> str:
+    """The one line that refuses the profile ``yaml`` under the environment ``env``."""
     profile = tmp_path / "p.yaml"
     profile.write_text(yaml)
     for name, value in env.items():
@@ -122,8 +127,8 @@ def test_bad_values_name_the_key(monkeypatch, tmp_path, env, yaml, expected):
     with pytest.raises(ConfigError) as caught:
         load_settings(profile)
     message = str(caught.value)
-    assert expected in message
     assert "\n" not in message
+    return message
 
 
 # --- backends: one Ollama server, many models; one model per embedded host ----------------
@@ -190,17 +195,16 @@ async def test_each_wrapper_asks_the_one_server_for_its_own_model(
     ],
 )
 def test_a_backend_that_cannot_serve_its_wrappers_is_refused_in_one_line(
-    tmp_path, backends, wrapper_model, expected
+    monkeypatch, tmp_path, backends, wrapper_model, expected
 ):
-    profile = tmp_path / "p.yaml"
-    profile.write_text(
+    profile = (
         f"backends: {backends}\n"
         f"wrappers: {{x: {{agent_id: x, name: x, port: 9000, model: '{wrapper_model}', "
         "backend: a, capabilities: [c], role: r}}\n"
     )
-    with pytest.raises(ConfigError) as caught:
-        load_settings(profile)
-    assert str(caught.value) == f"config {profile}: {expected}"
+    assert (
+        refusal(monkeypatch, tmp_path, {}, profile) == f"config {tmp_path / 'p.yaml'}: {expected}"
+    )
 
 
 def test_missing_profile_is_one_line(tmp_path):
@@ -250,14 +254,7 @@ def test_missing_profile_is_one_line(tmp_path):
     ],
 )
 def test_an_empty_value_is_refused_naming_its_key(monkeypatch, tmp_path, env, yaml, expected):
-    profile = tmp_path / "p.yaml"
-    profile.write_text(yaml)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    with pytest.raises(ConfigError) as caught:
-        load_settings(profile)
-    assert expected in str(caught.value)
-    assert "\n" not in str(caught.value)
+    assert expected in refusal(monkeypatch, tmp_path, env, yaml)
 
 
 def test_an_empty_swarm_config_is_refused_not_the_default_profile(monkeypatch):
