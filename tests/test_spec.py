@@ -18,7 +18,7 @@ import pytest
 from schemas.config import load_settings
 from services.wrapper.registration import agent_definition
 from services.wrapper.settings import WrapperSettings
-from tests.conftest import DATA, MODEL, REPO, read, sent_json, streamed
+from tests.conftest import DATA, MODEL, REPO, make_settings, read, sent_json, streamed
 from tests.test_tmd import tlc_settings, tmd_lines
 
 pytestmark = pytest.mark.anyio
@@ -90,22 +90,37 @@ def test_the_registration_of_the_spec_is_stored_as_sent(registry):
 # --- a wrapper (the spec's clients name llama3.1:8b whatever the wrapper serves) ----------------
 
 
-async def test_chat_completions_of_the_spec(wrapper, backend):
-    route = backend.post("/api/chat").respond(json=read("chat_response.json"))
-    response = await wrapper.http.post(
+@pytest.fixture(params=["reasoner", "tlc_domain_classifier"])
+async def any_wrapper(request, start_wrapper):
+    """Every wrapper takes the spec's bodies, the TLC's (16 tokens at most) included."""
+    return await start_wrapper(make_settings() if request.param == "reasoner" else tlc_settings())
+
+
+async def test_chat_completions_of_the_spec(any_wrapper, backend):
+    # A completion-style wrapper (the TLC) serves chat through /api/generate.
+    routes = [
+        backend.post("/api/chat").respond(json=read("chat_response.json")),
+        backend.post("/api/generate").respond(json=read("generate_response.json")),
+    ]
+    response = await any_wrapper.http.post(
         "/chat/completions", json=spec("chat_completions.request.json")
     )
     assert response.status_code == 200, response.text
     assert shape_differences(spec("chat_completions.response.json"), response.json()) == []
-    assert sent_json(route)["model"] == MODEL  # served by the wrapper's own model
+    (route,) = [route for route in routes if route.called]
+    sent = sent_json(route)
+    assert sent["model"] == MODEL  # served by the wrapper's own model
+    assert sent["options"]["num_predict"] == min(500, any_wrapper.settings.max_tokens_limit)
 
 
-async def test_generate_of_the_spec(wrapper, backend):
+async def test_generate_of_the_spec(any_wrapper, backend):
     route = backend.post("/api/generate").respond(json=read("generate_response.json"))
-    response = await wrapper.http.post("/generate", json=spec("generate.request.json"))
+    response = await any_wrapper.http.post("/generate", json=spec("generate.request.json"))
     assert response.status_code == 200, response.text
     assert shape_differences(spec("generate.response.json"), response.json()) == []
     assert sent_json(route)["model"] == MODEL
+    limit = any_wrapper.settings.max_tokens_limit
+    assert sent_json(route)["options"]["num_predict"] == min(500, limit)
 
 
 async def test_health_of_the_spec(wrapper, backend):

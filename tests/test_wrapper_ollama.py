@@ -172,17 +172,20 @@ async def test_a_missing_model_is_a_503_naming_it(wrapper, backend):
     assert "not found" in failed.value.error
 
 
-async def test_num_predict_over_the_limit_is_a_400_naming_it(wrapper, backend):
+async def test_num_predict_over_the_limit_or_unbounded_is_served_up_to_the_limit(wrapper, backend):
     route = backend.post("/api/generate").respond(json=read("generate_response.json"))
-    body = {"model": MODEL, "prompt": "Why?", "options": {"num_predict": LIMIT + 1}}
-    response = await wrapper.http.post("/api/generate", json=body)
-    assert response.status_code == 400
-    assert str(LIMIT) in response.json()["error"]
-    assert not route.called
-    # "no limit" (-1) is bounded by the wrapper's limit instead
-    body["options"]["num_predict"] = -1
-    assert (await wrapper.http.post("/api/generate", json=body | {"stream": False})).is_success
-    assert sent_json(route)["options"]["num_predict"] == LIMIT
+    for asked in (LIMIT + 1, -1, -2):  # over it, "no limit", "fill the context"
+        body = {
+            "model": MODEL,
+            "prompt": "Why?",
+            "stream": False,
+            "options": {"num_predict": asked},
+        }
+        assert (await wrapper.http.post("/api/generate", json=body)).is_success
+        assert sent_json(route)["options"]["num_predict"] == LIMIT
+    body["options"]["num_predict"] = LIMIT - 1
+    assert (await wrapper.http.post("/api/generate", json=body)).is_success
+    assert sent_json(route)["options"]["num_predict"] == LIMIT - 1
 
 
 async def test_invalid_input_is_a_422_ollama_error(wrapper):

@@ -15,7 +15,6 @@ from services.common.streaming import SSE_DONE, json_response, sse, sse_error, s
 from services.wrapper import translate
 from services.wrapper.service import (
     Job,
-    check_max_tokens,
     close,
     first_chunk,
     new_completion_id,
@@ -37,8 +36,6 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
     settings = wrapper.settings
     call = wrapper.stats.begin("openai", body.stream)
     with counting_failures(call):
-        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        check_max_tokens(body.max_output_tokens, settings.max_tokens_limit, param)
         limit = settings.max_tokens_limit
         job = wrapper.chat_job(translate.ollama_chat_request(body, settings.model, limit))
         completion_id = new_completion_id()
