@@ -71,7 +71,7 @@ ROLES = {
     "reasoner": 30, "classifier": 25, "summarizer": 12, "extractor": 10,
     "embedder": 8, "translator": 7, "domain_classifier": 5, "coder": 3,
 }  # fmt: skip
-TIERS = {"local": 80, "lan": 15, "remote": 5}
+LOCALITIES = {"local": 95, "cloud": 5}
 MODELS = [
     ("smollm2:135m", "135M", 2_048), ("smollm2:360m", "360M", 8_192),
     ("gemma3:270m", "270M", 32_768), ("qwen2.5:0.5b", "0.5B", 32_768),
@@ -110,7 +110,8 @@ def make_agents(count: int, seed: int) -> list[dict]:
             {
                 "agent_id": f"bench-{role}-{index:06d}",
                 "name": f"{model} {role} #{index}",
-                "tier": rng.choices(list(TIERS), list(TIERS.values()))[0],
+                "tier": rng.randint(0, 9),
+                "locality": rng.choices(list(LOCALITIES), list(LOCALITIES.values()))[0],
                 "role": role,
                 "capabilities": draw_capabilities(rng, weights),
                 "endpoint": f"http://127.0.0.1:{20_000 + index % 40_000}",
