@@ -146,7 +146,11 @@ def wheel_for(build: Build) -> Path:
             "--no-binary", "llama-cpp-python", "--wheel-dir", scratch,
             f"llama-cpp-python=={VERSION}",
         ]  # fmt: skip
-        subprocess.run(command, env=env, check=True)
+        if subprocess.run(command, env=env, check=False).returncode != 0:
+            raise EngineError(
+                f"compiling llama-cpp-python {VERSION} ({build.name} build) failed, as pip says "
+                "above; it needs a C and C++ compiler (Debian: apt-get install build-essential)"
+            )
         built = next(Path(scratch).glob("llama_cpp_python-*.whl"))
         folder.mkdir(exist_ok=True)
         return Path(shutil.move(built, folder / built.name))
