@@ -16,7 +16,7 @@ from schemas.config import load_settings
 from services.control import cli
 from services.control.daemons import daemons, external_backends
 from services.control.supervisor import render_config
-from services.control.swarm import check_ollama_backends
+from services.control.swarm import check_ollama_backends, describe_exit
 from tests.conftest import DATA, REPO, free_port, process_env, read
 
 
@@ -216,3 +216,12 @@ def test_up_fails_in_one_line_naming_sigill_when_a_model_host_dies_on_its_first_
         assert statuses["registry"]["health"] == "healthy"
     finally:
         swarm("down")
+
+
+def test_how_a_daemon_died_is_said_with_what_to_do():
+    assert describe_exit("exit status 2") == "exit status 2"
+    assert describe_exit("terminated by SIGKILL", "registry") == "killed by SIGKILL"
+    # llama.cpp's -march=native build dies in its AMX kernel with SIGSEGV on some VMs.
+    for how in ("terminated by SIGILL", "terminated by SIGSEGV (core dumped)"):
+        assert describe_exit(how, "modelhost-smollm2").endswith("engine.py check --rebuild")
+    assert describe_exit("terminated by SIGSEGV", "router") == "killed by SIGSEGV"

@@ -91,7 +91,7 @@ def status(settings: SwarmSettings) -> list[DaemonStatus]:
         info = processes.get(daemon.name, {})
         healthy, health = _health(daemon.health_url)
         if not healthy and (died := exits.get(daemon.name)):
-            health = f"{health}; last exit: {describe_exit(died[-1])}"
+            health = f"{health}; last exit: {describe_exit(died[-1], daemon.name)}"
         found.append(
             DaemonStatus(
                 name=daemon.name,
@@ -124,14 +124,20 @@ def wait_healthy(settings: SwarmSettings, timeout: float, *, since: int | None =
         time.sleep(0.25)
 
 
-def describe_exit(how: str) -> str:
+REBUILD = "rebuild it for this CPU with .venv/bin/python scripts/engine.py check --rebuild"
+
+
+def describe_exit(how: str, daemon: str = "") -> str:
     """supervisord's "terminated by SIGILL" or "exit status 2", said for a user."""
     if "SIGILL" in how:
-        return (
-            "killed by SIGILL: the llama.cpp build uses instructions this CPU cannot run; "
-            "rebuild it for this CPU with .venv/bin/python scripts/engine.py check --rebuild"
-        )
-    return how.replace("terminated by ", "killed by ", 1)
+        cause = "the llama.cpp build uses instructions this CPU cannot run"
+        return f"killed by SIGILL: {cause}; {REBUILD}"
+    said = how.replace("terminated by ", "killed by ", 1)
+    if "SIGSEGV" in how and daemon.startswith("modelhost-"):
+        # What a -march=native build does here in the AMX kernel of a VM that refuses AMX.
+        cause = "llama.cpp crashed; if its build uses instructions this CPU does not allow"
+        return f"{said}: {cause}, {REBUILD}"
+    return said
 
 
 def check_ports(settings: SwarmSettings) -> None:
@@ -193,7 +199,7 @@ def _keeps_dying(settings: SwarmSettings, daemon: Daemon, died: list[str]) -> st
         said = next((f": {line.strip()}" for line in reversed(lines) if line.strip()), "")
     return (
         f"{daemon.name} keeps dying ({len(died)} times since start): "
-        f"{describe_exit(died[-1])}{said} (log: {log})"
+        f"{describe_exit(died[-1], daemon.name)}{said} (log: {log})"
     )
 
 
