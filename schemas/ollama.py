@@ -284,8 +284,17 @@ class _ModelAnswer(BaseModel):
     done_reason: DoneReason | None = None
     total_duration: Nanoseconds | None = None
     load_duration: Nanoseconds | None = None
+    # The whole prompt, whether its tokens were evaluated or read from the cache: Ollama's
+    # runner counts the prompt before it loads the cache (runner/ollamarunner/runner.go,
+    # numPromptInputs), ollama/ollama#16428 keeps that "full-context" count on 0.30's
+    # llama-server engine, and docs.ollama.com/api/usage says "how many input tokens were
+    # in the prompt". (Ollama 0.1.x omitted it on a cached prompt: ollama/ollama#2068.)
     prompt_eval_count: Count | None = None
-    prompt_eval_duration: Nanoseconds | None = None
+    # The part of it read from the cache, not evaluated (ollama/ollama#17943, Aug 2026;
+    # docs.ollama.com/api/usage: "how many prompt tokens were read from the cache"). Older
+    # Ollama releases do not say, whether or not they reused the prompt.
+    prompt_eval_cached_count: Count | None = None
+    prompt_eval_duration: Nanoseconds | None = None  # of the tokens not read from the cache
     eval_count: Count | None = None
     eval_duration: Nanoseconds | None = None
     logprobs: list[Logprob] | None = None

@@ -24,6 +24,7 @@ import pytest
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.modelhost import __main__ as modelhost_main
 from services.modelhost.app import create_app
 from services.modelhost.catalog import CATALOG, lookup
 from services.modelhost.engine import WARM_UP_PROMPT_TOKENS, Engine, load_engine
@@ -367,6 +368,60 @@ def test_empty_prompt_only_loads(client) -> None:
     loaded = client.chat(model=SMOLLM, messages=[])
     assert loaded.done_reason == "load"
     assert loaded.message.content == ""
+
+
+# --- the prompt cache ----------------------------------------------------------------------
+
+# Long enough that evaluating it again or not is plainly told apart.
+CACHED_PROMPT = "Each line is a search question and the field of knowledge it belongs to. " * 4
+
+
+def generate_counts(host: str, prompt: str, *, stream: bool) -> dict:
+    """The final answer's counts, over HTTP: ollama-python drops prompt_eval_cached_count."""
+    body = {
+        "model": SMOLLM,
+        "prompt": prompt,
+        "raw": True,
+        "stream": stream,
+        "options": {**GREEDY, "num_predict": 2},
+    }
+    response = httpx.post(f"{host}/api/generate", json=body, timeout=60)
+    return json.loads(response.text.splitlines()[-1])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_repeated_prompt_is_read_from_the_cache(host, engine, stream) -> None:
+    whole = len(raw_tokens(engine, CACHED_PROMPT))
+    first = generate_counts(host, CACHED_PROMPT, stream=stream)
+    second = generate_counts(host, CACHED_PROMPT, stream=stream)
+    # As Ollama: prompt_eval_count is the whole prompt either way (usage is billed on it).
+    assert first["prompt_eval_count"] == second["prompt_eval_count"] == whole
+    # All but the last token, which is evaluated again for the first answer token's logits.
+    assert second["prompt_eval_cached_count"] == whole - 1
+
+
+def test_without_the_prompt_cache_every_prompt_is_evaluated_whole(host, engine, monkeypatch):
+    monkeypatch.setattr(engine, "prompt_cache", False)
+    whole = len(raw_tokens(engine, CACHED_PROMPT))
+    answers = [generate_counts(host, CACHED_PROMPT, stream=False) for _ in range(2)]
+    assert [a["prompt_eval_count"] for a in answers] == [whole, whole]
+    assert [a["prompt_eval_cached_count"] for a in answers] == [0, 0]
+
+
+def test_a_prompt_that_parts_from_the_last_keeps_their_common_prefix(host, engine) -> None:
+    generate_counts(host, CACHED_PROMPT + "Cells", stream=False)
+    other = generate_counts(host, CACHED_PROMPT + "Rivers of Africa", stream=False)
+    common = raw_tokens(engine, CACHED_PROMPT)
+    assert len(common) - 1 <= other["prompt_eval_cached_count"] < other["prompt_eval_count"]
+
+
+@pytest.mark.parametrize(("flag", "kept"), [([], True), (["--no-prompt-cache"], False)])
+def test_the_prompt_cache_flag_reaches_the_settings(monkeypatch, flag, kept) -> None:
+    made: list[ModelHostSettings] = []
+    monkeypatch.setattr(modelhost_main, "create_app", made.append)
+    monkeypatch.setattr(modelhost_main, "serve", lambda *args, **kwargs: None)
+    modelhost_main.main(["--model", SMOLLM, *flag])
+    assert [settings.prompt_cache for settings in made] == [kept]
 
 
 # --- chat ----------------------------------------------------------------------------------

@@ -42,6 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context-length", type=int, help="context to load (default 2048)")
     parser.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
     parser.add_argument(
+        "--no-prompt-cache",
+        dest="prompt_cache",
+        action="store_false",
+        default=None,
+        help="evaluate every prompt whole, keeping nothing of the last one",
+    )
+    parser.add_argument(
         "--check", action="store_true", help="load, decode a 128-token prompt, print, exit"
     )
     args = parser.parse_args(argv)
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             port=args.port,
             context_length=args.context_length,
             threads=args.threads,
+            prompt_cache=args.prompt_cache,
         )
         package_dir(lookup(settings.model))  # fail here, in one line, not in the lifespan
     except ConfigError as exc:

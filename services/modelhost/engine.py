@@ -16,6 +16,13 @@ sort over the vocabulary, measured at 0.5 ms (SmolLM2, 49k tokens) and 2 ms (Gem
 per token, 4% and 9% of a token's time, paid only by requests that ask for logprobs. They
 are the model's own probabilities (before temperature, penalties or grammar), which is what
 a classifier reading label probabilities wants.
+
+Prompt cache: a generation keeps the longest prefix its prompt shares with what the
+context holds from the last one, and evaluates only the rest (llama-cpp-python's
+``generate`` does the same, but says nothing of it; the engine decides it, so it can count
+it). ``Outcome`` reports it as Ollama does: ``prompt_eval_count`` is the whole prompt and
+``prompt_eval_cached_count`` the tokens read from the cache. With the cache off, every
+generation evaluates its whole prompt, as on a backend that cannot keep it.
 """
 
 from __future__ import annotations
@@ -105,7 +112,11 @@ class Outcome:
 
     done_reason: str
     prompt_eval_count: int
+    """The whole prompt, cached or not (Ollama's meaning)."""
+    prompt_eval_cached_count: int
+    """The prompt's first tokens, kept in the context from the last generation."""
     prompt_eval_duration: int
+    """The time to evaluate the rest."""
     eval_count: int
     eval_duration: int
     tokens: list[int]
@@ -136,6 +147,7 @@ class Engine:
         load_duration: int,
         digest: str,
         max_queue: int = 64,
+        prompt_cache: bool = True,
     ) -> None:
         self.llama = llama
         self.model = model
@@ -143,6 +155,7 @@ class Engine:
         self.load_duration = load_duration
         self.digest = digest
         self.max_queue = max_queue
+        self.prompt_cache = prompt_cache
         self.n_ctx = llama.n_ctx()
         self.n_vocab = llama.n_vocab()
         self._vocab = llama_cpp.llama_model_get_vocab(llama.model)
@@ -262,8 +275,10 @@ class Engine:
         started = time.perf_counter_ns()
         first: int | None = None
         constraint = GrammarConstraint(llama, job.grammar) if job.grammar else None
+        cached = self._keep_prefix(job.tokens)
         tokens = llama.generate(
-            job.tokens,
+            job.tokens[cached:],
+            reset=False,  # the context holds the kept prefix; generate evaluates the rest
             temp=s.temperature,
             top_k=s.top_k,
             top_p=s.top_p,
@@ -310,11 +325,29 @@ class Engine:
         return Outcome(
             done_reason=reason,
             prompt_eval_count=len(job.tokens),
+            prompt_eval_cached_count=cached,
             prompt_eval_duration=first - started,
             eval_count=len(answer),
             eval_duration=ended - first,
             tokens=[*job.tokens, *answer],
         )
+
+    def _keep_prefix(self, tokens: Sequence[int]) -> int:
+        """Keep in the context the longest prefix ``tokens`` share with what it holds, short
+        of the last prompt token (evaluated again, for the logits the first answer token is
+        sampled from); drop the rest. The number of tokens kept: 0 with the cache off."""
+        llama = self.llama
+        held = llama.input_ids[: llama.n_tokens]
+        size = max(0, min(len(held), len(tokens) - 1)) if self.prompt_cache else 0
+        differ = np.flatnonzero(held[:size] != np.asarray(tokens[:size]))
+        keep = int(differ[0]) if differ.size else size
+        memory = llama_cpp.llama_get_memory(llama.ctx)
+        # A cache that cannot drop part of a sequence (recurrent models) starts over.
+        if keep > 0 and llama_cpp.llama_memory_seq_rm(memory, -1, keep, -1):
+            llama.n_tokens = keep
+            return keep
+        llama.reset()
+        return 0
 
     def _ends_turn(self, token: int) -> bool:
         # End of generation (EOS, <|im_end|>, <end_of_turn>) or any other control token
@@ -511,6 +544,7 @@ def load_engine(settings: ModelHostSettings) -> Engine:
         load_duration=load_duration,
         digest=_sha256(path),
         max_queue=settings.max_queue,
+        prompt_cache=settings.prompt_cache,
     )
     log.info("warm-up: %s", describe_speed(engine.warm_up()))
     return engine

@@ -5,8 +5,6 @@ Shapes follow Ollama's ``docs/api.md`` (``schemas.ollama``); errors on ``/api/*`
 
 - ``template`` (a Go template) and load-time options (``num_ctx``, ``num_thread``, ...) are
   ignored: the model stays as loaded, and ``keep_alive`` never unloads it;
-- ``prompt_eval_count`` is the whole prompt, also when a cached prefix was not evaluated
-  again (Ollama then counts less or omits it): callers account usage from it;
 - a prompt that leaves no room in the context is refused (400) rather than truncated, and
   an answer that fills the context ends with ``done_reason`` "length" (no context shift);
 - ``suffix``, images, ``think`` and ``tools`` get Ollama's 400 for a model without them.
@@ -227,7 +225,9 @@ class _Answer:
             # tokenizing, then waiting for the generation ahead. Loading happened at start
             # (GET /health reports it), before any request could wait for it.
             "load_duration": outcome.ready_at - self.arrived,
+            # As Ollama: the whole prompt, and the part of it read from the cache.
             "prompt_eval_count": outcome.prompt_eval_count,
+            "prompt_eval_cached_count": outcome.prompt_eval_cached_count,
             "prompt_eval_duration": outcome.prompt_eval_duration,
             "eval_count": outcome.eval_count,
             "eval_duration": outcome.eval_duration,

@@ -38,6 +38,12 @@ class ModelHostSettings(BaseModel):
     max_queue: int = Field(
         default=64, ge=0, description="Requests waiting for the model before 503, as Ollama's."
     )
+    prompt_cache: bool = Field(
+        default=True,
+        description="Keep the prefix a prompt shares with the last one and evaluate only the "
+        "rest; off, every generation evaluates its whole prompt, as on a backend whose cache "
+        "does not keep it (Ollama with gemma 3).",
+    )
 
     @classmethod
     def from_swarm(
