@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]
 
@@ -53,6 +53,19 @@ class Performance(BaseModel):
     p95_latency_ms: float | None = None
 
 
+class PromptCache(BaseModel):
+    """What the backend said of its prompt cache over the recent calls that ended with its
+    counts: of their prompt tokens, how many it read from its cache instead of evaluating
+    (Ollama's ``prompt_eval_cached_count``). A backend that does not say counts apart."""
+
+    backend: str
+    calls: int = Field(description="Recent calls that ended with the backend's counts.")
+    calls_reporting: int = Field(description="Those whose backend said what it read from cache.")
+    prompt_tokens: int = Field(description="The prompt tokens of the reporting calls.")
+    cached_tokens: int = Field(description="Those the backend read from its cache.")
+    cached_share: float | None = Field(description="cached_tokens / prompt_tokens.")
+
+
 class ServiceInfo(BaseModel):
     """``GET /info`` of a wrapper."""
 
@@ -62,6 +75,7 @@ class ServiceInfo(BaseModel):
     capabilities: list[str]
     performance: Performance
     endpoints: list[str]
+    prompt_cache: PromptCache | None = None
 
 
 class ClassifierInfo(ServiceInfo):

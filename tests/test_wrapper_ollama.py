@@ -385,6 +385,44 @@ async def test_metrics_count_requests_tokens_and_errors(wrapper, backend):
     )
 
 
+async def test_prompt_cache_use_is_reported_per_backend_in_info_and_metrics(wrapper, backend):
+    """What the backend read from its prompt cache (Ollama's prompt_eval_cached_count),
+    passed on to the caller and summed; a backend that does not say is counted apart."""
+    whole = read("chat_response.json") | {"prompt_eval_count": 40, "prompt_eval_cached_count": 30}
+    lines = read_lines("chat_stream.ndjson")
+    lines[-1] |= {"prompt_eval_count": 40, "prompt_eval_cached_count": 10}
+    backend.post("/api/chat").mock(side_effect=streamed_or_whole(lines, whole))
+    answer = (
+        await wrapper.http.post(
+            "/api/chat", json={"model": MODEL, "messages": PROMPT, "stream": False}
+        )
+    ).json()
+    assert (answer["prompt_eval_count"], answer["prompt_eval_cached_count"]) == (40, 30)
+    streamed_answer = ndjson(
+        (await wrapper.http.post("/api/chat", json={"model": MODEL, "messages": PROMPT})).text
+    )
+    assert streamed_answer[-1]["prompt_eval_cached_count"] == 10
+    silent = read("chat_response.json") | {"prompt_eval_count": 20}  # an Ollama that does not say
+    backend.post("/api/chat").mock(return_value=httpx.Response(200, json=silent))
+    await wrapper.ollama.chat(MODEL, PROMPT)
+
+    info = (await wrapper.http.get("/info")).json()["prompt_cache"]
+    assert info == {
+        "backend": BACKEND,
+        "calls": 3,
+        "calls_reporting": 2,
+        "prompt_tokens": 80,
+        "cached_tokens": 40,
+        "cached_share": 0.5,
+    }
+    text = (await wrapper.http.get("/metrics")).text
+    tokens = {
+        result: metric(text, "llm_prompt_cache_tokens_total", backend=BACKEND, result=result)
+        for result in ("cached", "evaluated", "unreported")
+    }
+    assert tokens == {"cached": 40, "evaluated": 40, "unreported": 20}
+
+
 async def test_cost_follows_the_configured_price(start_wrapper, backend):
     wrapper = await start_wrapper(make_settings(cost_per_1k_tokens=0.5))
     answer = read("chat_response.json")

@@ -76,13 +76,19 @@ def create_app(
                 model=settings.model,
                 cost_per_1k_tokens=settings.cost_per_1k_tokens,
                 clock=clock,
+                backend=settings.backend_url,
                 agent_id=settings.agent_id,
                 provider=settings.locality,
                 report=reporter.add if reporter else None,
             )
             wrapper = Wrapper(
                 settings,
-                Backend(client, url=settings.backend_url, model=settings.model),
+                Backend(
+                    client,
+                    url=settings.backend_url,
+                    model=settings.model,
+                    on_final=stats.prompt_cache.observe,
+                ),
                 stats,
                 clock=clock,
                 started=clock(),

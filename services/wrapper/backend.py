@@ -54,12 +54,49 @@ class BackendStatus:
         return self.reachable and self.model_available
 
 
+class _GenerateAnswer(ollama.GenerateResponse):
+    prompt_eval_cached_count: int | None = None
+
+
+class _ChatAnswer(ollama.ChatResponse):
+    prompt_eval_cached_count: int | None = None
+
+
+# ollama-python (0.6.3, the newest) does not know Ollama's prompt_eval_cached_count and drops
+# the fields it does not know: the model answers are read into classes that keep it.
+_KEEPING_CACHED_COUNT = {ollama.GenerateResponse: _GenerateAnswer, ollama.ChatResponse: _ChatAnswer}
+
+
+def _keeping_cached_count(request: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """``ollama.AsyncClient._request``, reading model answers into the classes above."""
+
+    async def keeping(cls: type, *args: Any, **kwargs: Any) -> Any:
+        return await request(_KEEPING_CACHED_COUNT.get(cls, cls), *args, **kwargs)
+
+    keeping.keeps_cached_count = True  # type: ignore[attr-defined]
+    return keeping
+
+
+FinalAnswer = api.GenerateResponse | api.ChatResponse
+
+
 class Backend:
-    def __init__(self, client: ollama.AsyncClient, *, url: str, model: str) -> None:
+    def __init__(
+        self,
+        client: ollama.AsyncClient,
+        *,
+        url: str,
+        model: str,
+        on_final: Callable[[FinalAnswer], None] | None = None,
+    ) -> None:
+        """``on_final`` sees each model call's last answer, the one with the counts."""
         self.client = client
         self.url = url
         self.model = model
+        self.on_final = on_final
         self.facts: ModelInfo | None = None
+        if not getattr(client._request, "keeps_cached_count", False):
+            client._request = _keeping_cached_count(client._request)  # type: ignore[method-assign]
         # The official client takes no per-call headers. The wrapper's own HTTP layer
         # sends the request id being served; on an httpx client an event hook does.
         if isinstance(client._client, httpx.AsyncClient):
@@ -71,7 +108,7 @@ class Backend:
 
     async def chat(self, request: api.ChatRequest) -> api.ChatResponse:
         answer = await self._call(self.client.chat(**_chat_arguments(request)))
-        return self._convert(api.ChatResponse, answer)
+        return self._final(self._convert(api.ChatResponse, answer))
 
     def chat_stream(self, request: api.ChatRequest) -> AsyncIterator[api.ChatResponse]:
         opening = partial(self.client.chat, **_chat_arguments(request))
@@ -79,7 +116,7 @@ class Backend:
 
     async def generate(self, request: api.GenerateRequest) -> api.GenerateResponse:
         answer = await self._call(self.client.generate(**_generate_arguments(request)))
-        return self._convert(api.GenerateResponse, answer)
+        return self._final(self._convert(api.GenerateResponse, answer))
 
     def generate_stream(self, request: api.GenerateRequest) -> AsyncIterator[api.GenerateResponse]:
         opening = partial(self.client.generate, **_generate_arguments(request))
@@ -94,13 +131,19 @@ class Backend:
         try:
             parts = await opening()
             async for part in parts:
-                yield self._convert(model, part)
+                answer = self._convert(model, part)
+                yield self._final(answer) if part.done else answer
         except BACKEND_ERRORS as exc:
             raise self.error(exc) from None
         finally:
             if parts is not None:
                 with anyio.CancelScope(shield=True):
                     await parts.aclose()
+
+    def _final(self, answer: T) -> T:
+        if self.on_final is not None:
+            self.on_final(answer)  # type: ignore[arg-type]
+        return answer
 
     async def _call(self, call: Awaitable[T]) -> T:
         try:

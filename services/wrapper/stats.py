@@ -16,7 +16,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from schemas.health import Performance
+from schemas.health import Performance, PromptCache
+from schemas.ollama import ChatResponse, GenerateResponse
 from schemas.usage import Status, UsageRecord
 from services.common.context import current_request_id
 from services.common.errors import SwarmError
@@ -93,6 +94,56 @@ class LlmMetrics:
         return found
 
 
+class PromptCacheStats:
+    """What the backend says of its prompt cache, from the last answer of each call that
+    reached it (a stream left early has none): how many prompt tokens it read from its cache
+    rather than evaluated (``prompt_eval_cached_count``; what Ollama counts: see
+    ``schemas.ollama``). A backend that does not say is counted apart, not as a miss."""
+
+    def __init__(
+        self, registry: CollectorRegistry, *, model: str, backend: str, window: int = WINDOW
+    ) -> None:
+        tokens = Counter(
+            "llm_prompt_cache_tokens_total",
+            "Prompt tokens of the model calls that ended with the backend's counts: read from "
+            "its cache (cached), evaluated, or of a backend that does not say (unreported).",
+            ["model", "backend", "result"],
+            registry=registry,
+        )
+        self.cached = tokens.labels(model, backend, "cached")
+        self.evaluated = tokens.labels(model, backend, "evaluated")
+        self.unreported = tokens.labels(model, backend, "unreported")
+        self.backend = backend
+        # (prompt tokens, of them read from the cache or None when the backend did not say)
+        self.recent: deque[tuple[int, int | None]] = deque(maxlen=window)
+
+    def observe(self, answer: GenerateResponse | ChatResponse) -> None:
+        prompt = answer.prompt_eval_count
+        if prompt is None:  # nothing said of the prompt at all
+            return
+        cached = answer.prompt_eval_cached_count
+        if cached is None:
+            self.unreported.inc(prompt)
+        else:
+            cached = min(cached, prompt)
+            self.cached.inc(cached)
+            self.evaluated.inc(prompt - cached)
+        self.recent.append((prompt, cached))
+
+    def summary(self) -> PromptCache:
+        reported = [(prompt, cached) for prompt, cached in self.recent if cached is not None]
+        prompt_tokens = sum(prompt for prompt, _ in reported)
+        cached_tokens = sum(cached for _, cached in reported)
+        return PromptCache(
+            backend=self.backend,
+            calls=len(self.recent),
+            calls_reporting=len(reported),
+            prompt_tokens=prompt_tokens,
+            cached_tokens=cached_tokens,
+            cached_share=round(cached_tokens / prompt_tokens, 4) if prompt_tokens else None,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Series:
     ok: Any
@@ -111,6 +162,7 @@ class Stats:
         model: str,
         cost_per_1k_tokens: float,
         clock: Callable[[], float],
+        backend: str,
         window: int = WINDOW,
         agent_id: str | None = None,
         provider: str = "local",
@@ -118,6 +170,7 @@ class Stats:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.metrics = LlmMetrics(registry, model)
+        self.prompt_cache = PromptCacheStats(registry, model=model, backend=backend, window=window)
         self.model = model
         self.cost_per_1k_tokens = cost_per_1k_tokens
         self.clock = clock

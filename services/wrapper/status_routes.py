@@ -51,6 +51,7 @@ async def info(request: Request) -> Response:
         capabilities=settings.capabilities,
         performance=wrapper.stats.performance(),
         endpoints=request.app.state.endpoints,
+        prompt_cache=wrapper.stats.prompt_cache.summary(),
     )
     if (taxonomy := settings.tmd_taxonomy) is not None:
         body = ClassifierInfo(
