@@ -30,7 +30,7 @@ class Label(BaseModel):
     aliases: tuple[str, ...] = ()
 
 
-class PromptExample(BaseModel):
+class LabelledQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     query: str = Field(min_length=1)
@@ -40,12 +40,30 @@ class PromptExample(BaseModel):
     method: str
 
 
+class PromptKeys(BaseModel):
+    """The keys of the query's record: the words the model reads before each value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    query: str = Field(min_length=1)
+    context: str = Field(min_length=1)
+    domain: str = Field(min_length=1)
+    task: str = Field(min_length=1)
+    method: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> PromptKeys:
+        keys = list(self.model_dump().values())
+        if len(set(keys)) != len(keys):
+            raise ValueError("every key must be different")
+        return self
+
+
 class Prompt(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: str = Field(min_length=1)
-    header: str = Field(min_length=1)
-    examples: tuple[PromptExample, ...] = Field(min_length=1)
+    keys: PromptKeys
 
 
 class Taxonomy(BaseModel):
@@ -56,6 +74,10 @@ class Taxonomy(BaseModel):
     tasks: tuple[Label, ...] = Field(min_length=2)
     methods: tuple[Label, ...] = Field(min_length=2)
     prompt: Prompt
+    calibration: tuple[LabelledQuery, ...] = Field(
+        min_length=1,
+        description="Queries over which the model's mean label distribution is its prior.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Taxonomy:
@@ -65,14 +87,14 @@ class Taxonomy(BaseModel):
                 values = [getattr(label, field) for label in labels]
                 if len(set(values)) != len(values):
                     raise ValueError(f"{axis}: every {field} must be unique")
-        for n, example in enumerate(self.prompt.examples):
+        for n, example in enumerate(self.calibration):
             for axis, value in (
                 ("domains", example.domain),
                 ("tasks", example.task),
                 ("methods", example.method),
             ):
                 if value not in {label.label for label in getattr(self, axis)}:
-                    raise ValueError(f"prompt.examples[{n}]: {value!r} is not a label of {axis}")
+                    raise ValueError(f"calibration[{n}]: {value!r} is not a label of {axis}")
         return self
 
 

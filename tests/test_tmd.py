@@ -1,6 +1,6 @@
 """The TLC domain classifier: the taxonomy, domain validation, confidences from the
-logprobs of a constrained generation, and the endpoints (the Ollama edge mocked with a
-recorded answer of the embedded classifier)."""
+logprobs of a constrained generation and their calibration, and the endpoints (the Ollama
+edge mocked with recorded answers of the embedded classifier)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 
 from schemas import ollama as api
 from schemas.tmd import MAX_CONTEXT_DOCS
-from scripts.eval_tmd import evaluate, load_eval_set
+from scripts.bench.eval_tmd import evaluate, load_eval_set
 from services.wrapper.settings import WrapperSettings
 from services.wrapper.taxonomy import load_taxonomy, validate_domain
-from services.wrapper.tmd import label_probabilities
+from services.wrapper.tmd import DECIDING_TOKENS, calibrate, label_prior, label_probabilities
 from tests.conftest import DATA, REPO, Daemons, free_port, make_settings, sent_json, streamed
 
 pytestmark = pytest.mark.anyio
@@ -69,12 +69,12 @@ def test_the_taxonomy_has_the_domains_of_the_spec(taxonomy):
     assert {"DENSE", "SPARSE", "HYBRID"} <= {method.name for method in taxonomy.methods}
 
 
-def test_the_evaluation_set_covers_the_domains_and_stays_out_of_the_prompt(taxonomy):
+def test_the_evaluation_set_covers_the_domains_and_stays_out_of_the_calibration(taxonomy):
     cases = [json.loads(line) for line in (DATA / "tmd_eval.jsonl").read_text().splitlines()]
     assert len(cases) >= 100
     assert {case["domain"] for case in cases} == set(SPEC_DOMAINS) - {"OTHER", "FACTOIDWIKI"}
-    examples = {example.query.casefold() for example in taxonomy.prompt.examples}
-    assert not examples & {case["query"].casefold() for case in cases}
+    calibration = {example.query.casefold() for example in taxonomy.calibration}
+    assert not calibration & {case["query"].casefold() for case in cases}
 
 
 def test_a_taxonomy_with_an_unknown_example_label_stops_the_start_up(tmp_path):
@@ -110,7 +110,7 @@ def test_domain_names_are_validated_and_corrected(taxonomy, given, valid, canoni
 
 
 def test_confidences_follow_the_recorded_logprobs(taxonomy):
-    """The embedded classifier on the README's query: '"', "medicine", '"'."""
+    """The embedded classifier on the README's query: '"', then "medicine"."""
     words = [domain.label for domain in taxonomy.domains]
     steps = steps_of(tmd_lines("generate_stream_domain.ndjson"))
     scores = label_probabilities(words, steps)
@@ -152,6 +152,25 @@ def test_a_chosen_token_missing_from_its_top_logprobs_still_counts():
     assert sum(scores.values()) == pytest.approx(1.0)
 
 
+def test_calibration_divides_out_what_the_model_favours_whatever_the_query():
+    labels = ["mathematics", "physics", "geography"]
+    # The model leans to mathematics on every calibration query, never says geography.
+    rows = [{"mathematics": 0.7, "physics": 0.3, "geography": 0.0}] * 9
+    model_prior = label_prior(rows, labels)
+    assert model_prior["geography"] > 0  # rare, not impossible
+    assert sum(model_prior.values()) == pytest.approx(1.0)
+    scores = {"mathematics": 0.5, "physics": 0.4, "geography": 0.0}
+    calibrated = calibrate(scores, model_prior)
+    assert calibrated["physics"] > calibrated["mathematics"]  # less than its usual lean
+    assert calibrated["geography"] == 0
+    assert sum(calibrated.values()) == pytest.approx(sum(scores.values()))
+
+
+def test_a_uniform_prior_changes_nothing():
+    scores = {"law": 0.6, "literature": 0.3, "history": 0.05}
+    assert calibrate(scores, dict.fromkeys(scores, 1 / 3)) == pytest.approx(scores)
+
+
 # --- the endpoints ---------------------------------------------------------------------------
 
 
@@ -174,6 +193,12 @@ async def tlc(start_wrapper):
     return await start_wrapper(tlc_settings())
 
 
+def split_prompt(prompt: str) -> tuple[dict, str]:
+    """A prompt's record so far and the key whose value it asks for: ``{…,"key":``."""
+    record, asked = prompt.rsplit(",", 1)
+    return json.loads(record + "}"), json.loads(asked.removesuffix(":"))
+
+
 async def test_classify_domain_answers_top_k_with_the_models_probabilities(tlc, backend, taxonomy):
     route = backend.post("/api/generate").mock(
         side_effect=lambda _: streamed(tmd_lines("generate_stream_domain.ndjson"))
@@ -189,7 +214,7 @@ async def test_classify_domain_answers_top_k_with_the_models_probabilities(tlc, 
     assert answer["domains"][0]["domain"] == "MEDICINE"
     assert 0 < sum(confidences) <= 1
     # What the backend was asked: the labels as a JSON schema enum, greedy, with logprobs,
-    # the raw few-shot prompt ending where the domain's value starts.
+    # two tokens, the raw prompt the query's record ending where the domain's value starts.
     sent = sent_json(route)
     assert sent["format"]["enum"] == [domain.label for domain in taxonomy.domains]
     assert (sent["raw"], sent["stream"], sent["logprobs"], sent["top_logprobs"]) == (
@@ -198,28 +223,89 @@ async def test_classify_domain_answers_top_k_with_the_models_probabilities(tlc, 
         True,
         20,
     )
-    assert sent["options"]["temperature"] == 0
-    assert sent["prompt"].endswith('{"query":' + json.dumps(QUERY) + ',"domain":')
-    assert sent["prompt"].startswith(taxonomy.prompt.header)
+    assert sent["options"] == {"temperature": 0, "num_predict": DECIDING_TOKENS}
+    keys = taxonomy.prompt.keys
+    assert (
+        sent["prompt"]
+        == "{" + f"{json.dumps(keys.query)}:{json.dumps(QUERY)},{json.dumps(keys.domain)}:"
+    )
 
 
-async def test_extract_tmd_decides_each_axis_on_the_previous_ones(tlc, backend):
+async def test_the_prior_is_measured_once_on_the_calibration_queries(tlc, backend, taxonomy):
+    route = backend.post("/api/generate").mock(
+        side_effect=lambda _: streamed(tmd_lines("generate_stream_domain.ndjson"))
+    )
+    await tlc.http.post("/classify_domain", json={"query": QUERY})
+    prompts = [json.loads(call.request.content)["prompt"] for call in route.calls]
+    calibration = [example.query for example in taxonomy.calibration]
+    asked = [split_prompt(prompt)[0][taxonomy.prompt.keys.query] for prompt in prompts]
+    assert asked == [*calibration, QUERY]
+    await tlc.http.post("/classify_domain", json={"query": "Who wrote Hamlet?"})
+    assert route.call_count == len(calibration) + 2
+
+
+def label_stream(*tokens: str, done_reason: str) -> list[dict]:
+    """A constrained generation's NDJSON: each token certain, then the last answer."""
+    lines = [
+        {
+            "model": "gemma3:270m",
+            "created_at": "2026-11-29T00:00:00Z",
+            "response": token,
+            "done": False,
+            "logprobs": [{"token": token, "logprob": 0.0, "top_logprobs": []}],
+        }
+        for token in tokens
+    ]
+    last = {"model": "gemma3:270m", "created_at": "2026-11-29T00:00:00Z", "response": ""}
+    return [*lines, last | {"done": True, "done_reason": done_reason, "prompt_eval_count": 12}]
+
+
+async def test_a_label_the_deciding_tokens_leave_open_is_asked_again_to_its_end(tlc, backend):
+    """gemma writes geography as "ge" + "ography": "ge" may still become general knowledge."""
+
     def answer(request: httpx.Request) -> httpx.Response:
-        field = json.loads(request.content)["prompt"].rsplit(",", 1)[-1]
-        return streamed(tmd_lines(f"generate_stream_{field.strip(':').strip(chr(34))}.ndjson"))
+        if json.loads(request.content)["options"]["num_predict"] == DECIDING_TOKENS:
+            return streamed(label_stream('"', "ge", done_reason="length"))
+        return streamed(label_stream('"', "ge", "ography", '"', done_reason="stop"))
+
+    route = backend.post("/api/generate").mock(side_effect=answer)
+    response = await tlc.http.post("/classify_domain", json={"query": "Where is Lake Baikal?"})
+    assert response.json()["primary_domain"] == "GEOGRAPHY"
+    *_, asked, again = [json.loads(call.request.content) for call in route.calls]
+    assert asked["prompt"] == again["prompt"]
+    assert (asked["options"]["num_predict"], again["options"]["num_predict"]) == (2, 16)
+
+
+async def test_extract_tmd_decides_each_axis_on_the_previous_ones(tlc, backend, taxonomy):
+    keys = taxonomy.prompt.keys
+    recorded = {keys.domain: "domain", keys.task: "task", keys.method: "method"}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent = json.loads(request.content)
+        _, asked = split_prompt(sent["prompt"])
+        name = recorded[asked]
+        if sent["options"]["num_predict"] != DECIDING_TOKENS:  # '"d': dense, or direct?
+            name += "_to_the_end"
+        return streamed(tmd_lines(f"generate_stream_{name}.ndjson"))
 
     route = backend.post("/api/generate").mock(side_effect=answer)
     docs = ["Insulin lets cells take up glucose; in diabetes   that fails."]
     response = await tlc.http.post("/extract_tmd", json={"query": QUERY, "context_docs": docs})
     assert response.status_code == 200, response.text
     answer_ = response.json()
-    assert answer_["tmd"] == {"task": "ANSWER", "method": "GRAPH", "domain": "MEDICINE"}
+    assert answer_["tmd"] == {"task": "ANSWER", "method": "DENSE", "domain": "MEDICINE"}
     assert all(0 < p <= 1 for p in answer_["confidence"].values())
     prompts = [json.loads(call.request.content)["prompt"] for call in route.calls]
-    assert len(prompts) == 3
-    assert prompts[1].startswith(prompts[0])  # each extends the last: the cache holds
-    assert prompts[2].endswith('"domain":"medicine","task":"answer","method":')
-    assert '"context":"Insulin lets cells take up glucose; in diabetes that fails."' in prompts[0]
+    prompts = [prompt for prompt in prompts if json.dumps(QUERY) in prompt]  # not calibration
+    assert len(prompts) == 4  # the method's twice: '"d' leaves it open
+    prompts = list(dict.fromkeys(prompts))
+    assert prompts[1].startswith(prompts[0][:-1])  # each extends the last
+    assert prompts[2].endswith(
+        f'{json.dumps(keys.domain)}:"medicine",{json.dumps(keys.task)}:"answer",'
+        f"{json.dumps(keys.method)}:"
+    )
+    context = "Insulin lets cells take up glucose; in diabetes that fails."
+    assert f"{json.dumps(keys.context)}:{json.dumps(context)}" in prompts[0]
 
 
 @pytest.mark.parametrize(
@@ -286,8 +372,8 @@ async def test_info_reports_the_taxonomy_and_prompt_versions(tlc, backend, taxon
 
 # --- the real chain: embedded Gemma 3 host, classifier wrapper, TLC wrapper --------------
 
-# Floors for a regression to trip, below what the evaluation measures (scripts/bench/README.md);
-# the whole set and the targets are scripts/eval_tmd.py's job.
+# Floors for a regression to trip, below what the evaluation measures (the benchmarks page,
+# scripts/bench/README.md); the whole set and the targets are scripts/bench/eval_tmd.py's job.
 SUBSET_EVERY = 3
 FLOOR_TOP1, FLOOR_TOP3 = 0.70, 0.90
 
@@ -330,19 +416,23 @@ def test_the_embedded_classifier_stays_above_its_floor(tlc_chain):
 
 @pytest.mark.process
 def test_the_readme_example_through_the_real_chain(tlc_chain, taxonomy):
-    """What the contract promises of a real answer; which domain it is, is the model's call
-    (floating point differs between CPUs) and the evaluation's measure."""
+    query = "What is the role of glucose in diabetes?"
     url = tlc_chain.urls["tlc"]
-    answer = httpx.post(f"{url}/classify_domain", json={"query": QUERY}, timeout=120).json()
-    domains = [d["domain"] for d in answer["domains"]]
+    answer = httpx.post(f"{url}/classify_domain", json={"query": query}, timeout=120).json()
+    names = [domain.name for domain in taxonomy.domains]
+    ranked = [d["domain"] for d in answer["domains"]]
     confidences = [d["confidence"] for d in answer["domains"]]
-    assert len(domains) == len(set(domains)) == 3  # top_k's default
-    assert set(domains) <= {domain.name for domain in taxonomy.domains}
-    assert answer["primary_domain"] == domains[0]
+    assert answer["primary_domain"] == ranked[0]
+    assert set(ranked) <= set(names)
     assert confidences == sorted(confidences, reverse=True)
-    assert 0 < sum(confidences) <= 1 + 1e-6
-    tmd = httpx.post(f"{url}/extract_tmd", json={"query": QUERY}, timeout=120).json()
-    assert tmd["tmd"]["domain"] in {domain.name for domain in taxonomy.domains}
-    assert tmd["tmd"]["task"] in {task.name for task in taxonomy.tasks}
-    assert tmd["tmd"]["method"] in {method.name for method in taxonomy.methods}
+    assert 0 < sum(confidences) <= 1
+    tmd = httpx.post(f"{url}/extract_tmd", json={"query": query}, timeout=120).json()
+    # The same record asks for the domain on both paths: the same answer (its confidence
+    # within rounding: the second prompt is mostly read from the host's cache).
+    assert tmd["tmd"]["domain"] == answer["primary_domain"]
+    assert tmd["confidence"]["domain"] == pytest.approx(confidences[0], rel=0.05)
     assert all(0 < p <= 1 for p in tmd["confidence"].values())
+    # What the backend read from its prompt cache reaches the TLC's /info.
+    cache = httpx.get(f"{url}/info", timeout=10).json()["prompt_cache"]
+    assert cache["calls"] > 0
+    assert cache["calls"] == cache["calls_reporting"]

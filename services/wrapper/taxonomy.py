@@ -1,5 +1,5 @@
 """The TMD taxonomy as the classifier uses it: loaded from config, domain names
-validated and corrected, and the few-shot prompt written from it."""
+validated and corrected, and the query's record the prompt is written from."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from schemas.errors import describe_validation_errors
-from schemas.tmd import Taxonomy, ValidateDomainResponse
+from schemas.tmd import PromptKeys, Taxonomy, ValidateDomainResponse
 
 CONTEXT_DOC_PROMPT_CHARS = 240  # of each context document, in the prompt
 MAX_SUGGESTIONS = 3
@@ -71,30 +71,16 @@ def _record(fields: dict[str, Any]) -> str:
     return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
 
 
-def prompt_prefix(taxonomy: Taxonomy) -> str:
-    """The header, the label sets and the few-shot records: what every classification
-    shares (and a backend caches)."""
-    lines = [taxonomy.prompt.header]
-    for axis, labels in (
-        ("Domains", taxonomy.domains),
-        ("Tasks", taxonomy.tasks),
-        ("Methods", taxonomy.methods),
-    ):
-        lines.append(f"{axis}: {', '.join(label.label for label in labels)}.")
-    for example in taxonomy.prompt.examples:
-        lines.append(_record(example.model_dump(exclude_none=True)))
-    return "\n".join(lines) + "\n"
-
-
-def open_record(query: str, context_docs: Sequence[str] = ()) -> dict[str, Any]:
-    record: dict[str, Any] = {"query": query}
+def open_record(keys: PromptKeys, query: str, context_docs: Sequence[str] = ()) -> dict[str, Any]:
+    """The query's record, before any label: its keys are the words the model reads."""
+    record: dict[str, Any] = {keys.query: query}
     if context_docs:
-        record["context"] = " | ".join(
+        record[keys.context] = " | ".join(
             " ".join(doc.split())[:CONTEXT_DOC_PROMPT_CHARS] for doc in context_docs
         )
     return record
 
 
-def field_prompt(prefix: str, record: dict[str, Any], field: str) -> str:
-    """``prefix`` and ``record`` written up to the value of ``field``: ``{…,"field":``."""
-    return prefix + _record(record)[:-1] + "," + json.dumps(field) + ":"
+def field_prompt(record: dict[str, Any], key: str) -> str:
+    """``record`` written up to the value of ``key``: ``{…,"key":``."""
+    return _record(record)[:-1] + "," + json.dumps(key, ensure_ascii=False) + ":"

@@ -1,25 +1,38 @@
 """The TLC domain classifier: a query onto the Task-Method-Domain taxonomy, with the
 model's own probabilities as confidences.
 
-Each axis is one constrained choice. The prompt is the taxonomy's few-shot examples, one
-JSON record per line, then the query's record up to the field asked for:
-``{"query":"…","domain":``. The backend generates the value under a JSON schema whose
-``enum`` is the axis's labels, so the answer is always a label, never free text.
+Each axis is one constrained choice. The prompt is the query's JSON record, written up to
+the value asked for: ``{"question":"…","field of knowledge":``. The backend generates the
+value under a JSON schema whose ``enum`` is the axis's labels, so the answer is always a
+label, never free text. ``/extract_tmd`` then writes the chosen domain into the record and
+asks for the task, then the method.
 
-The confidences come from the logprobs of that constrained generation. At each generated
-token, the backend's ``top_logprobs`` are cut down to the tokens that keep the text a
-prefix of some label and renormalised, which is the distribution the grammar samples
+The prompt holds no examples. A backend that cannot keep the prefix a prompt shares with
+the last one (Ollama with gemma 3, whose sliding-window cache it does not roll back)
+evaluates the whole prompt on every call: a few-shot prompt of ~1,300 tokens took seconds
+there. This one is the query and a few tokens more, the same cost with or without a cache.
+
+What the examples did, calibration does: a small model favours some labels whatever the
+query, and each answer's label distribution is divided by that prior, the model's mean
+distribution over the taxonomy's calibration queries (measured once per axis, on first
+use, by asking the backend as for any query), then scaled back to the same total.
+
+Label probabilities come from the logprobs of the constrained generation. At each
+generated token, the backend's ``top_logprobs`` are cut down to the tokens that keep the
+text a prefix of some label and renormalised, which is the distribution the grammar samples
 from. The chosen token carries the label path on; every other token's share goes to the
 labels it leads to (the grammar forces the rest). Labels outside every step's top
 ``TOP_LOGPROBS`` get nothing, so the confidences sum to at most 1.
 
-The same prompt prefix serves every query and the three axes of ``/extract_tmd`` extend
-each other's prompts, so a backend that keeps its last prompt's cache (llama.cpp, Ollama)
-only evaluates the new tokens. The stream is left as soon as the label is decided.
+A call asks for ``DECIDING_TOKENS``: the opening quote and the label's first token, which
+tells the labels apart unless two begin alike; then the backend ends the stream itself,
+with its counts (what it read from its prompt cache), and runs no token past the answer.
+A label still open then is asked again without that limit, and left once decided.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Sequence
@@ -32,6 +45,7 @@ from schemas.tmd import (
     DomainScore,
     ExtractTmdResponse,
     Label,
+    LabelledQuery,
     Taxonomy,
     Tmd,
     TmdConfidence,
@@ -41,9 +55,11 @@ from services.common.streaming import close
 from services.wrapper import translate
 from services.wrapper.service import Wrapper
 from services.wrapper.stats import counting_failures
-from services.wrapper.taxonomy import field_prompt, open_record, prompt_prefix
+from services.wrapper.taxonomy import field_prompt, open_record
 
 TOP_LOGPROBS = 20  # Ollama's maximum
+DECIDING_TOKENS = 2  # the opening quote and the label's first token
+AXES = ("domain", "task", "method")  # the order /extract_tmd decides them in
 
 
 # --- confidences from logprobs ---------------------------------------------------------------
@@ -89,6 +105,24 @@ def reachable(labels: Sequence[str], text: str) -> list[str]:
     return found
 
 
+def label_prior(rows: Sequence[dict[str, float]], labels: Sequence[str]) -> dict[str, float]:
+    """The mean of the label distributions ``rows``, with one uniform row among them: a
+    label the model never gave weight to on the calibration queries is rare, not
+    impossible, and no label's prior is 0."""
+    uniform = 1 / len(labels)
+    return {
+        label: (sum(row[label] for row in rows) + uniform) / (len(rows) + 1) for label in labels
+    }
+
+
+def calibrate(scores: dict[str, float], prior: dict[str, float]) -> dict[str, float]:
+    """``scores`` divided by the model's ``prior``, scaled back to their total."""
+    weights = {label: p / prior[label] for label, p in scores.items()}
+    total = sum(weights.values())
+    mass = sum(scores.values())
+    return {label: mass * w / total if total else 0.0 for label, w in weights.items()}
+
+
 # --- the classifier --------------------------------------------------------------------------
 
 
@@ -97,7 +131,7 @@ class Choice:
     """One axis decided: labels (canonical names) with their probabilities, best first."""
 
     ranked: list[tuple[str, float]]
-    label: str  # the words the model wrote for the best one, for the next field's prompt
+    label: str  # the words of the best one, for the next field's record
 
     @property
     def best(self) -> tuple[str, float]:
@@ -108,7 +142,14 @@ class DomainClassifier:
     def __init__(self, wrapper: Wrapper, taxonomy: Taxonomy) -> None:
         self.wrapper = wrapper
         self.taxonomy = taxonomy
-        self.prefix = prompt_prefix(taxonomy)
+        self.keys = taxonomy.prompt.keys
+        self.labels: dict[str, tuple[Label, ...]] = {
+            "domain": taxonomy.domains,
+            "task": taxonomy.tasks,
+            "method": taxonomy.methods,
+        }
+        self.priors: dict[str, dict[str, float]] = {}
+        self._calibrating = {axis: asyncio.Lock() for axis in AXES}
 
     async def classify_domain(self, query: str, top_k: int) -> ClassifyDomainResponse:
         domains = self.taxonomy.domains
@@ -117,38 +158,75 @@ class DomainClassifier:
                 f"top_k must be between 1 and {len(domains)}, the number of domains",
                 param="top_k",
             )
-        choice = await self.choose(open_record(query), "domain", domains)
+        choice = await self.choose(open_record(self.keys, query), "domain")
         scores = [DomainScore(domain=name, confidence=p) for name, p in choice.ranked[:top_k]]
         return ClassifyDomainResponse(query=query, domains=scores, primary_domain=choice.best[0])
 
     async def extract_tmd(self, query: str, context_docs: Sequence[str]) -> ExtractTmdResponse:
-        record = open_record(query, context_docs)
+        record = open_record(self.keys, query, context_docs)
         chosen: dict[str, tuple[str, float]] = {}
-        for field, labels in (
-            ("domain", self.taxonomy.domains),
-            ("task", self.taxonomy.tasks),
-            ("method", self.taxonomy.methods),
-        ):
-            choice = await self.choose(record, field, labels)
-            chosen[field] = choice.best
-            record[field] = choice.label  # the next field's prompt extends this one's
+        for axis in AXES:
+            choice = await self.choose(record, axis)
+            chosen[axis] = choice.best
+            record[getattr(self.keys, axis)] = choice.label  # the next axis's record holds it
         return ExtractTmdResponse(
             query=query,
-            tmd=Tmd(**{field: name for field, (name, _) in chosen.items()}),
-            confidence=TmdConfidence(**{field: p for field, (_, p) in chosen.items()}),
+            tmd=Tmd(**{axis: name for axis, (name, _) in chosen.items()}),
+            confidence=TmdConfidence(**{axis: p for axis, (_, p) in chosen.items()}),
         )
 
-    async def choose(self, record: dict[str, Any], field: str, labels: Sequence[Label]) -> Choice:
-        """One constrained generation of ``field``'s value; the stream is left as soon as
-        the label is decided."""
-        words = [label.label for label in labels]
+    async def choose(self, record: dict[str, Any], axis: str) -> Choice:
+        """The calibrated label distribution of ``axis`` for ``record``."""
+        model_prior = await self.prior(axis)  # first: on first use, it asks the backend
+        scores = calibrate(await self.label_scores(record, axis), model_prior)
+        by_words = {label.label: label.name for label in self.labels[axis]}
+        ranked = sorted(
+            ((by_words[w], round(p, 6)) for w, p in scores.items()), key=lambda item: -item[1]
+        )
+        return Choice(ranked=ranked, label=max(scores, key=lambda w: scores[w]))
+
+    async def prior(self, axis: str) -> dict[str, float]:
+        """The model's prior on ``axis``: measured on first use, kept for the process."""
+        async with self._calibrating[axis]:
+            if axis not in self.priors:
+                rows = [
+                    await self.label_scores(self.calibration_record(example, axis), axis)
+                    for example in self.taxonomy.calibration
+                ]
+                words = [label.label for label in self.labels[axis]]
+                self.priors[axis] = label_prior(rows, words)
+        return self.priors[axis]
+
+    def calibration_record(self, example: LabelledQuery, axis: str) -> dict[str, Any]:
+        """An example's record as ``axis`` is asked for: with the labels of the axes before."""
+        record = open_record(self.keys, example.query, [example.context] if example.context else ())
+        for earlier in AXES[: AXES.index(axis)]:
+            record[getattr(self.keys, earlier)] = getattr(example, earlier)
+        return record
+
+    async def label_scores(self, record: dict[str, Any], axis: str) -> dict[str, float]:
+        """The model's distribution over ``axis``'s label words for ``record``."""
+        words = [label.label for label in self.labels[axis]]
+        prompt = field_prompt(record, getattr(self.keys, axis))
+        steps, text = await self.generate(prompt, words, DECIDING_TOKENS)
+        if len(reachable(words, text.lstrip())) > 1:  # two labels begin alike: ask to the end
+            steps, _ = await self.generate(prompt, words, None)
+        return label_probabilities(words, steps)
+
+    async def generate(
+        self, prompt: str, words: list[str], num_predict: int | None
+    ) -> tuple[list[api.Logprob], str]:
+        """One constrained generation: its logprobs and text. With ``num_predict``, read to
+        the backend's last answer; without, left as soon as the label is decided."""
         request = api.GenerateRequest(
             model=self.wrapper.settings.model,
-            prompt=field_prompt(self.prefix, record, field),
+            prompt=prompt,
             raw=True,
             stream=True,
             format={"type": "string", "enum": words},
-            options=api.Options(temperature=0, num_predict=self.wrapper.settings.max_tokens_limit),
+            options=api.Options(
+                temperature=0, num_predict=num_predict or self.wrapper.settings.max_tokens_limit
+            ),
             logprobs=True,
             top_logprobs=TOP_LOGPROBS,
         )
@@ -156,6 +234,7 @@ class DomainClassifier:
         call = self.wrapper.stats.begin("tlc", True)
         steps: list[api.Logprob] = []
         text = ""
+        last: api.GenerateResponse | None = None
         parts = self.wrapper.stream(job)
         try:
             with counting_failures(call):
@@ -164,8 +243,11 @@ class DomainClassifier:
                     assert isinstance(part, api.GenerateResponse)
                     steps.extend(part.logprobs or ())
                     text += part.response
-                    if part.done or len(reachable(words, text.lstrip())) <= 1:  # decided
+                    if part.done:
+                        last = part
                         break
+                    if num_predict is None and len(reachable(words, text.lstrip())) <= 1:
+                        break  # decided: the grammar writes the rest
         finally:
             await close(parts)
         if not steps:
@@ -175,11 +257,9 @@ class DomainClassifier:
                 "logprobs, which the confidences are computed from",
                 code="backend_no_logprobs",
             )
-        call.done(translate.estimate_tokens(job.prompt), len(steps))
-        scores = label_probabilities(words, steps)
-        by_words = {label.label: label.name for label in labels}
-        ranked = sorted(
-            ((by_words[w], round(p, 6)) for w, p in scores.items()), key=lambda item: -item[1]
-        )
-        best_words = max(scores, key=lambda w: scores[w])
-        return Choice(ranked=ranked, label=best_words)
+        if last is None:  # left early: the backend's counts never came
+            call.done(translate.estimate_tokens(job.prompt), len(steps))
+        else:
+            usage = translate.usage(last, prompt=job.prompt, chunks=len(steps))
+            call.done(usage.prompt_tokens, usage.completion_tokens)
+        return steps, text

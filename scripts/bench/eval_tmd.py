@@ -2,16 +2,19 @@
 
 Sends every query of the evaluation set to a running classifier's ``/classify_domain``
 (top_k 3), one at a time, and prints top-1 and top-3 accuracy and the latency
-percentiles, against the targets of issue 4 (top-1 >= 80%, top-3 >= 95%, p50 <= 300 ms).
+percentiles, against the targets of issue 4 (top-1 >= 80%, top-3 >= 95%, p50 <= 300 ms),
+with the machine's load average before and after. One ``/classify_domain`` call before
+the timed ones lets the classifier measure its prior (``services/wrapper/tmd.py``).
 ``--tmd`` also asks ``/extract_tmd`` and reports task and method accuracy (no targets).
 
-    .venv/bin/python scripts/eval_tmd.py [--url http://127.0.0.1:8052] [--limit N] [--json]
+    .venv/bin/python scripts/bench/eval_tmd.py [--url http://127.0.0.1:8052] [--limit N] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EVAL_SET = REPO_ROOT / "tests" / "data" / "tmd_eval.jsonl"
 TARGETS = {"top1": 0.80, "top3": 0.95, "p50_ms": 300.0}
 
@@ -31,11 +34,18 @@ def load_eval_set(path: Path = EVAL_SET) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def evaluate(url: str, cases: list[dict], *, tmd: bool = False, timeout: float = 60.0) -> dict:
     """Classify every case; the figures and every answer."""
     answers = []
     with httpx.Client(base_url=url, timeout=timeout) as client:
         client.post("/classify_domain", json={"query": "warm-up", "top_k": 1}).raise_for_status()
+        if tmd:
+            client.post("/extract_tmd", json={"query": "warm-up"}).raise_for_status()
+        load_before = load_average()
         for case in cases:
             started = time.perf_counter()
             response = client.post("/classify_domain", json={"query": case["query"], "top_k": 3})
@@ -47,7 +57,10 @@ def evaluate(url: str, cases: list[dict], *, tmd: bool = False, timeout: float =
                 body = {"query": case["query"]}
                 answer["tmd"] = client.post("/extract_tmd", json=body).raise_for_status().json()
             answers.append(answer)
-    return summarize(answers)
+    return summarize(answers) | {
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+    }
 
 
 def summarize(answers: list[dict]) -> dict:
@@ -77,8 +90,9 @@ def report(figures: dict, command: str) -> str:
         return "ok" if ok else "**missed**"
 
     lines = [
-        f"`{command}` on {platform.node()}, {time.strftime('%Y-%m-%d')}, "
-        f"{figures['queries']} queries",
+        f"`{command}` on {platform.node()}, {time.strftime('%Y-%m-%d %H:%M %Z')}, "
+        f"{figures['queries']} queries; load average {figures['load_average_before']} "
+        f"before, {figures['load_average_after']} after",
         "",
         "| measure | value | target |",
         "|---|---|---|",
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     except httpx.HTTPError as exc:
         print(f"eval_tmd: {args.url}: {exc}", file=sys.stderr)
         return 1
-    command = shlex.join(["python", "scripts/eval_tmd.py", *(argv or sys.argv[1:])])
+    command = shlex.join(["python", "scripts/bench/eval_tmd.py", *(argv or sys.argv[1:])])
     print(json.dumps(figures, indent=2) if args.json else report(figures, command))
     return 0
 
