@@ -19,7 +19,7 @@ from schemas.config import load_settings
 from services.wrapper.registration import agent_definition
 from services.wrapper.settings import WrapperSettings
 from tests.conftest import DATA, MODEL, REPO, make_settings, read, sent_json, streamed
-from tests.test_tmd import tlc_settings, tmd_lines
+from tests.test_tmd import recorded_answer, tlc_settings, tmd_lines
 
 pytestmark = pytest.mark.anyio
 
@@ -159,11 +159,7 @@ async def test_classify_domain_of_the_spec(tlc, backend):
 
 
 async def test_extract_tmd_of_the_spec(tlc, backend):
-    def answer(request):
-        field = json.loads(request.content)["prompt"].rsplit(",", 1)[-1].strip(':"')
-        return streamed(tmd_lines(f"generate_stream_{field}.ndjson"))
-
-    backend.post("/api/generate").mock(side_effect=answer)
+    backend.post("/api/generate").mock(side_effect=recorded_answer)
     response = await tlc.http.post("/extract_tmd", json=spec("extract_tmd.request.json"))
     assert response.status_code == 200, response.text
     assert shape_differences(spec("extract_tmd.response.json"), response.json()) == []

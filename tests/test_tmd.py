@@ -276,19 +276,22 @@ async def test_a_label_the_deciding_tokens_leave_open_is_asked_again_to_its_end(
     assert (asked["options"]["num_predict"], again["options"]["num_predict"]) == (2, 16)
 
 
+def recorded_answer(request: httpx.Request) -> httpx.Response:
+    """The embedded classifier's recorded answer to the README's query, for the axis the
+    prompt asks: the two deciding tokens, or the whole label when asked without the limit
+    (the method's '"d' may become dense or direct)."""
+    keys = load_taxonomy(TAXONOMY).prompt.keys
+    sent = json.loads(request.content)
+    _, asked = split_prompt(sent["prompt"])
+    name = {keys.domain: "domain", keys.task: "task", keys.method: "method"}[asked]
+    if name == "method" and sent["options"]["num_predict"] != DECIDING_TOKENS:
+        name += "_to_the_end"
+    return streamed(tmd_lines(f"generate_stream_{name}.ndjson"))
+
+
 async def test_extract_tmd_decides_each_axis_on_the_previous_ones(tlc, backend, taxonomy):
     keys = taxonomy.prompt.keys
-    recorded = {keys.domain: "domain", keys.task: "task", keys.method: "method"}
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        sent = json.loads(request.content)
-        _, asked = split_prompt(sent["prompt"])
-        name = recorded[asked]
-        if sent["options"]["num_predict"] != DECIDING_TOKENS:  # '"d': dense, or direct?
-            name += "_to_the_end"
-        return streamed(tmd_lines(f"generate_stream_{name}.ndjson"))
-
-    route = backend.post("/api/generate").mock(side_effect=answer)
+    route = backend.post("/api/generate").mock(side_effect=recorded_answer)
     docs = ["Insulin lets cells take up glucose; in diabetes   that fails."]
     response = await tlc.http.post("/extract_tmd", json={"query": QUERY, "context_docs": docs})
     assert response.status_code == 200, response.text
