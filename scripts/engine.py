@@ -286,8 +286,8 @@ def main() -> int:
             engine.ensure_working(rebuild=args.rebuild)
     except EngineError as exc:
         print(
-            f"error: {exc}; the builds tried are recorded in {engine.state_file}; remove it and "
-            f"{cache_dir()} to start over, or report this line with the output of lscpu",
+            f"error: {exc}; the builds tried are recorded in {engine.state_file} (remove it to "
+            "try them again); please report this line with the output of lscpu",
             file=sys.stderr,
         )
         return 1
