@@ -221,6 +221,22 @@ async def test_images_go_to_the_backend_as_base64_never_as_paths(wrapper, backen
     assert route.call_count == 2
 
 
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_image_that_is_not_ascii_is_a_400_not_a_500(wrapper, backend, path, stream):
+    # Issue 13: "é" in the base64 made the wrapper answer 500, which opened the router's
+    # circuit for every caller.
+    routes = [backend.post(p).respond(json={}) for p in ("/api/chat", "/api/generate")]
+    body = {"model": MODEL, "stream": stream, "images": ["é"], "prompt": "what is it?"}
+    if path == "/api/chat":
+        message = {"role": "user", "content": "what is it?", "images": ["é"]}
+        body = {"model": MODEL, "stream": stream, "messages": [message]}
+    response = await wrapper.http.post(path, json=body)
+    assert response.status_code == 400
+    assert "base64" in response.json()["error"]
+    assert not any(route.called for route in routes)
+
+
 # --- metadata ------------------------------------------------------------------------------
 
 

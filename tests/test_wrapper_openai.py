@@ -411,6 +411,20 @@ async def test_max_tokens_over_the_limit_is_served_up_to_the_limit(wrapper, back
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_image_whose_base64_is_not_ascii_is_a_400_not_a_500(wrapper, backend, stream):
+    # Issue 13: this made the wrapper answer 500, which opened the router's circuit.
+    route = backend.post("/api/chat").respond(json=read("chat_response.json"))
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,é"}}
+    message = {"role": "user", "content": [{"type": "text", "text": "what is it?"}, image]}
+    body = {"model": "any", "messages": [message], "stream": stream}
+    response = await wrapper.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert "base64" in response.json()["error"]["message"]
+    assert not route.called
+
+
+@pytest.mark.anyio
 async def test_a_prompt_over_the_context_is_refused(wrapper, backend):
     route = backend.post("/api/chat").respond(json=read("chat_response.json"))
     # the smaller of the configured (4096) and the measured (show.json: 8192) context

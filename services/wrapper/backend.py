@@ -290,7 +290,7 @@ def _images(images: list[str] | None) -> list[bytes] | None:
         return None
     try:
         return [binascii.a2b_base64(image, strict_mode=True) for image in images]
-    except binascii.Error:
+    except ValueError:  # binascii.Error, and the ValueError of a non-ASCII character
         raise BadRequest("images must be base64-encoded", param="images") from None
 
 
