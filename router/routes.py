@@ -16,10 +16,12 @@ from schemas.errors import ErrorEnvelope
 from schemas.health import ServiceHealth
 from schemas.routing import RouteDecision, RouteRequest
 from schemas.usage import (
+    MAX_CLOCK_SKEW_SECONDS,
     RequestUsage,
     UsageAccepted,
     UsageBatch,
     UsageByAgent,
+    UsageRecord,
     UsageSummary,
     UsageTimeseries,
 )
@@ -122,8 +124,23 @@ async def report_usage(body: UsageBatch, request: Request) -> Response:
         expected = f"Bearer {token.get_secret_value()}"
         if not hmac.compare_digest(request.headers.get("Authorization", ""), expected):
             raise Unauthorized()
+    check_record_times(body.records, now=routing.wall_clock(), retention=routing.usage.retention)
     accepted = await routing.usage.run(routing.usage.store.add, body.records)
     return json_response(UsageAccepted(accepted=accepted))
+
+
+def check_record_times(records: list[UsageRecord], *, now: float, retention: float) -> None:
+    """Refuse a record dated ahead of this clock by more than a reporter's skew, or older
+    than the retention: it would count in every window, or never (issue 13)."""
+    for index, record in enumerate(records):
+        at = record.time.timestamp()
+        if at > now + MAX_CLOCK_SKEW_SECONDS or at < now - retention:
+            raise ValidationFailed(
+                f"records.{index}.time: {record.time.isoformat()} is more than "
+                f"{MAX_CLOCK_SKEW_SECONDS:g} s ahead of the router's clock or older than the "
+                f"usage retention ({retention / 86_400:g} days)",
+                param=f"records.{index}.time",
+            )
 
 
 @router.get("/api/usage/summary", response_model=UsageSummary, summary="Totals of a window")

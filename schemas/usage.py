@@ -12,7 +12,7 @@ Two kinds of record share one table and join on the request id:
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -27,6 +27,17 @@ Status = Literal["ok", "error", "cancelled"]
 LATENCY_BUCKETS_MS = (50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0)
 
 
+# Bounds no real call reaches. Within them, a record can neither overflow the usage API's
+# sums (64-bit integers in SQLite) nor make them non-finite (issue 13).
+MAX_TOKENS_PER_CALL = 1_000_000_000
+MAX_COST_PER_CALL = 1_000_000.0
+MAX_LATENCY_MS = 86_400_000.0  # a day
+# How far ahead of the router's clock a record's time may be: the reporter's clock skew.
+MAX_CLOCK_SKEW_SECONDS = 300.0
+
+TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_CALL)]
+
+
 class UsageRecord(Strict):
     record_id: str = Field(
         min_length=1, max_length=64, description="Unique per record: a resent batch is ignored."
@@ -38,14 +49,16 @@ class UsageRecord(Strict):
     provider: str = Field(max_length=64, description='"local" or a cloud provider name.')
     model: str = Field(max_length=200)
     capability: str | None = Field(default=None, max_length=64)
-    prompt_tokens: int = Field(default=0, ge=0)
-    completion_tokens: int = Field(default=0, ge=0)
-    latency_ms: float = Field(ge=0)
-    time_to_first_token_ms: float | None = Field(default=None, ge=0)
+    prompt_tokens: TokenCount = 0
+    completion_tokens: TokenCount = 0
+    latency_ms: float = Field(ge=0, le=MAX_LATENCY_MS, allow_inf_nan=False)
+    time_to_first_token_ms: float | None = Field(
+        default=None, ge=0, le=MAX_LATENCY_MS, allow_inf_nan=False
+    )
     stream: bool = False
     status: Status = "ok"
     fallback_from: str | None = Field(default=None, max_length=128)
-    cost: float = Field(default=0.0, ge=0)
+    cost: float = Field(default=0.0, ge=0, le=MAX_COST_PER_CALL, allow_inf_nan=False)
 
 
 class UsageBatch(Strict):

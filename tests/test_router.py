@@ -581,6 +581,28 @@ async def test_a_bad_window_is_a_422(start_router, window):
     assert response.json()["error"]["param"] == "window"
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("prompt_tokens", 2**63 - 1),  # SUM overflowed: every usage answer was a 500
+        ("completion_tokens", 2**63),
+        ("cost", 1.7e308),  # the summary's cost became null
+        ("latency_ms", 1e300),
+        ("time", "9999-01-01T00:00:00+00:00"),  # counted in every window, never pruned
+        ("time", "2025-01-01T00:00:00+00:00"),  # older than the retention
+    ],
+)
+async def test_a_record_that_would_poison_the_ledger_is_refused(start_router, field, value):
+    router = await start_router(usage_retention_days=90)
+    record = call_record(1, "llm_a", "local", 1, 1, 1.0) | {field: value}
+    refused = await router.post("/usage", json={"records": [record]})
+    assert refused.status_code == 422
+    assert field in refused.text
+    for path in ("/api/usage/summary", "/api/usage/by-agent", "/api/usage/timeseries"):
+        assert (await router.get(path, params={"window": "24h"})).status_code == 200
+    assert (await router.get("/api/usage/summary")).json()["calls"] == 0
+
+
 async def test_usage_reports_need_the_token_when_one_is_set(start_router):
     router = await start_router(registry_token="s3cret")
     records = {"records": [call_record(1, "llm_a", "local", 1, 1, 1.0)]}
