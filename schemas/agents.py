@@ -17,6 +17,7 @@ from pydantic import (
 
 MAX_CAPABILITIES = 32
 MAX_METADATA_KEYS = 64
+MAX_METADATA_DEPTH = 16
 DEFAULT_PAGE_SIZE = 100
 # Discovery answers candidates for a routing decision, which needs a handful, not a page
 # (Consul's DNS interface answers 3). Bigger answers are a `limit` away.
@@ -64,6 +65,25 @@ def _check_endpoint(value: str) -> str:
     return value.rstrip("/")
 
 
+def _check_depth(value: dict[str, Any]) -> dict[str, Any]:
+    """Refuse metadata nested deeper than ``MAX_METADATA_DEPTH``: a record is stored as JSON
+    and read back by a parser that stops at about 200 levels (issue 13: a registration of
+    1.4 KB was stored, then every read of it answered 500)."""
+    level, frontier = 1, [value]
+    while frontier:
+        if level > MAX_METADATA_DEPTH:
+            raise ValueError(f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep")
+        children = [
+            v for item in frontier for v in (item.values() if isinstance(item, dict) else item)
+        ]
+        frontier = [child for child in children if isinstance(child, dict | list)]
+        level += 1
+    return value
+
+
+Metadata = Annotated[
+    dict[str, Any], Field(max_length=MAX_METADATA_KEYS), AfterValidator(_check_depth)
+]
 Capabilities = Annotated[
     list[Capability], Field(max_length=MAX_CAPABILITIES), AfterValidator(_dedupe)
 ]
@@ -105,7 +125,7 @@ class AgentDefinition(Strict):
         default="http", description='"http", or the spec\'s "rest": both are HTTP.'
     )
     cost_per_1k_tokens: float = Field(default=0.0, ge=0, le=1_000)
-    metadata: dict[str, Any] = Field(default_factory=dict, max_length=MAX_METADATA_KEYS)
+    metadata: Metadata = Field(default_factory=dict)
     ttl_seconds: float | None = Field(
         default=None, gt=0, le=86_400, description="Heartbeat TTL; the registry default if unset."
     )

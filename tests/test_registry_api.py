@@ -110,6 +110,18 @@ def test_a_bad_tier_or_locality_is_a_422_naming_it(registry, agent, changes, say
     assert says in response.json()["error"]["message"]
 
 
+def test_metadata_nested_too_deep_is_a_422_and_nothing_is_stored(registry, agent):
+    # Issue 13: 300 levels (1.4 KB) were stored, then every read of the agents answered 500.
+    deep: dict = {}
+    for _ in range(300):
+        deep = {"a": deep}
+    response = register(registry, agent, metadata=deep)
+    assert response.status_code == 422
+    assert "nested more than 16 levels" in response.json()["error"]["message"]
+    assert registry.get("/agents").json()["agents"] == []
+    assert register(registry, agent, metadata={"a": {"b": [1, {"c": 2}]}}).status_code == 200
+
+
 def test_heartbeat_refreshes_liveness_and_carries_live_stats(registry, agent, clock):
     register(registry, agent)
     clock.advance(20)
