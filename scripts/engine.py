@@ -195,7 +195,7 @@ class Engine:
         if self.state().get("installed") and installed_version() == VERSION:
             return
         if not (remaining := self.remaining()):
-            raise EngineError("no llama.cpp build is left to try on this machine")
+            raise self.none_left("no llama.cpp build is left to try on this machine")
         self.put(remaining[0])
 
     def ensure_working(self, *, rebuild: bool = False) -> Build:
@@ -204,7 +204,7 @@ class Engine:
             self.give_up(installed)
         while True:
             if not (remaining := self.remaining()):
-                raise EngineError("no llama.cpp build runs on this CPU")
+                raise self.none_left("no llama.cpp build runs on this CPU")
             build, state = remaining[0], self.state()
             if state.get("installed") == build.key and state.get("checked") == self.machine:
                 return build
@@ -217,6 +217,12 @@ class Engine:
             say(f"the {build.name} build failed its check: {problem}")
             self.give_up(build.key)
 
+    def none_left(self, what: str) -> EngineError:
+        return EngineError(
+            f"{what}; the builds tried are recorded in {self.state_file} (remove it to try "
+            "them again); please report this line with the output of lscpu"
+        )
+
     def give_up(self, key: str) -> None:
         """Never try build ``key`` on this machine again."""
         failed = self.state().get("failed", {})
@@ -225,7 +231,7 @@ class Engine:
 
 
 class EngineError(Exception):
-    """No build of the engine runs here; the message says so in one line."""
+    """No engine can be installed or checked here; the message says why in one line."""
 
 
 def install_wheel(wheel: Path) -> None:
@@ -239,12 +245,20 @@ def machine_id() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# The model host's exit status for what the user must fix (a bad profile, a model that is
+# not installed): no build would pass the check then, so none is given up for it.
+USER_ERROR_STATUS = 2
+
+
 def run_check() -> str | None:
-    """None when a real decode succeeds in a subprocess, else how it failed (one line)."""
+    """None when a real decode succeeds in a subprocess, else how the build failed (one
+    line); EngineError when the check could not run at all."""
     command = [sys.executable, "-m", "services.modelhost", "--model", CHECK_MODEL, "--check"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     if result.returncode == 0:
         return None
+    if result.returncode == USER_ERROR_STATUS:
+        raise EngineError(f"the engine check could not run: {describe_exit(2, result.stderr)}")
     return describe_exit(result.returncode, result.stderr)
 
 
@@ -285,11 +299,7 @@ def main() -> int:
         else:
             engine.ensure_working(rebuild=args.rebuild)
     except EngineError as exc:
-        print(
-            f"error: {exc}; the builds tried are recorded in {engine.state_file} (remove it to "
-            "try them again); please report this line with the output of lscpu",
-            file=sys.stderr,
-        )
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 

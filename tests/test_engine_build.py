@@ -114,3 +114,17 @@ def test_rebuild_gives_up_the_installed_build(tmp_path):
     machine = Machine(tmp_path)
     assert machine.engine.ensure_working().name == "cpu"
     assert machine.engine.ensure_working(rebuild=True).name == "x86-64-v3"
+
+
+def test_a_check_that_cannot_run_gives_up_no_build(tmp_path):
+    """A bad profile or a missing model fails every build alike: none is blamed for it."""
+    machine = Machine(tmp_path)
+
+    def cannot_run() -> str | None:
+        raise installer.EngineError("the engine check could not run: modelhost: config …")
+
+    machine.engine.check = cannot_run
+    with pytest.raises(installer.EngineError, match="could not run"):
+        machine.engine.ensure_working()
+    assert machine.engine.remaining()[0].name == "cpu"
+    assert "failed" not in machine.engine.state()
