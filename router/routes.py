@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 import time
 from typing import Annotated
@@ -28,6 +29,10 @@ from schemas.usage import (
 from services.common.errors import NotFound, Unauthorized, ValidationFailed
 from services.common.streaming import json_response
 
+log = logging.getLogger(__name__)
+
+# A batch may hold a thousand bad records; a few lines say enough.
+MAX_REFUSALS_LOGGED = 3
 ERRORS = {status: {"model": ErrorEnvelope} for status in (404, 413, 422, 503)}
 router = APIRouter(responses=ERRORS)
 
@@ -124,23 +129,24 @@ async def report_usage(body: UsageBatch, request: Request) -> Response:
         expected = f"Bearer {token.get_secret_value()}"
         if not hmac.compare_digest(request.headers.get("Authorization", ""), expected):
             raise Unauthorized()
-    check_record_times(body.records, now=routing.wall_clock(), retention=routing.usage.retention)
-    accepted = await routing.usage.run(routing.usage.store.add, body.records)
-    return json_response(UsageAccepted(accepted=accepted))
+    now, retention = routing.wall_clock(), routing.usage.retention
+    valid, refused = body.split(lambda record: time_out_of_range(record, now, retention))
+    for refusal in refused[:MAX_REFUSALS_LOGGED]:
+        log.warning("usage record %d refused: %s", refusal.index, refusal.reason)
+    accepted = await routing.usage.run(routing.usage.store.add, valid) if valid else 0
+    return json_response(UsageAccepted(accepted=accepted, refused=refused), exclude_none=False)
 
 
-def check_record_times(records: list[UsageRecord], *, now: float, retention: float) -> None:
-    """Refuse a record dated ahead of this clock by more than a reporter's skew, or older
-    than the retention: it would count in every window, or never (issue 13)."""
-    for index, record in enumerate(records):
-        at = record.time.timestamp()
-        if at > now + MAX_CLOCK_SKEW_SECONDS or at < now - retention:
-            raise ValidationFailed(
-                f"records.{index}.time: {record.time.isoformat()} is more than "
-                f"{MAX_CLOCK_SKEW_SECONDS:g} s ahead of the router's clock or older than the "
-                f"usage retention ({retention / 86_400:g} days)",
-                param=f"records.{index}.time",
-            )
+def time_out_of_range(record: UsageRecord, now: float, retention: float) -> str | None:
+    """Why a record's time cannot be kept: ahead of this clock by more than a reporter's
+    skew (it would count in every window), or older than the retention (in none)."""
+    at = record.time.timestamp()
+    if now - retention <= at <= now + MAX_CLOCK_SKEW_SECONDS:
+        return None
+    return (
+        f"time: {record.time.isoformat()} is more than {MAX_CLOCK_SKEW_SECONDS:g} s ahead of "
+        f"the router's clock or older than the usage retention ({retention / 86_400:g} days)"
+    )
 
 
 @router.get("/api/usage/summary", response_model=UsageSummary, summary="Totals of a window")

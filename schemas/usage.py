@@ -11,10 +11,11 @@ Two kinds of record share one table and join on the request id:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 
 from schemas.agents import Strict
 
@@ -61,14 +62,59 @@ class UsageRecord(Strict):
     cost: float = Field(default=0.0, ge=0, le=MAX_COST_PER_CALL, allow_inf_nan=False)
 
 
-class UsageBatch(Strict):
-    """What a wrapper posts to ``POST /usage``."""
+class Refusal(BaseModel):
+    """Why one record of a batch was not stored; the rest of the batch is."""
 
-    records: list[UsageRecord] = Field(min_length=1, max_length=MAX_BATCH)
+    index: int = Field(description="The record's position in the batch.")
+    record_id: str | None = Field(description="Its record_id, when it had a readable one.")
+    reason: str
+
+
+def _refused_one_by_one(value: object, handler: ValidatorFunctionWrapHandler) -> object:
+    # A bad record must not cost the batch its good ones: it becomes a Refusal that
+    # the router answers with, and a reporter never resends (issue 13).
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        reason = "; ".join(
+            f"{'.'.join(map(str, error['loc'])) or 'record'}: {error['msg']}"
+            for error in exc.errors(include_url=False)
+        )
+        record_id = value.get("record_id") if isinstance(value, dict) else None
+        record_id = record_id[:64] if isinstance(record_id, str) else None
+        return Refusal(index=-1, record_id=record_id, reason=reason[:500])
+
+
+class UsageBatch(Strict):
+    """What a wrapper posts to ``POST /usage``. Each record is validated on its own: the
+    published schema is ``UsageRecord``'s, and one that fails it is refused alone."""
+
+    records: list[Annotated[UsageRecord, WrapValidator(_refused_one_by_one)]] = Field(
+        min_length=1, max_length=MAX_BATCH
+    )
+
+    def split(
+        self, check: Callable[[UsageRecord], str | None]
+    ) -> tuple[list[UsageRecord], list[Refusal]]:
+        """The records to store, and a refusal for each of the others: those that failed
+        validation and those ``check`` gives a reason against."""
+        valid: list[UsageRecord] = []
+        refused: list[Refusal] = []
+        for index, record in enumerate(self.records):
+            if isinstance(record, UsageRecord) and (reason := check(record)):
+                record = Refusal(index=index, record_id=record.record_id, reason=reason)
+            if isinstance(record, Refusal):
+                refused.append(record.model_copy(update={"index": index}))
+            else:
+                valid.append(record)
+        return valid, refused
 
 
 class UsageAccepted(BaseModel):
     accepted: int = Field(description="Records stored now; resent ones are not counted.")
+    refused: list[Refusal] = Field(
+        description="Records not stored, each with the reason; resending them cannot help."
+    )
 
 
 class RequestUsage(BaseModel):

@@ -515,9 +515,9 @@ async def test_reported_calls_add_up_to_the_summary(start_router):
         call_record(4, None, "openai", 1_000, 500, 900.0, cost=0.0006),
     ]
     accepted = await router.post("/usage", json={"records": records})
-    assert accepted.json() == {"accepted": 4}
+    assert accepted.json() == {"accepted": 4, "refused": []}
     again = await router.post("/usage", json={"records": records[:2]})  # a resent batch
-    assert again.json() == {"accepted": 0}
+    assert again.json() == {"accepted": 0, "refused": []}
     summary = (await router.get("/api/usage/summary", params={"window": "1h"})).json()
     tokens = 100 + 50 + 300 + 150 + 10 + 1_000 + 500
     assert summary["calls"] == 4
@@ -592,15 +592,27 @@ async def test_a_bad_window_is_a_422(start_router, window):
         ("time", "2025-01-01T00:00:00+00:00"),  # older than the retention
     ],
 )
-async def test_a_record_that_would_poison_the_ledger_is_refused(start_router, field, value):
+async def test_a_record_that_would_poison_the_ledger_is_refused_alone(start_router, field, value):
     router = await start_router(usage_retention_days=90)
-    record = call_record(1, "llm_a", "local", 1, 1, 1.0) | {field: value}
-    refused = await router.post("/usage", json={"records": [record]})
-    assert refused.status_code == 422
-    assert field in refused.text
+    good = call_record(1, "llm_a", "local", 1, 1, 1.0)
+    bad = call_record(2, "llm_a", "local", 1, 1, 1.0) | {field: value}
+    answer = await router.post("/usage", json={"records": [bad, good, "not a record"]})
+    assert answer.status_code == 200
+    assert answer.json()["accepted"] == 1
+    first, second = answer.json()["refused"]
+    assert (first["index"], first["record_id"]) == (0, bad["record_id"])
+    assert first["reason"].startswith(field)
+    assert (second["index"], second["record_id"]) == (2, None)
     for path in ("/api/usage/summary", "/api/usage/by-agent", "/api/usage/timeseries"):
         assert (await router.get(path, params={"window": "24h"})).status_code == 200
-    assert (await router.get("/api/usage/summary")).json()["calls"] == 0
+    summary = (await router.get("/api/usage/summary")).json()
+    assert (summary["calls"], summary["prompt_tokens"]) == (1, 1)
+
+
+async def test_a_batch_that_is_not_a_list_of_records_is_a_422(start_router):
+    router = await start_router()
+    for body in ({"records": []}, {"records": {"a": 1}}, {"rows": []}, []):
+        assert (await router.post("/usage", json=body)).status_code == 422
 
 
 async def test_usage_reports_need_the_token_when_one_is_set(start_router):
@@ -609,7 +621,7 @@ async def test_usage_reports_need_the_token_when_one_is_set(start_router):
     assert (await router.post("/usage", json=records)).status_code == 401
     authorised = {"Authorization": "Bearer s3cret"}
     response = await router.post("/usage", json=records, headers=authorised)
-    assert response.json() == {"accepted": 1}
+    assert response.json() == {"accepted": 1, "refused": []}
 
 
 # --- rate limiting -----------------------------------------------------------------------
