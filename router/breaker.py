@@ -61,6 +61,11 @@ class Breaker:
         self.state = "closed"
         self.trial_running = False
 
+    def released(self) -> None:
+        """A claimed call ended saying nothing about the endpoint (a 429, one request's
+        own 500, a caller that left): a half-open trial may be made again."""
+        self.trial_running = False
+
     def failed(self, *, refused: bool = False) -> None:
         self.recent.append(False)
         self.consecutive += 1

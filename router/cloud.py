@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from router.candidates import Candidate
-from router.errors import UpstreamFailed, retry_after_seconds
+from router.errors import UpstreamFailed, failed_answer
 from schemas import openai
 from schemas.config import ProviderConfig
 from services.common.streaming import SSE_DONE, sse, to_json
@@ -71,15 +71,10 @@ class CloudClient:
             raise UpstreamFailed(f"{type(exc).__name__}", kind="timeout") from None
         except httpx.HTTPError as exc:
             raise UpstreamFailed(f"{type(exc).__name__}: {exc}", kind="connect") from None
-        if response.status_code == 429 or response.status_code >= 500:
+        failure = failed_answer(response.status_code, response.headers.get("retry-after"))
+        if failure is not None:
             await response.aclose()
-            retry_after = retry_after_seconds(response.headers.get("retry-after"))
-            kind = "http_429" if response.status_code == 429 else "http_5xx"
-            raise UpstreamFailed(
-                f"HTTP {response.status_code}",
-                kind=kind,
-                retry_after=retry_after if response.status_code == 429 else None,
-            )
+            raise failure
         answer = CloudAnswer(status=response.status_code, body=b"")
         if response.status_code >= 400 or not stream:
             raw = await response.aread()

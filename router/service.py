@@ -3,7 +3,8 @@
 Upstream calls go through one aiohttp session (DESIGN 7: httpx's async client is slow
 under concurrency). A candidate fails when it cannot be reached, times out, or answers
 5xx or 429; the call then goes to the next candidate, up to ``max_attempts``. Other 4xx
-answers are the caller's request at fault and pass through as they are. A stream falls
+answers are the caller's request at fault and pass through as they are. Which failures
+count toward an endpoint's circuit: ``router.errors``. A stream falls
 back only before its first byte; after it, an upstream that fails or stalls ends the
 stream with an error event.
 """
@@ -29,7 +30,7 @@ from router.breaker import Breakers
 from router.candidates import Candidate, rank
 from router.cloud import CloudClient
 from router.directory import Directory
-from router.errors import UpstreamFailed, retry_after_seconds
+from router.errors import UpstreamFailed, failed_answer
 from router.metrics import RouterMetrics
 from router.settings import RouterSettings
 from router.usage import UsageLog
@@ -173,6 +174,8 @@ class Router:
     async def chat(self, body: bytes, capability: str, stream: bool) -> Response:
         """Forward an OpenAI chat call to the first candidate that serves it."""
         tried: list[tuple[Candidate, UpstreamFailed]] = []
+        counted: set[str] = set()  # endpoints whose circuit this request has charged
+        spent: set[str] = set()  # endpoints that failed this request itself (a 500)
         began = self.clock()
         for retry in itertools.count():
             failures_before = len(tried)
@@ -180,30 +183,23 @@ class Router:
                 if len(tried) >= self.settings.max_attempts:
                     break
                 breaker = self.breakers[candidate.endpoint]
-                if not breaker.begin():
+                if candidate.endpoint in spent or not breaker.begin():
                     continue
                 load = self._load(candidate.endpoint)
                 load.in_flight += 1
                 started = self.clock()
                 try:
-                    if candidate.local:
-                        answer = await self._local(candidate, body, stream)
-                    else:
-                        answer = await self._cloud(candidate, body, stream)
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    failure = UpstreamFailed(_describe(exc), kind=_kind(exc))
-                    breaker.failed(refused=failure.kind == "connect")
-                except UpstreamFailed as failed:
-                    failure = failed
-                    if failure.retry_after is None:  # broken; a 429 is only busy
-                        breaker.failed(refused=failure.kind == "connect")
-                else:
-                    failure = None
-                who = _name(candidate)
-                if failure is not None:
+                    answer = await self._attempt(candidate, body, stream)
+                except BaseException:  # the caller left: nothing was learned of the upstream
                     load.in_flight -= 1
-                    self.metrics.failed_attempts.labels(who, failure.kind).inc()
-                    tried.append((candidate, failure))
+                    breaker.released()
+                    raise
+                who = _name(candidate)
+                if isinstance(answer, UpstreamFailed):
+                    load.in_flight -= 1
+                    self._charge(candidate.endpoint, answer, counted, spent)
+                    self.metrics.failed_attempts.labels(who, answer.kind).inc()
+                    tried.append((candidate, answer))
                     continue
                 breaker.succeeded()
                 self.metrics.calls.labels(capability, who, "ok").inc()
@@ -235,20 +231,41 @@ class Router:
         self._record(outcome, status="error", first_at=None)
         raise self._exhausted(capability, tried)
 
+    async def _attempt(
+        self, candidate: Candidate, body: bytes, stream: bool
+    ) -> Answer | UpstreamFailed:
+        try:
+            if candidate.local:
+                return await self._local(candidate, body, stream)
+            return await self._cloud(candidate, body, stream)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return UpstreamFailed(_describe(exc), kind=_kind(exc))
+        except UpstreamFailed as failed:
+            return failed
+
+    def _charge(
+        self, endpoint: str, failure: UpstreamFailed, counted: set[str], spent: set[str]
+    ) -> None:
+        """Tell the endpoint's circuit what a failed attempt says about it (router.errors)."""
+        breaker = self.breakers[endpoint]
+        if failure.blame == "upstream" and endpoint not in counted:
+            counted.add(endpoint)
+            breaker.failed(refused=failure.kind == "connect")
+        else:
+            breaker.released()
+        if failure.blame == "request":
+            spent.add(endpoint)
+
     async def _local(self, candidate: Candidate, body: bytes, stream: bool) -> Answer:
         """A registry agent, through the aiohttp pool: the body goes as it came."""
         headers = {"Content-Type": "application/json"}
         if request_id := current_request_id():
             headers[REQUEST_ID_HEADER] = request_id
         answer = await self.session.post(candidate.endpoint + CHAT_PATH, data=body, headers=headers)
-        if answer.status == 429 or answer.status >= 500:
-            retry_after = retry_after_seconds(answer.headers.get("Retry-After"))
+        failure = failed_answer(answer.status, answer.headers.get("Retry-After"))
+        if failure is not None:
             answer.release()
-            raise UpstreamFailed(
-                f"HTTP {answer.status}",
-                kind="http_429" if answer.status == 429 else "http_5xx",
-                retry_after=retry_after if answer.status == 429 else None,
-            )
+            raise failure
         media = answer.headers.get("Content-Type", "application/json")
         if not stream or answer.status != 200:  # a refusal is the caller's to read, whole
             return Answer(answer.status, media, await answer.read())
@@ -375,9 +392,11 @@ class Router:
         """How long to wait before trying the candidates again, or None to give up: when
         the attempts are spent, when nothing could be tried (every circuit open), or when
         the wait (backoff with full jitter, at least what a 429 asked) is too long."""
-        if not failed_now or attempts >= self.settings.max_attempts:
+        # A round whose every failure was the request's own (500s) has nothing to retry.
+        retryable = [f for _, f in failed_now if f.blame != "request"]
+        if not retryable or attempts >= self.settings.max_attempts:
             return None
-        asked = [f.retry_after for _, f in failed_now if f.retry_after is not None]
+        asked = [f.retry_after for f in retryable if f.retry_after is not None]
         wait = max([backoff_delay(retry, self.random), *asked])
         return wait if wait <= self.settings.retry_wait_max_seconds else None
 

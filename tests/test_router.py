@@ -177,6 +177,17 @@ def test_a_refused_connection_opens_the_circuit_at_once():
     assert (circuit.state, circuit.allows()) == ("open", False)
 
 
+def test_a_trial_that_says_nothing_of_the_endpoint_lets_another_trial_run():
+    clock = FakeClock(0.0)
+    circuit = breaker(clock)
+    circuit.failed(refused=True)
+    clock.advance(5.0)
+    assert circuit.begin()
+    circuit.released()  # the trial got a 429, or its caller left
+    assert circuit.state == "half_open"
+    assert circuit.begin()  # not stuck half-open with a trial that never ends
+
+
 def test_a_circuit_opens_on_the_failure_rate_of_a_window():
     circuit = breaker(FakeClock(0.0))
     for outcome in ("ok", "fail", "ok", "fail", "ok"):  # never 3 failures in a row
@@ -191,7 +202,7 @@ def test_a_circuit_opens_on_the_failure_rate_of_a_window():
 
 class Upstream:
     """A fake OpenAI-compatible server on a loopback port. ``mode``: ok, refuse (400),
-    error (500), busy (429), slow (answers after the router's read timeout), stall
+    error (500, or for any body that holds "poison"), down (503), busy (429), slow (answers after the router's read timeout), stall
     (streams one chunk, then nothing), long (streams a chunk every 0.1 s for 10 s)."""
 
     def __init__(self) -> None:
@@ -218,8 +229,10 @@ class Upstream:
                 "connection": request.transport.get_extra_info("peername"),
             }
         )
-        if self.mode == "error":
+        if self.mode == "error" or "poison" in json.dumps(body):
             return web.json_response({"error": {"message": "boom"}}, status=500)
+        if self.mode == "down":
+            return web.json_response({"error": {"message": "no backend"}}, status=503)
         if self.mode == "refuse":
             return web.json_response({"error": {"message": "max_tokens too big"}}, status=400)
         if self.mode == "busy_once":
@@ -338,7 +351,7 @@ async def test_a_call_goes_to_the_best_candidate_with_its_request_id(
     assert second.calls == []
 
 
-@pytest.mark.parametrize("failure", ["error", "busy", "slow", "refused"])
+@pytest.mark.parametrize("failure", ["error", "down", "busy", "slow", "refused"])
 async def test_a_failed_candidate_falls_back_to_the_next(
     start_router, registry_http, upstreams, failure
 ):
@@ -362,12 +375,33 @@ async def test_a_failed_candidate_falls_back_to_the_next(
     assert 'router_calls_total{capability="reasoning",served_by="b-second",status="ok"} 2.0' in (
         metrics
     )
-    kind = {"error": "http_5xx", "busy": "http_429", "slow": "timeout", "refused": "connect"}
+    kind = {"error": "http_500", "down": "http_5xx", "busy": "http_429", "slow": "timeout"}
+    kind["refused"] = "connect"
     expected = (
         f'router_failed_attempts_total{{candidate="a-first",kind="{kind[failure]}"}} '
         f"{expected_attempts:.1f}"
     )
     assert expected in metrics
+
+
+async def test_a_callers_bad_request_never_opens_a_circuit_for_the_others(
+    start_router, registry_http, upstreams
+):
+    first, first_url = await upstreams()
+    second, second_url = await upstreams()
+    await register(registry_http, "a-first", first_url)
+    await register(registry_http, "b-second", second_url, cost=0.1)
+    router = await start_router(breaker_failures=2)
+    poison = CHAT | {"messages": [{"role": "user", "content": "poison"}]}
+    for _ in range(5):  # issue 13: one client kept the capability down this way
+        failed = await router.post("/v1/chat/completions", json=poison)
+        assert failed.status_code == 503
+        assert "HTTP 500" in failed.json()["error"]["message"]
+    # each bad request tried each agent once, with no retry round, and opened nothing
+    assert (len(first.calls), len(second.calls)) == (5, 5)
+    assert set(router.app.state.router.breakers.states().values()) == {"closed"}
+    served = await router.post("/v1/chat/completions", json=CHAT)
+    assert served.headers["X-Routed-To"] == "a-first"
 
 
 async def test_a_busy_only_candidate_is_tried_again_after_its_retry_after(
@@ -451,26 +485,29 @@ async def test_a_tripped_endpoint_is_skipped_and_the_last_failure_says_what_was_
 ):
     first, first_url = await upstreams()
     second, second_url = await upstreams()
-    first.mode = second.mode = "error"
+    first.mode = second.mode = "down"
     await register(registry_http, "a-first", first_url)
     await register(registry_http, "b-second", second_url)
     router = await start_router(breaker_failures=2)
-    # a-first, b-second, then (after a short backoff) a-first again: its circuit opens
+    # a-first, b-second, then (after a short backoff) a-first again; one request charges
+    # each circuit once, however often it tried there: none opens yet
     failed = await router.post("/v1/chat/completions", json=CHAT)
     assert failed.status_code == 503
     message = failed.json()["error"]["message"]
     assert message.count("a-first") == 2
     assert message.count("b-second") == 1
-    assert "HTTP 500" in message
-    # a-first is skipped now; b-second fails a second time and its circuit opens too
+    assert "HTTP 503" in message
+    assert router.app.state.router.breakers.states() == {first_url: "closed", second_url: "closed"}
+    # a second request fails on both: their second failures open both circuits
     failed = await router.post("/v1/chat/completions", json=CHAT)
-    assert "a-first" not in failed.json()["error"]["message"]
+    message = failed.json()["error"]["message"]
+    assert (message.count("a-first"), message.count("b-second")) == (1, 1)
     # both circuits are open now: no call reaches them, and the caller hears when to retry
     failed = await router.post("/v1/chat/completions", json=CHAT)
     assert failed.status_code == 503
     assert "circuit is open" in failed.json()["error"]["message"]
     assert 4 <= int(failed.headers["Retry-After"]) <= 5  # when the first cool-down ends
-    assert (len(first.calls), len(second.calls)) == (2, 2)
+    assert (len(first.calls), len(second.calls)) == (3, 2)
     metrics = (await router.get("/metrics")).text
     assert f'router_circuit_state{{endpoint="{first_url}"}} 2.0' in metrics  # open
     # no deployments available is never the answer while a candidate is healthy
