@@ -202,8 +202,9 @@ def test_a_circuit_opens_on_the_failure_rate_of_a_window():
 
 class Upstream:
     """A fake OpenAI-compatible server on a loopback port. ``mode``: ok, refuse (400),
-    error (500, or for any body that holds "poison"), down (503), busy (429), slow (answers after the router's read timeout), stall
-    (streams one chunk, then nothing), long (streams a chunk every 0.1 s for 10 s)."""
+    error (500, as for any body that holds "poison"), down (503), busy (429), slow
+    (answers after the router's read timeout), stall (streams one chunk, then nothing),
+    long (streams a chunk every 0.1 s for 10 s)."""
 
     def __init__(self) -> None:
         self.mode = "ok"
