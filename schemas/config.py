@@ -265,6 +265,34 @@ class RouterConfig(Section):
     rate_limit_burst: int = Field(default=100, ge=1)
 
 
+class ServerConfig(Section):
+    """What every daemon's HTTP server allows a connection: how long it may sit idle or
+    take over its headers and body, and how large its headers may be."""
+
+    keep_alive_seconds: Seconds = Field(
+        default=30.0,
+        description="A connection idle this long (after an answer, or silent since it "
+        "opened) is closed. Above the idle time of the swarm's own clients (aiohttp 15 s, "
+        "httpx 5 s), so they always drop a pooled connection first, never race a close.",
+    )
+    header_timeout_seconds: Seconds = Field(
+        default=10.0,
+        description="A request line and headers must arrive within this from the "
+        "request's first byte; else 408 and the connection is closed.",
+    )
+    body_timeout_seconds: Seconds = Field(
+        default=30.0,
+        description="The longest wait for the next part of a request body; else 408 "
+        "(or, once the answer has begun, the connection is closed).",
+    )
+    max_header_bytes: int = Field(
+        default=32_768,
+        ge=1_024,
+        le=1_048_576,
+        description="Request line and headers together; more is a 431 and a close.",
+    )
+
+
 class SwarmSettings(BaseSettings):
     """The whole profile, after ``SWARM_*`` overrides."""
 
@@ -289,6 +317,7 @@ class SwarmSettings(BaseSettings):
 
     registry: RegistryConfig = RegistryConfig()
     router: RouterConfig = RouterConfig()
+    server: ServerConfig = ServerConfig()
     backends: dict[Identifier, BackendConfig] = Field(default_factory=dict)
     wrappers: dict[Identifier, WrapperConfig] = Field(default_factory=dict)
     providers: dict[Identifier, ProviderConfig] = Field(default_factory=dict)
