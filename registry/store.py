@@ -40,6 +40,7 @@ from schemas.agents import (
     DiscoverRequest,
     Heartbeat,
     HeartbeatAck,
+    definition_fingerprint,
 )
 from services.common.database import Runner
 from services.common.errors import NotFound
@@ -77,7 +78,7 @@ _HEARTBEAT = (
         in_flight=bindparam("in_flight"),
         latency_ms=bindparam("latency_ms"),
     )
-    .returning(AGENTS.c.expires_at)
+    .returning(AGENTS.c.expires_at, AGENTS.c.fingerprint)
 )
 _GET = select(*record_columns(bindparam("now"))).where(AGENTS.c.agent_id == bindparam("target"))
 
@@ -150,6 +151,10 @@ class AgentStore:
             "latency_ms": None,
             "last_heartbeat": now,
             "expires_at": now + ttl,
+            # What the agent computes from the record this registration answers.
+            "fingerprint": definition_fingerprint(
+                definition.model_copy(update={"ttl_seconds": float(ttl)})
+            ),
         }
         capability_rows = [{"agent_id": agent_id, "capability": c} for c in definition.capabilities]
         # Two first registrations of one agent can race to INSERT; the loser retries
@@ -181,6 +186,7 @@ class AgentStore:
             agent_id=agent_id,
             status=beat.status,
             expires_at=datetime.fromtimestamp(row[0], UTC),
+            fingerprint=row[1],
         )
 
     def deregister(self, agent_id: str) -> None:

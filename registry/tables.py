@@ -25,6 +25,9 @@ class AgentRow(SQLModel, table=True):
     # "metadata" is taken by SQLAlchemy's declarative base; the column keeps the API name.
     meta: dict[str, Any] = Field(sa_column=Column("metadata", JSON, nullable=False))
     ttl_seconds: float
+    # schemas.agents.definition_fingerprint of the stored definition, answered with every
+    # heartbeat: an agent whose record another registration replaced registers again.
+    fingerprint: str = Field(max_length=64)
     # The agent's own check ("passing"/"warning"/"critical"); expiry overrides it.
     check_status: str = Field(max_length=16)
     output: str = Field(default="", max_length=1024)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -167,6 +169,24 @@ class HeartbeatAck(BaseModel):
     agent_id: str
     status: CheckStatus
     expires_at: datetime
+    fingerprint: str = Field(
+        description="Of the definition the registry holds (definition_fingerprint of the "
+        "record): an agent whose registration answered another one was replaced, and "
+        "registers its own again."
+    )
+
+
+# The stored definition: what a registration sets, with the TTL as the registry resolved it.
+DEFINITION_FIELDS = frozenset(AgentDefinition.model_fields)
+
+
+def definition_fingerprint(definition: AgentDefinition | AgentRecord) -> str:
+    """A digest of an agent's definition, its TTL resolved: the registry stores it with each
+    registration and answers it with each heartbeat; an agent compares it with the one of
+    the record its registration was answered with. Liveness fields take no part."""
+    fields = definition.model_dump(mode="json", include=DEFINITION_FIELDS)
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 class DiscoverRequest(Strict):

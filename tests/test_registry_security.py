@@ -8,6 +8,7 @@ import pytest
 from pydantic import SecretStr
 
 from registry.allowlist import host_allowed
+from schemas.agents import AgentRecord, definition_fingerprint
 
 TOKEN = "correct-horse-battery-staple"
 
@@ -66,6 +67,37 @@ def test_reads_need_no_token(secured, agent):
 
 def test_without_a_configured_token_writes_are_open(registry, agent):
     assert registry.post("/register", json=agent).status_code == 200
+
+
+# --- a live agent's record: replaced only with the token, and the agent can tell ----------
+
+HIJACK = {"endpoint": "http://127.0.0.1:9", "capabilities": ["hijacked"], "name": "not me"}
+
+
+def test_with_the_token_on_only_a_holder_can_replace_a_record(secured, agent):
+    assert secured.post("/register", json=agent, headers=bearer(TOKEN)).status_code == 200
+    for headers in ({}, bearer("guess")):
+        refused = secured.post("/register", json=agent | HIJACK, headers=headers)
+        assert refused.status_code == 401
+    held = secured.get(f"/agents/{agent['agent_id']}").json()
+    assert (held["endpoint"], held["capabilities"]) == (agent["endpoint"], agent["capabilities"])
+
+
+def test_a_heartbeat_acknowledges_the_fingerprint_of_the_definition_held(registry, agent):
+    beat = f"/heartbeat/{agent['agent_id']}"
+    registered = AgentRecord.model_validate(registry.post("/register", json=agent).json())
+    ours = registry.post(beat).json()["fingerprint"]
+    assert ours == definition_fingerprint(registered)  # what the agent computes
+    assert registry.post(beat, json={"status": "warning"}).json()["fingerprint"] == ours
+    assert registry.post("/register", json=agent).status_code == 200  # the same again
+    assert registry.post(beat).json()["fingerprint"] == ours
+    for change in ({"endpoint": HIJACK["endpoint"]}, {"capabilities": ["hijacked"]}, HIJACK):
+        replaced = AgentRecord.model_validate(
+            registry.post("/register", json=agent | change).json()
+        )
+        theirs = registry.post(beat).json()["fingerprint"]
+        assert theirs != ours
+        assert theirs == definition_fingerprint(replaced)
 
 
 @pytest.mark.parametrize(
