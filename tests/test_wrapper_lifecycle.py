@@ -175,6 +175,52 @@ async def test_it_registers_again_when_the_registry_forgets_it(
     assert again.json()["metadata"] == first["metadata"]
 
 
+async def test_it_registers_its_own_definition_again_when_another_replaced_it(
+    start_wrapper, settings, sleeper, wrapper_registry
+):
+    wrapper = await start_wrapper(settings, sleeper=sleeper)
+    await sleeper.asleep()
+    path = f"/agents/{settings.agent_id}"
+    ours = wrapper_registry.get(path).json()
+    hijack = wrapper.registrar.registered.model_dump(mode="json") | {
+        "name": "not the wrapper",
+        "endpoint": "http://127.0.0.1:9",
+        "capabilities": ["hijacked"],
+    }
+    assert wrapper_registry.post("/register", json=hijack).status_code == 200
+    assert wrapper_registry.get(path).json()["endpoint"] == "http://127.0.0.1:9"
+    await sleeper.wake()  # heartbeat -> another fingerprint -> register ours
+    restored = wrapper_registry.get(path).json()
+    assert (restored["name"], restored["endpoint"], restored["capabilities"]) == (
+        ours["name"],
+        ours["endpoint"],
+        ours["capabilities"],
+    )
+    found = wrapper_registry.post("/discover", json={"capabilities": ["hijacked"]})
+    assert found.json()["agents"] == []
+
+
+async def test_a_heartbeat_of_an_unchanged_record_is_one_request(
+    start_wrapper, settings, sleeper, wrapper_registry
+):
+    sent: list[str] = []
+
+    async def count(request: httpx.Request) -> None:
+        sent.append(f"{request.method} {request.url.path}")
+
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=wrapper_registry.app),
+        base_url="http://wrapper_registry.test",
+        event_hooks={"request": [count]},
+    )
+    await start_wrapper(settings, sleeper=sleeper, registry_client=client)
+    await sleeper.asleep()
+    await sleeper.wake()
+    await sleeper.wake()
+    beat = f"POST /heartbeat/{settings.agent_id}"
+    assert sent == ["POST /register", beat, beat, beat]
+
+
 async def test_it_registers_again_when_it_learns_the_models_facts(
     start_wrapper, settings, sleeper, wrapper_registry, backend
 ):

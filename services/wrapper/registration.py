@@ -2,8 +2,10 @@
 
 Registration retries with exponential backoff and full jitter until the registry answers
 (the wrapper serves meanwhile); heartbeats carry the wrapper's own check and live stats; a
-404 (the registry forgot the agent) or a changed definition (model facts learnt late)
-registers again; a graceful shutdown deregisters.
+404 (the registry forgot the agent), a changed definition (model facts learnt late) or a
+heartbeat acknowledging another definition than the one registered (someone replaced the
+record: the ack carries its fingerprint, so noticing costs no request) registers again; a
+graceful shutdown deregisters.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 from pydantic import SecretStr
 
-from schemas.agents import AgentDefinition, Heartbeat
+from schemas.agents import AgentDefinition, AgentRecord, Heartbeat, definition_fingerprint
 from schemas.health import ModelInfo
 from services.common.backoff import backoff_delay
 from services.wrapper.settings import WrapperSettings
@@ -80,6 +82,8 @@ class Registrar:
         self.sleep = sleep
         self.random = random
         self.registered: AgentDefinition | None = None
+        # Of the record the registration was answered with; None: unknown, never compared.
+        self.fingerprint: str | None = None
         self.passing = False  # what the last heartbeat said
 
     async def run(self) -> None:
@@ -115,6 +119,7 @@ class Registrar:
             else:
                 if response.status_code == 200:
                     self.registered = definition
+                    self.fingerprint = _fingerprint_of(response)
                     log.info("registered %s at %s", definition.agent_id, definition.endpoint)
                     return
                 problem = f"registry answered {response.status_code}: {response.text[:200]}"
@@ -135,11 +140,26 @@ class Registrar:
             json=beat.model_dump(exclude_none=True),
             headers=self.headers,
         )
+        agent_id = self.registered.agent_id
         if response.status_code == 404:
-            log.info("the registry does not know %s: registering again", self.registered.agent_id)
+            log.info("the registry does not know %s: registering again", agent_id)
             await self.register()
         elif response.status_code != 200:
             log.warning("heartbeat refused: %s %s", response.status_code, response.text[:200])
+        elif self._replaced(response):
+            log.warning(
+                "the registry holds another definition of %s than the one registered "
+                "(another registration replaced it): registering ours again",
+                agent_id,
+            )
+            await self.register()
+
+    def _replaced(self, ack: httpx.Response) -> bool:
+        try:
+            held = ack.json().get("fingerprint")
+        except (ValueError, AttributeError):
+            return False
+        return None not in (held, self.fingerprint) and held != self.fingerprint
 
     async def deregister(self) -> None:
         if self.registered is None:
@@ -157,6 +177,15 @@ class Registrar:
             self.registered = None
         else:
             log.warning("deregistration refused: %s %s", response.status_code, response.text[:200])
+
+
+def _fingerprint_of(registered: httpx.Response) -> str | None:
+    """The fingerprint of the record a registration was answered with (what the registry
+    computed and stored), or None when the answer is not a record."""
+    try:
+        return definition_fingerprint(AgentRecord.model_validate_json(registered.content))
+    except ValueError:
+        return None
 
 
 def _describe(exc: Exception) -> str:
