@@ -3,8 +3,9 @@
 A profile (``config/swarm.yaml`` by default, ``SWARM_CONFIG`` to pick another) describes
 the whole topology. ``SWARM_*`` environment variables override single values, with
 ``__`` between nested keys (``SWARM_REGISTRY__PORT=7000``,
-``SWARM_WRAPPERS__REASONER__PORT=9050``); the two documented top-level names
-``SWARM_DATABASE_URL`` and ``SWARM_REGISTRY_TOKEN`` are plain fields.
+``SWARM_WRAPPERS__REASONER__PORT=9050``); the documented top-level names
+``SWARM_DATABASE_URL``, ``SWARM_REGISTRY_TOKEN`` and ``SWARM_REGISTRY_TOKEN_FILE`` are plain
+fields.
 """
 
 from __future__ import annotations
@@ -73,6 +74,19 @@ def _check_token(value: Any) -> Any:
             )
         return text.strip()
     return value
+
+
+def read_token_file(path: Path) -> str:
+    """The token a file holds (``swarm up`` writes one); unreadable or empty is an error,
+    never "no token": a daemon must not start open because its token went missing."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ValueError(f"registry_token_file: cannot read {path}: {reason}") from None
+    if not token:
+        raise ValueError(f"registry_token_file: {path} is empty")
+    return token
 
 
 def _check_database_url(value: Any) -> Any:
@@ -312,7 +326,14 @@ class SwarmSettings(BaseSettings):
         default=None, description="Any SQLAlchemy URL; default: SQLite files under data_dir."
     )
     registry_token: Annotated[SecretStr, BeforeValidator(_check_token)] | None = Field(
-        default=None, description="Writes to the registry need it when set; unset: no token."
+        default=None,
+        description="Registry writes and usage reports need it when set; unset: no token "
+        "(unless registry_token_file names one).",
+    )
+    registry_token_file: Annotated[Path, _refuse_empty("no token file")] | None = Field(
+        default=None,
+        description="A file holding the token, read at start (how `swarm up` hands its "
+        "daemons the token it generated); registry_token, when set, wins.",
     )
 
     registry: RegistryConfig = RegistryConfig()
@@ -333,6 +354,16 @@ class SwarmSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The profile arrives as init kwargs; the environment overrides it.
         return env_settings, init_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_token_file(cls, data: Any) -> Any:
+        # The token itself, never its path, is what the daemons compare and send.
+        if isinstance(data, dict) and data.get("registry_token") is None:
+            path = data.get("registry_token_file")
+            if isinstance(path, str | Path) and str(path).strip():
+                data = data | {"registry_token": read_token_file(Path(path))}
+        return data
 
     @model_validator(mode="after")
     def _check_topology(self) -> SwarmSettings:
@@ -454,6 +485,9 @@ def load_settings(path: Path | None = None) -> SwarmSettings:
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     """File names in a profile are relative to the profile's own directory."""
+    token_file = data.get("registry_token_file")
+    if isinstance(token_file, str) and token_file.strip():
+        data["registry_token_file"] = str(base / data["registry_token_file"])
     wrappers = data.get("wrappers")
     for wrapper in wrappers.values() if isinstance(wrappers, dict) else ():
         if isinstance(wrapper, dict) and isinstance(wrapper.get("taxonomy"), str):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
+import re
 import socket
+import stat
 import subprocess
 import sys
 
@@ -12,11 +15,15 @@ import httpx
 import pytest
 import respx
 
-from schemas.config import load_settings
+from registry.settings import RegistrySettings
+from router.settings import RouterSettings
+from schemas.config import ConfigError, load_settings
 from services.control import cli
 from services.control.daemons import daemons, external_backends
 from services.control.supervisor import render_config
-from services.control.swarm import check_ollama_backends, describe_exit
+from services.control.swarm import check_ollama_backends, describe_exit, write_config
+from services.control.token_file import ensure_token_file
+from services.wrapper.settings import WrapperSettings
 from tests.conftest import DATA, REPO, free_port, process_env, read
 
 
@@ -225,3 +232,77 @@ def test_how_a_daemon_died_is_said_with_what_to_do():
     for how in ("terminated by SIGILL", "terminated by SIGSEGV (core dumped)"):
         assert describe_exit(how, "modelhost-smollm2").endswith("engine.py check --rebuild")
     assert describe_exit("terminated by SIGSEGV", "router") == "killed by SIGSEGV"
+
+
+# --- the swarm token: generated once, private, handed to the daemons by its path ------------
+
+
+def test_up_creates_a_token_file_only_the_user_can_read_and_reuses_it(tmp_path):
+    settings = load_settings()
+    permissive = os.umask(0)  # the mode must come from the open itself, not the umask
+    try:
+        path = ensure_token_file(settings)
+    finally:
+        os.umask(permissive)
+    assert path == tmp_path / "swarm.token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    token = path.read_text().strip()
+    assert len(token) >= 43  # 32 random bytes, URL-safe base64
+    assert ensure_token_file(settings) == path
+    assert path.read_text().strip() == token  # reused while the file exists
+    path.unlink()
+    assert ensure_token_file(settings).read_text().strip() != token
+
+
+def test_every_daemon_gets_the_token_files_path_and_reads_the_token_from_it(tmp_path, monkeypatch):
+    written = write_config(load_settings()).read_text()
+    token = (tmp_path / "swarm.token").read_text().strip()
+    assert token not in written
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(written)
+    programs = [parser[s] for s in parser if s.startswith("program:")]
+    assert len(programs) == 7
+    for program in programs:
+        env = dict(re.findall(r'(\w+)="([^"]*)"', program["environment"]))
+        assert env["SWARM_REGISTRY_TOKEN_FILE"] == str(tmp_path / "swarm.token")
+    # What each daemon then runs with.
+    monkeypatch.setenv("SWARM_REGISTRY_TOKEN_FILE", str(tmp_path / "swarm.token"))
+    swarm = load_settings()
+    held = [
+        RegistrySettings.from_swarm(swarm).token,
+        RouterSettings.from_swarm(swarm).registry_token,  # compares POST /usage
+        WrapperSettings.from_swarm(swarm, "reasoner").registry_token,  # registers, reports
+    ]
+    assert [secret.get_secret_value() for secret in held] == [token] * 3
+    assert token not in repr(swarm)
+
+
+def test_a_configured_token_wins_and_no_file_is_made(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWARM_REGISTRY_TOKEN", "configured")
+    written = write_config(load_settings()).read_text()
+    assert "SWARM_REGISTRY_TOKEN_FILE" not in written
+    assert not (tmp_path / "swarm.token").exists()
+    other = tmp_path / "other.token"
+    other.write_text("from-a-file\n")
+    monkeypatch.setenv("SWARM_REGISTRY_TOKEN_FILE", str(other))
+    assert load_settings().registry_token.get_secret_value() == "configured"
+    monkeypatch.delenv("SWARM_REGISTRY_TOKEN")
+    assert load_settings().registry_token.get_secret_value() == "from-a-file"
+
+
+def test_a_daemon_whose_token_file_is_missing_stops_rather_than_run_open(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWARM_REGISTRY_TOKEN_FILE", str(tmp_path / "gone.token"))
+    with pytest.raises(ConfigError) as stopped:
+        load_settings()
+    assert f"registry_token_file: cannot read {tmp_path / 'gone.token'}" in str(stopped.value)
+
+
+def test_up_refuses_a_token_file_others_can_read(tmp_path, capsys):
+    path = tmp_path / "swarm.token"
+    path.write_text("leaked\n")
+    path.chmod(0o644)
+    assert cli.main(["config"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"swarm: error: swarm token: {path} is open to other users (mode 644)")
+    assert err.count("\n") == 1
+    assert "leaked" not in err

@@ -17,8 +17,7 @@ import httpx
 
 from schemas.config import ConfigError, SwarmSettings, load_settings
 from services.control import swarm
-from services.control.daemons import daemons
-from services.control.supervisor import config_path, render_config
+from services.control.token_file import token_path
 
 TIMEOUT = httpx.Timeout(10.0, read=300.0)  # a model may take a while to answer
 EXIT_ERROR, EXIT_USAGE = 1, 2
@@ -36,6 +35,8 @@ def cmd_up(settings: SwarmSettings, args: argparse.Namespace) -> int:
     print_status(settings, args)
     print()
     rows = [*urls(settings), ("logs", str(settings.state_dir / "logs"), "")]
+    if settings.registry_token is None:  # generated: say where, for outside clients
+        rows.append(("token", str(token_path(settings)), "registry writes, usage reports"))
     table(None, [*rows, ("stop with", "./scripts/stop_all.sh", "(or: swarm down)")])
     return 0
 
@@ -81,9 +82,7 @@ def cmd_wait(settings: SwarmSettings, args: argparse.Namespace) -> int:
 
 def cmd_config(settings: SwarmSettings, args: argparse.Namespace) -> int:
     """supervisord's config for the profile, written where ``up`` writes it."""
-    path = config_path(settings)
-    path.write_text(render_config(settings, daemons(settings)))
-    print(path)
+    print(swarm.write_config(settings))
     return 0
 
 

@@ -76,10 +76,16 @@ def config_path(settings: SwarmSettings) -> Path:
     return settings.state_dir / "supervisord.conf"
 
 
-def render_config(settings: SwarmSettings, daemons: list[Daemon]) -> str:
+def render_config(
+    settings: SwarmSettings, daemons: list[Daemon], *, token_file: Path | None = None
+) -> str:
+    """The config for ``daemons``; ``token_file``, the swarm token's file, goes to each by
+    its path (SWARM_REGISTRY_TOKEN_FILE): the token itself is never written here."""
     state = settings.state_dir
     (state / "logs").mkdir(parents=True, exist_ok=True)
     env = f'SWARM_CONFIG="{profile_path().resolve()}",PYTHONUNBUFFERED="1"'
+    if token_file is not None:
+        env += f',SWARM_REGISTRY_TOKEN_FILE="{token_file.resolve()}"'
     sections = [
         f"""[unix_http_server]
 file={socket_path(settings)}
@@ -155,6 +161,11 @@ class Supervisor:
             self.rpc.removeProcessGroup(name)
         for name in changed + added:
             self.rpc.addProcessGroup(name)
+        self.rpc.startAllProcesses()
+
+    def restart_all(self) -> None:
+        """Stop every program, then start them again in priority order."""
+        self.rpc.stopAllProcesses()
         self.rpc.startAllProcesses()
 
     def processes(self) -> dict[str, dict]:

@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -21,6 +22,7 @@ from services.control.supervisor import (
     render_config,
     unexpected_exits,
 )
+from services.control.token_file import TokenFileError, ensure_token_file, token_path
 
 LOG_LINES = 20  # of a daemon that did not come up
 DEATHS_BEFORE_GIVING_UP = 2  # one death can be bad luck; two in one start is a cause
@@ -52,11 +54,15 @@ def up(settings: SwarmSettings, *, timeout: float, say: Callable[[str], None]) -
     if not running:
         check_ports(settings)
     check_models(settings)
-    config_path(settings).write_text(render_config(settings, daemons(settings)))
+    new_token = settings.registry_token is None and not token_path(settings).exists()
+    write_config(settings)
     since = log_size(settings)
     if running:
         say("supervisord already running; applying the current profile")
         supervisor.update()
+        if new_token:  # its file was removed: the daemons hold the old token
+            say(f"a new swarm token in {token_path(settings)}: restarting every daemon")
+            supervisor.restart_all()
     else:
         say(f"starting supervisord (logs in {settings.state_dir / 'logs'})")
         supervisor.start()
@@ -68,6 +74,18 @@ def up(settings: SwarmSettings, *, timeout: float, say: Callable[[str], None]) -
         # Restarting it again would only burn the CPU; `status` still says how it died.
         supervisor.keep_stopped(exc.daemon)
         raise
+
+
+def write_config(settings: SwarmSettings) -> Path:
+    """supervisord's config for the profile, with the swarm token's file (created when
+    the profile configures no token); its path."""
+    try:
+        token_file = ensure_token_file(settings)
+    except TokenFileError as exc:
+        raise SwarmError(f"swarm token: {exc}") from None
+    path = config_path(settings)
+    path.write_text(render_config(settings, daemons(settings), token_file=token_file))
+    return path
 
 
 def down(settings: SwarmSettings, *, say: Callable[[str], None]) -> bool:
