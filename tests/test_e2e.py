@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -96,6 +97,44 @@ def test_up_again_is_harmless(swarm):
     assert again.returncode == 0, again.stderr
     assert "supervisord already running" in again.stdout
     assert swarm.pids() == before  # nothing changed in the profile: nothing restarted
+
+
+def test_a_fresh_swarm_refuses_writes_and_usage_reports_without_its_token(swarm):
+    state = Path(swarm.env["SWARM_DATA_DIR"])
+    token_file = state / "swarm.token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert str(token_file) in swarm.up_output
+    token = token_file.read_text().strip()
+    for written in [state / "supervisord.conf", *(state / "logs").glob("*.log")]:
+        assert token not in written.read_text(errors="replace"), written
+    bearer = {"Authorization": f"Bearer {token}"}
+    registry, router = swarm.urls["registry"], swarm.urls["router"]
+    outsider = {
+        "agent_id": "e2e_outsider",
+        "name": "an outside client",
+        "role": "tester",
+        "capabilities": ["e2e_outside"],
+        "endpoint": "http://127.0.0.1:9",
+    }
+    hijack = outsider | {"agent_id": "tlc_domain_classifier"}
+    assert httpx.post(f"{registry}/register", json=hijack).status_code == 401
+    assert httpx.post(f"{registry}/register", json=outsider).status_code == 401
+    assert httpx.post(f"{registry}/register", json=outsider, headers=bearer).status_code == 200
+    assert httpx.get(f"{registry}/agents/e2e_outsider").status_code == 200  # reads stay open
+    assert httpx.delete(f"{registry}/agents/e2e_outsider").status_code == 401
+    assert httpx.delete(f"{registry}/agents/e2e_outsider", headers=bearer).status_code == 204
+    record = {
+        "record_id": "e2e-outsider-1",
+        "request_id": "e2e-outsider",
+        "time": datetime.now(UTC).isoformat(),
+        "agent_id": "e2e_outsider",
+        "provider": "local",
+        "model": "m",
+        "latency_ms": 1.0,
+    }
+    assert httpx.post(f"{router}/usage", json={"records": [record]}).status_code == 401
+    accepted = httpx.post(f"{router}/usage", json={"records": [record]}, headers=bearer)
+    assert accepted.status_code == 200, accepted.text
 
 
 def test_every_capability_is_discovered_and_routed_to_a_local_agent(swarm):
