@@ -37,6 +37,7 @@ from schemas.errors import ErrorEnvelope
 from schemas.health import RegistryHealth
 from services.common.database import Runner
 from services.common.errors import NotFound, Unauthorized, ValidationFailed
+from services.common.strict_json import StrictJSONRoute
 
 ERRORS = {status: {"model": ErrorEnvelope} for status in (401, 404, 413, 422)}
 
@@ -70,8 +71,10 @@ async def require_writer(request: Request) -> None:
 State = Annotated[Registry, Depends(get_registry)]
 AgentId = Annotated[Identifier, Path()]
 
-router = APIRouter(responses=ERRORS)
-writes = APIRouter(dependencies=[Depends(require_writer)], responses=ERRORS)
+router = APIRouter(responses=ERRORS, route_class=StrictJSONRoute)
+writes = APIRouter(
+    dependencies=[Depends(require_writer)], responses=ERRORS, route_class=StrictJSONRoute
+)
 
 
 def _json(model: BaseModel) -> Response:
