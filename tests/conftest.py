@@ -36,6 +36,8 @@ from router.settings import RouterSettings
 from services.wrapper.app import create_app as create_wrapper_app
 from services.wrapper.registration import Registrar
 from services.wrapper.settings import WrapperSettings
+from services.wrapper.taxonomy import load_taxonomy
+from services.wrapper.tmd import DECIDING_TOKENS
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -446,6 +448,46 @@ class BackendStream(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+TAXONOMY = REPO / "config" / "tmd_taxonomy.yaml"
+
+
+def tlc_settings(**changes) -> WrapperSettings:
+    return make_settings(
+        service="tlc_domain_classifier",
+        agent_id="tlc_domain_classifier",
+        name="TLC domain classifier",
+        role="domain_classifier",
+        capabilities=["domain_classification", "tmd_extraction", "domain_validation"],
+        prompt_style="completion",
+        max_tokens_limit=16,
+        taxonomy=TAXONOMY,
+        **changes,
+    )
+
+
+def tmd_lines(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / "tmd" / name).read_text().splitlines() if line]
+
+
+def split_prompt(prompt: str) -> tuple[dict, str]:
+    """A prompt's record so far and the key whose value it asks for: ``{…,"key":``."""
+    record, asked = prompt.rsplit(",", 1)
+    return json.loads(record + "}"), json.loads(asked.removesuffix(":"))
+
+
+def recorded_answer(request: httpx.Request) -> httpx.Response:
+    """The embedded classifier's recorded answer to the README's query, for the axis the
+    prompt asks: the two deciding tokens, or the whole label when asked without the limit
+    (the method's '"d' may become dense or direct)."""
+    keys = load_taxonomy(TAXONOMY).prompt.keys
+    sent = json.loads(request.content)
+    _, asked = split_prompt(sent["prompt"])
+    name = {keys.domain: "domain", keys.task: "task", keys.method: "method"}[asked]
+    if name == "method" and sent["options"]["num_predict"] != DECIDING_TOKENS:
+        name += "_to_the_end"
+    return streamed(tmd_lines(f"generate_stream_{name}.ndjson"))
 
 
 def streamed(lines: Iterable[dict], **kwargs: Any) -> httpx.Response:

@@ -13,14 +13,24 @@ import pytest
 from schemas import ollama as api
 from schemas.tmd import MAX_CONTEXT_DOCS
 from scripts.bench.eval_tmd import evaluate, load_eval_set
-from services.wrapper.settings import WrapperSettings
 from services.wrapper.taxonomy import load_taxonomy, validate_domain
 from services.wrapper.tmd import DECIDING_TOKENS, calibrate, label_prior, label_probabilities
-from tests.conftest import DATA, REPO, Daemons, free_port, make_settings, sent_json, streamed
+from tests.conftest import (
+    DATA,
+    TAXONOMY,
+    Daemons,
+    free_port,
+    make_settings,
+    recorded_answer,
+    sent_json,
+    split_prompt,
+    streamed,
+    tlc_settings,
+    tmd_lines,
+)
 
 pytestmark = pytest.mark.anyio
 
-TAXONOMY = REPO / "config" / "tmd_taxonomy.yaml"
 SPEC_DOMAINS = [
     "FACTOIDWIKI",
     "ARTIFICIAL_INTELLIGENCE",
@@ -45,10 +55,6 @@ SPEC_DOMAINS = [
     "OTHER",
 ]
 QUERY = "What is the role of glucose in diabetes?"  # the README's example
-
-
-def tmd_lines(name: str) -> list[dict]:
-    return [json.loads(line) for line in (DATA / "tmd" / name).read_text().splitlines() if line]
 
 
 @pytest.fixture(scope="module")
@@ -174,29 +180,9 @@ def test_a_uniform_prior_changes_nothing():
 # --- the endpoints ---------------------------------------------------------------------------
 
 
-def tlc_settings(**changes) -> WrapperSettings:
-    return make_settings(
-        service="tlc_domain_classifier",
-        agent_id="tlc_domain_classifier",
-        name="TLC domain classifier",
-        role="domain_classifier",
-        capabilities=["domain_classification", "tmd_extraction", "domain_validation"],
-        prompt_style="completion",
-        max_tokens_limit=16,
-        taxonomy=TAXONOMY,
-        **changes,
-    )
-
-
 @pytest.fixture
 async def tlc(start_wrapper):
     return await start_wrapper(tlc_settings())
-
-
-def split_prompt(prompt: str) -> tuple[dict, str]:
-    """A prompt's record so far and the key whose value it asks for: ``{…,"key":``."""
-    record, asked = prompt.rsplit(",", 1)
-    return json.loads(record + "}"), json.loads(asked.removesuffix(":"))
 
 
 async def test_classify_domain_answers_top_k_with_the_models_probabilities(tlc, backend, taxonomy):
@@ -274,19 +260,6 @@ async def test_a_label_the_deciding_tokens_leave_open_is_asked_again_to_its_end(
     *_, asked, again = [json.loads(call.request.content) for call in route.calls]
     assert asked["prompt"] == again["prompt"]
     assert (asked["options"]["num_predict"], again["options"]["num_predict"]) == (2, 16)
-
-
-def recorded_answer(request: httpx.Request) -> httpx.Response:
-    """The embedded classifier's recorded answer to the README's query, for the axis the
-    prompt asks: the two deciding tokens, or the whole label when asked without the limit
-    (the method's '"d' may become dense or direct)."""
-    keys = load_taxonomy(TAXONOMY).prompt.keys
-    sent = json.loads(request.content)
-    _, asked = split_prompt(sent["prompt"])
-    name = {keys.domain: "domain", keys.task: "task", keys.method: "method"}[asked]
-    if name == "method" and sent["options"]["num_predict"] != DECIDING_TOKENS:
-        name += "_to_the_end"
-    return streamed(tmd_lines(f"generate_stream_{name}.ndjson"))
 
 
 async def test_extract_tmd_decides_each_axis_on_the_previous_ones(tlc, backend, taxonomy):
