@@ -27,21 +27,27 @@ from schemas.usage import (
     UsageTimeseries,
 )
 from services.common.errors import NotFound, Unauthorized, ValidationFailed
+from services.common.openapi import SSE, errors, streaming
 from services.common.streaming import json_response
 
 log = logging.getLogger(__name__)
 
 # A batch may hold a thousand bad records; a few lines say enough.
 MAX_REFUSALS_LOGGED = 3
-ERRORS = {status: {"model": ErrorEnvelope} for status in (404, 413, 422, 503)}
-router = APIRouter(responses=ERRORS)
+router = APIRouter()
+# The calls the rate limit applies to (router.app); 404 names the capabilities that exist.
+ROUTED = errors(404, 429, 503)
+_STREAMED = "JSON, or the candidate's SSE events passed through when `stream` is true; a "
+_STREAMED += "failure after the first event is an event of the error envelope."
 
 
 def router_of(request: Request) -> Router:
     return request.app.state.router
 
 
-@router.post("/route", response_model=RouteDecision, summary="Where a call would go")
+@router.post(
+    "/route", response_model=RouteDecision, responses=ROUTED, summary="Where a call would go"
+)
 async def route(body: RouteRequest, request: Request) -> Response:
     return json_response(router_of(request).decide(body.capability, body.prefer_local))
 
@@ -49,6 +55,8 @@ async def route(body: RouteRequest, request: Request) -> Response:
 @router.post(
     "/v1/chat/completions",
     response_model=openai.ChatCompletion,
+    responses=ROUTED
+    | streaming(SSE, openai.ChatCompletionChunk, ErrorEnvelope, description=_STREAMED),
     summary="OpenAI chat, routed by capability with fallback",
 )
 @router.post("/chat/completions", response_model=openai.ChatCompletion, include_in_schema=False)
@@ -121,7 +129,12 @@ def window_seconds(request: Request, window: Window = "24h") -> float:
 WindowSeconds = Annotated[float, Depends(window_seconds)]
 
 
-@router.post("/usage", response_model=UsageAccepted, summary="Report model calls (batched)")
+@router.post(
+    "/usage",
+    response_model=UsageAccepted,
+    responses=errors(401),
+    summary="Report model calls (batched)",
+)
 async def report_usage(body: UsageBatch, request: Request) -> Response:
     routing = router_of(request)
     token = routing.settings.registry_token
@@ -152,7 +165,9 @@ def time_out_of_range(record: UsageRecord, now: float, retention: float) -> str 
 @router.get("/api/usage/summary", response_model=UsageSummary, summary="Totals of a window")
 async def usage_summary(request: Request, seconds: WindowSeconds) -> Response:
     routing = router_of(request)
-    return json_response(await routing.usage.run(routing.usage.store.summary, seconds))
+    summary = await routing.usage.run(routing.usage.store.summary, seconds)
+    # The rates of an empty window are null, and present: the schema requires them.
+    return json_response(summary, exclude_none=False)
 
 
 @router.get("/api/usage/timeseries", response_model=UsageTimeseries, summary="Over time")
@@ -169,12 +184,15 @@ async def usage_timeseries(
 @router.get("/api/usage/by-agent", response_model=UsageByAgent, summary="Per agent")
 async def usage_by_agent(request: Request, seconds: WindowSeconds) -> Response:
     routing = router_of(request)
-    return json_response(await routing.usage.run(routing.usage.store.by_agent, seconds))
+    by_agent = await routing.usage.run(routing.usage.store.by_agent, seconds)
+    # An agent with only errors has no latencies: null, and present as the schema requires.
+    return json_response(by_agent, exclude_none=False)
 
 
 @router.get(
     "/api/usage/requests/{request_id}",
     response_model=RequestUsage,
+    responses=errors(404),
     summary="What one request (by its X-Request-ID) did and cost",
 )
 async def usage_of_request(request_id: str, request: Request) -> Response:

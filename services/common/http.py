@@ -23,6 +23,7 @@ from services.common.middleware import (
     OllamaJsonBodyMiddleware,
     RequestIdMiddleware,
 )
+from services.common.openapi import install_openapi
 from services.common.probes import Readiness, install_probes
 
 # Another daemon of the swarm (the registry, the router): it answers in milliseconds.
@@ -43,11 +44,13 @@ def peer_client(
 def install_plumbing(
     app: FastAPI, *, max_body_bytes: int, readiness: Readiness
 ) -> CollectorRegistry:
-    """Wire the shared middleware, ``GET /metrics`` and the probes (``/healthz``, ``/readyz``
-    answered by ``readiness``); return the app's metrics registry."""
+    """Wire the shared middleware, ``GET /metrics``, the probes (``/healthz``, ``/readyz``
+    answered by ``readiness``) and the error envelopes, in the handlers and in the published
+    schema; return the app's metrics registry."""
     registry = CollectorRegistry(auto_describe=True)
     app.state.metrics_registry = registry
     install_error_handlers(app)
+    install_openapi(app)
     # Added innermost first: the request id wraps everything, so even a 413 carries it.
     app.add_middleware(OllamaJsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)

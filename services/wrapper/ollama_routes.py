@@ -12,6 +12,7 @@ from starlette.responses import Response
 from schemas import ollama as api
 from schemas.errors import OllamaError
 from services.common.errors import ServiceUnavailable
+from services.common.openapi import NDJSON, errors, streaming
 from services.common.streaming import json_response, ndjson, ndjson_error, ndjson_response
 from services.wrapper import translate
 from services.wrapper.backend import canonical_model_name
@@ -26,17 +27,29 @@ from services.wrapper.service import (
 )
 from services.wrapper.stats import Call, counting_failures, stream_failure
 
-ERRORS = {status: {"model": OllamaError} for status in (400, 413, 422, 503)}
-router = APIRouter(tags=["Ollama"], responses=ERRORS)
+# Every route may need the backend; the 400s, 413s and 422s are documented for all routes.
+router = APIRouter(tags=["Ollama"], responses=errors(503))
+_STREAMED = "JSON, or NDJSON lines when `stream` is true (the default); a failure after the "
+_STREAMED += 'first line is a last line `{"error": "..."}`.'
 
 
-@router.post("/api/chat", response_model=api.ChatResponse, summary="Chat (NDJSON when streaming)")
+@router.post(
+    "/api/chat",
+    response_model=api.ChatResponse,
+    responses=streaming(NDJSON, api.ChatResponse, OllamaError, description=_STREAMED),
+    summary="Chat",
+)
 async def chat(body: api.ChatRequest, request: Request) -> Response:
     wrapper = wrapper_of(request)
     return await _model_call(wrapper, "ollama_chat", body, wrapper.chat_job)
 
 
-@router.post("/api/generate", response_model=api.GenerateResponse, summary="Generate")
+@router.post(
+    "/api/generate",
+    response_model=api.GenerateResponse,
+    responses=streaming(NDJSON, api.GenerateResponse, OllamaError, description=_STREAMED),
+    summary="Generate",
+)
 @router.post("/generate", response_model=api.GenerateResponse, include_in_schema=False)
 async def generate(body: api.GenerateRequest, request: Request) -> Response:
     wrapper = wrapper_of(request)

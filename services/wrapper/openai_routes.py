@@ -11,6 +11,7 @@ from schemas import ollama as api
 from schemas import openai
 from schemas.errors import ErrorEnvelope
 from services.common.errors import ServiceUnavailable
+from services.common.openapi import SSE, errors, streaming
 from services.common.streaming import SSE_DONE, json_response, sse, sse_error, sse_response
 from services.wrapper import translate
 from services.wrapper.service import (
@@ -23,12 +24,16 @@ from services.wrapper.service import (
 )
 from services.wrapper.stats import Call, counting_failures, stream_failure
 
-ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 413, 422, 503)}
-router = APIRouter(tags=["OpenAI"], responses=ERRORS)
+router = APIRouter(tags=["OpenAI"], responses=errors(503))
+_STREAMED = "JSON, or SSE events of chunks ending `data: [DONE]` when `stream` is true; a "
+_STREAMED += "failure after the first event is an event of the error envelope."
 
 
 @router.post(
-    "/v1/chat/completions", response_model=openai.ChatCompletion, summary="Chat completion"
+    "/v1/chat/completions",
+    response_model=openai.ChatCompletion,
+    responses=streaming(SSE, openai.ChatCompletionChunk, ErrorEnvelope, description=_STREAMED),
+    summary="Chat completion",
 )
 @router.post("/chat/completions", response_model=openai.ChatCompletion, include_in_schema=False)
 async def chat_completions(body: openai.ChatCompletionRequest, request: Request) -> Response:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from schemas.errors import ErrorEnvelope
 from schemas.tmd import (
     ClassifyDomainRequest,
     ClassifyDomainResponse,
@@ -14,12 +13,12 @@ from schemas.tmd import (
     ValidateDomainRequest,
     ValidateDomainResponse,
 )
+from services.common.openapi import errors
 from services.common.streaming import json_response
 from services.wrapper.taxonomy import validate_domain
 from services.wrapper.tmd import DomainClassifier
 
-ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 413, 422, 503)}
-router = APIRouter(tags=["TLC domain classifier"], responses=ERRORS)
+router = APIRouter(tags=["TLC domain classifier"], responses=errors(503))
 
 
 def classifier_of(request: Request) -> DomainClassifier:
@@ -52,4 +51,6 @@ async def extract_tmd(body: ExtractTmdRequest, request: Request) -> Response:
     summary="Whether a domain name is in the taxonomy, its canonical form, suggestions",
 )
 async def validate(body: ValidateDomainRequest, request: Request) -> Response:
-    return json_response(validate_domain(classifier_of(request).taxonomy, body.domain))
+    answer = validate_domain(classifier_of(request).taxonomy, body.domain)
+    # canonical is null for a domain outside the taxonomy: present, as the schema says.
+    return json_response(answer, exclude_none=False)
