@@ -33,8 +33,17 @@ from registry.settings import RegistrySettings
 from router.app import create_app as create_router_app
 from router.settings import RouterSettings
 from services.wrapper.app import create_app as create_wrapper_app
-from tests.conftest import BACKEND, NOW, FakeClock, forever, read, read_lines, streamed
-from tests.test_tmd import recorded_answer, tlc_settings
+from tests.conftest import (
+    BACKEND,
+    NOW,
+    FakeClock,
+    forever,
+    read,
+    read_lines,
+    recorded_answer,
+    streamed,
+    tlc_settings,
+)
 
 EXAMPLES = 25  # per operation and mode: ~1,500 requests over the three daemons
 CHECKS = [
