@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
 from schemas.errors import ErrorDetail, ErrorEnvelope, OllamaError, describe_validation_errors
@@ -59,10 +60,22 @@ class NotFound(SwarmError):
     code = "not_found"
 
 
+class RequestTimeout(SwarmError):
+    status_code = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(SwarmError):
     status_code = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class HeadersTooLarge(SwarmError):
+    status_code = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
 
 
 class ValidationFailed(SwarmError):
@@ -114,6 +127,7 @@ _HTTP_STATUS_ERRORS: dict[int, type[SwarmError]] = {
     400: BadRequest,
     401: Unauthorized,
     404: NotFound,
+    408: RequestTimeout,
     413: PayloadTooLarge,
     422: ValidationFailed,
     429: RateLimited,
@@ -132,6 +146,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request.url.path, error)
 
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, ClientDisconnect):
+            # FastAPI reports a body it could not read as a 400, a client that left too:
+            # nobody is there to answer; it is counted and logged as what it is (metrics).
+            raise exc.__cause__
         kind = _HTTP_STATUS_ERRORS.get(exc.status_code, SwarmError)
         error = kind(str(exc.detail), headers=exc.headers)
         error.status_code = exc.status_code

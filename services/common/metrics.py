@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
 
 # A model call takes tens of milliseconds (a short classification on a tiny model) to
 # minutes (a long answer on a big model on CPU); its first token comes after the prompt is
@@ -17,6 +20,7 @@ LLM_DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # HTTP handling of a daemon: sub-millisecond to seconds.
 HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its answer
 
 
 class HttpMetrics:
@@ -37,18 +41,47 @@ class HttpMetrics:
 
 
 class MetricsMiddleware:
-    """Count and time requests by route template (never by raw path: ids would explode it)."""
+    """Count and time requests by route template (never by raw path: ids would explode it).
+
+    A request the app never answered is a 500, unless its client had gone (the app read
+    a disconnect, or Starlette raised ``ClientDisconnect``): that is a 499 and one line at
+    INFO, never a server error with a traceback."""
 
     def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        self.paths: dict[object, str] = {}  # endpoint -> template, of plain Starlette routes
+
+    def route_of(self, scope: Scope) -> str:
+        """The template of the route the router matched in ``scope`` (which middleware
+        passes on, never a copy), whatever the handler then did. FastAPI's router records
+        its own routes as ``route``; a plain Starlette route (the lean ones) leaves only
+        its ``endpoint``."""
+        route = scope.get("route")
+        if route is not None:
+            return route.path
+        endpoint = scope.get("endpoint")
+        if endpoint is None:
+            return "unmatched"
+        if endpoint not in self.paths:
+            routes = getattr(scope.get("router"), "routes", ())
+            found = (r.path for r in routes if getattr(r, "endpoint", None) is endpoint)
+            self.paths[endpoint] = next(found, "unmatched")
+        return self.paths[endpoint]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        status: int | None = None
+        client_left = False
+
+        async def receive_noting_disconnect() -> Message:
+            nonlocal client_left
+            message = await receive()
+            client_left = client_left or message["type"] == "http.disconnect"
+            return message
 
         async def send_capturing_status(message: Message) -> None:
             nonlocal status
@@ -57,9 +90,15 @@ class MetricsMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_capturing_status)
+            await self.app(scope, receive_noting_disconnect, send_capturing_status)
+        except ClientDisconnect:
+            client_left = True
+            when = "during" if status is not None else "before"
+            log.info("client left %s its answer: %s %s", when, scope["method"], scope["path"])
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            if status is None:
+                status = CLIENT_CLOSED_REQUEST if client_left else 500
+            route = self.route_of(scope)
             method = scope["method"]
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.duration.labels(method, route).observe(time.perf_counter() - started)
