@@ -16,7 +16,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     swarm = settings_or_exit("router")
     settings = RouterSettings.from_swarm(swarm, host=args.host, port=args.port)
-    serve(create_app(settings), host=settings.host, port=settings.port, log_level=swarm.log_level)
+    serve(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=swarm.log_level,
+        limits=swarm.server,
+    )
 
 
 if __name__ == "__main__":

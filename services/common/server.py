@@ -1,15 +1,26 @@
-"""Running a daemon: settings or one clear line, logging, uvicorn."""
+"""Running a daemon: settings or one clear line, logging, uvicorn with connection limits."""
 
 from __future__ import annotations
 
+import asyncio
+import http
 import logging
 import sys
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from schemas.config import ConfigError, SwarmSettings, load_settings
+from schemas.config import ConfigError, ServerConfig, SwarmSettings, load_settings
 from services.common.context import current_request_id
+from services.common.errors import HeadersTooLarge, RequestTimeout, SwarmError, error_response
+from services.common.middleware import BodyTimeoutMiddleware
+
+log = logging.getLogger(__name__)
+
+STARTUP_FAILURE = 3  # uvicorn's exit code when the server could not start
 
 
 class _RequestIdFilter(logging.Filter):
@@ -38,10 +49,102 @@ def settings_or_exit(service: str, path: Path | None = None) -> SwarmSettings:
         raise SystemExit(2) from None
 
 
-def serve(app, *, host: str, port: int, log_level: str) -> None:
-    configure_logging(log_level)
-    uvicorn.run(
-        app,
+class LimitedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits it lacks.
+
+    uvicorn times only the idle gap after an answer: a connection that sends nothing, or
+    half a request line, stays open for ever, and httptools buffers headers of any size.
+    Here a connection silent since it opened is closed after the keep-alive time as well;
+    a request's line and headers must arrive within ``header_timeout_seconds`` of its first
+    byte (else 408) and stay within ``max_header_bytes`` (else 431). Body reads are timed
+    in the app (:class:`BodyTimeoutMiddleware`), where a 408 gets the request's envelope.
+    """
+
+    def __init__(self, *args: Any, limits: ServerConfig, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.header_timer: asyncio.TimerHandle | None = None
+        # Bytes of the request line and headers read so far; None while a body is read.
+        self.header_bytes: int | None = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # Feed the parser no more header bytes than the limit allows: it would buffer them.
+        while data and not self.transport.is_closing():
+            if self.header_bytes is None:
+                chunk, data = data, b""
+            else:
+                room = self.limits.max_header_bytes - self.header_bytes
+                if room <= 0:
+                    limit = self.limits.max_header_bytes
+                    self._refuse(HeadersTooLarge(f"request headers exceed {limit} bytes"))
+                    return
+                chunk, data = data[:room], data[room:]
+                self.header_bytes += len(chunk)
+            super().data_received(chunk)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._stop_header_timer()
+        self.header_timer = self.loop.call_later(
+            self.limits.header_timeout_seconds, self._headers_too_slow
+        )
+
+    def on_headers_complete(self) -> None:
+        self._stop_header_timer()
+        self.header_bytes = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.header_bytes = 0
+
+    def _stop_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self.header_timer = None
+        seconds = self.limits.header_timeout_seconds
+        self._refuse(RequestTimeout(f"request headers not received within {seconds:g} s"))
+
+    def _refuse(self, error: SwarmError) -> None:
+        """Answer ``error`` and close; only close if an answer to an earlier (pipelined)
+        request is still being written, as the two would interleave."""
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        log.info("closing the connection of %s: %s", client, error.message)
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.write(raw_response(error))
+        self.transport.close()
+
+
+def raw_response(error: SwarmError) -> bytes:
+    """``error`` in the envelope as bytes on the wire, with ``Connection: close``. Sent
+    before a request's path is known, so never in Ollama's shape."""
+    response = error_response("", error)
+    phrase = http.HTTPStatus(error.status_code).phrase
+    lines = [f"HTTP/1.1 {error.status_code} {phrase}".encode()]
+    lines += [name + b": " + value for name, value in response.raw_headers]
+    lines += [b"connection: close", b"", response.body]
+    return b"\r\n".join(lines)
+
+
+def server_config(
+    app: Any, *, host: str, port: int, log_level: str, limits: ServerConfig
+) -> uvicorn.Config:
+    """uvicorn's configuration for a daemon's ``app`` under ``limits``."""
+    return uvicorn.Config(
+        BodyTimeoutMiddleware(app, seconds=limits.body_timeout_seconds),
         host=host,
         port=port,
         log_level=log_level,
@@ -49,4 +152,16 @@ def serve(app, *, host: str, port: int, log_level: str) -> None:
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=10,
+        http=partial(LimitedHttpProtocol, limits=limits),
+        timeout_keep_alive=limits.keep_alive_seconds,  # type: ignore[arg-type]
     )
+
+
+def serve(app: Any, *, host: str, port: int, log_level: str, limits: ServerConfig) -> None:
+    configure_logging(log_level)
+    server = uvicorn.Server(
+        server_config(app, host=host, port=port, log_level=log_level, limits=limits)
+    )
+    server.run()
+    if not server.started:  # e.g. the port is taken: as uvicorn.run does
+        raise SystemExit(STARTUP_FAILURE)

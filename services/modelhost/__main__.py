@@ -76,7 +76,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.check:
         check(settings)
         return
-    serve(create_app(settings), host=settings.host, port=settings.port, log_level=swarm.log_level)
+    serve(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=swarm.log_level,
+        limits=swarm.server,
+    )
 
 
 if __name__ == "__main__":

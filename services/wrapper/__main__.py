@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m services") -> Non
     app = create_app(settings)
     # httpx logs every backend call at INFO: noise on each model call, and CPU on the hop.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    serve(app, host=settings.host, port=settings.port, log_level=swarm.log_level)
+    serve(
+        app, host=settings.host, port=settings.port, log_level=swarm.log_level, limits=swarm.server
+    )
 
 
 if __name__ == "__main__":
