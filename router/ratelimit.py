@@ -1,18 +1,25 @@
 """Per-client rate limiting of the router's model calls: a token bucket per API key (or
 client address when the call carries none), answered as OpenAI does: 429 with
-``Retry-After`` and ``X-RateLimit-Limit/Remaining/Reset`` on every answer."""
+``Retry-After`` and ``X-RateLimit-Limit/Remaining/Reset`` on every answer.
+
+A call is charged when it starts to be served: once its body has arrived whole. A
+request that never finishes its body (a stalled or abandoned upload) costs nothing, so
+half-sent requests cannot spend a client's burst, nor another's sharing its address."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import RateLimited, error_response
+from services.common.middleware import AnsweredEarly, EarlyAnswer
 
 MAX_CLIENTS = 100_000  # buckets kept; the least recently seen go first
 
@@ -36,11 +43,19 @@ class RateLimiter:
         self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
 
     def take(self, client: str) -> Decision:
+        """Charge ``client`` one call, if its bucket holds one."""
+        return self._decide(client, charge=True)
+
+    def peek(self, client: str) -> Decision:
+        """Where ``client`` stands, charging nothing (for an answer to an uncharged call)."""
+        return self._decide(client, charge=False)
+
+    def _decide(self, client: str, *, charge: bool) -> Decision:
         now = self.clock()
         tokens, at = self.buckets.pop(client, (float(self.burst), now))
         tokens = min(self.burst, tokens + (now - at) * self.rate)
         allowed = tokens >= 1
-        if allowed:
+        if allowed and charge:
             tokens -= 1
         self.buckets[client] = (tokens, now)
         if len(self.buckets) > MAX_CLIENTS:
@@ -64,6 +79,9 @@ def client_key(scope: Scope) -> str:
 
 
 class RateLimitMiddleware:
+    """Charge a call when the last part of its body is read; over the limit, answer 429
+    in place of the app (whose body read then stops)."""
+
     def __init__(self, app: ASGIApp, limiter: RateLimiter, paths: Collection[str]) -> None:
         self.app = app
         self.limiter = limiter
@@ -73,27 +91,44 @@ class RateLimitMiddleware:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        decision = self.limiter.take(client_key(scope))
-        headers = [
-            (b"x-ratelimit-limit", str(decision.limit).encode()),
-            (b"x-ratelimit-remaining", str(decision.remaining).encode()),
-            (b"x-ratelimit-reset", str(math.ceil(decision.reset_seconds)).encode()),
-        ]
-        if not decision.allowed:
-            wait = max(1, math.ceil(decision.retry_after))
-            error = RateLimited(
-                f"rate limit of {self.limiter.rate:g} calls/s (bursts of {decision.limit}) "
-                f"reached; retry in {wait} s",
-                headers={"Retry-After": str(wait)},
-            )
-            response = error_response(scope["path"], error)
-            response.raw_headers.extend(headers)
-            await response(scope, receive, send)
-            return
+        client = client_key(scope)
+        decision: Decision | None = None  # until the call is charged
+        answer = EarlyAnswer(scope, receive, send)
+
+        async def receive_then_charge() -> Message:
+            nonlocal decision
+            message = await receive()
+            body_done = message["type"] == "http.request" and not message.get("more_body")
+            if body_done and decision is None:
+                decision = self.limiter.take(client)
+                if not decision.allowed:
+                    await answer.give(self._refusal(scope["path"], decision))
+            return message
 
         async def send_with_limits(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message.setdefault("headers", []).extend(headers)
-            await send(message)
+                given = decision or self.limiter.peek(client)
+                message.setdefault("headers", []).extend(_limit_headers(given))
+            await answer.app_send(message)
 
-        await self.app(scope, receive, send_with_limits)
+        with contextlib.suppress(AnsweredEarly):
+            await self.app(scope, receive_then_charge, send_with_limits)
+
+    def _refusal(self, path: str, decision: Decision) -> Response:
+        wait = max(1, math.ceil(decision.retry_after))
+        error = RateLimited(
+            f"rate limit of {self.limiter.rate:g} calls/s (bursts of {decision.limit}) "
+            f"reached; retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+        response = error_response(path, error)
+        response.raw_headers.extend(_limit_headers(decision))
+        return response
+
+
+def _limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-ratelimit-limit", str(decision.limit).encode()),
+        (b"x-ratelimit-remaining", str(decision.remaining).encode()),
+        (b"x-ratelimit-reset", str(math.ceil(decision.reset_seconds)).encode()),
+    ]
