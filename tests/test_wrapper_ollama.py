@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from schemas import ollama as api
-from services.common.errors import ServiceUnavailable
+from services.common.errors import BadRequest, ServiceUnavailable
 from services.wrapper.aiohttp_client import ollama_client
 from services.wrapper.app import create_app
 from services.wrapper.backend import Backend
@@ -141,6 +141,16 @@ async def test_a_backend_failure_mid_stream_ends_with_an_error_line(wrapper, bac
     with pytest.raises(ollama.ResponseError, match="unexpected EOF"):
         async for _ in await wrapper.ollama.generate(MODEL, "Why?", stream=True):
             pass
+
+
+async def test_a_request_the_client_refuses_to_send_is_the_callers_400_not_the_backends_503():
+    backend = Backend(ollama.AsyncClient(BACKEND), url=BACKEND, model=MODEL)
+    # ollama-python validates a request before it sends it; what it refuses never reached
+    # the backend, so a router must not count it against the backend (issue 13)
+    with pytest.raises(BadRequest) as refused:
+        await backend._call(backend.client.generate(model=MODEL, prompt="hi", keep_alive=10**400))
+    assert refused.value.status_code == 400
+    assert "keep_alive" in refused.value.message
 
 
 async def test_a_down_backend_is_a_503_ollama_error(wrapper, backend):

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import anyio
 import httpx
 import ollama
+import pydantic
 
 from schemas import ollama as api
 from schemas.health import ModelInfo
@@ -27,6 +28,7 @@ from services.common.errors import BadRequest, ServiceUnavailable, SwarmError
 # cannot connect, httpx errors for timeouts and broken streams, ValueError (JSON, pydantic)
 # for an answer that is not the Ollama API.
 BACKEND_ERRORS = (ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError)
+_CLIENT_REQUESTS = {"ChatRequest", "GenerateRequest"}  # the client's models of a request
 
 # Ollama: "input length exceeds the context length"; llama.cpp: "Requested tokens (n)
 # exceed context window of m"; the embedded host says the same in its words.
@@ -244,6 +246,12 @@ class Backend:
         if isinstance(exc, httpx.HTTPError):
             return ServiceUnavailable(
                 f"the connection to {where} broke: {type(exc).__name__}", code="backend_error"
+            )
+        if isinstance(exc, pydantic.ValidationError) and exc.title in _CLIENT_REQUESTS:
+            # The client checks a request before sending it: what it refuses is the
+            # caller's input the API models let through, not the backend's doing.
+            return BadRequest(
+                f"the request cannot be sent to {where}: {exc}", code="invalid_request"
             )
         return ServiceUnavailable(
             f"{where} sent an answer that is not the Ollama API: {exc}", code="backend_bad_answer"
