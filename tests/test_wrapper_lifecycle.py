@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -479,18 +480,44 @@ async def test_every_model_call_is_reported_to_the_router_and_survives_its_outag
     await to_router.aclose()
 
 
+def usage_record(n: int, time: str = "2026-01-01T00:00:00Z") -> UsageRecord:
+    return UsageRecord(
+        record_id=f"r{n}",
+        request_id=f"q{n}",
+        time=time,
+        provider="local",
+        model="m",
+        latency_ms=1.0,
+    )
+
+
+async def test_a_record_the_router_refuses_is_dropped_and_the_rest_delivered(router_app):
+    to_router = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=router_app), base_url="http://router.test"
+    )
+    reporter = UsageReporter(to_router)
+    now = datetime.now(UTC)
+    reporter.add(usage_record(1, time="2000-01-01T00:00:00Z"))  # past the retention
+    reporter.add(usage_record(2, time=now.isoformat()))
+    assert await reporter.flush()
+    assert len(reporter.pending) == 0  # not resent forever
+    summary = (await to_router.get("/api/usage/summary", params={"window": "1h"})).json()
+    assert summary["calls"] == 1
+    await to_router.aclose()
+
+
+@pytest.mark.parametrize(("status", "kept"), [(422, 0), (413, 0), (401, 1), (500, 1)])
+async def test_a_batch_refused_whole_is_dropped_unless_a_retry_can_help(status, kept):
+    refusing = httpx.MockTransport(lambda _: httpx.Response(status, json={"error": {}}))
+    reporter = UsageReporter(httpx.AsyncClient(transport=refusing, base_url="http://r.test"))
+    reporter.add(usage_record(1))
+    await reporter.flush()
+    assert len(reporter.pending) == kept
+
+
 def test_the_usage_buffer_keeps_the_newest_when_full():
     reporter = UsageReporter(httpx.AsyncClient(), limit=3)
     for n in range(5):
-        reporter.add(
-            UsageRecord(
-                record_id=f"r{n}",
-                request_id=f"q{n}",
-                time="2026-01-01T00:00:00Z",
-                provider="local",
-                model="m",
-                latency_ms=1.0,
-            )
-        )
+        reporter.add(usage_record(n))
     assert [r.record_id for r in reporter.pending.records] == ["r2", "r3", "r4"]
     assert reporter.pending.dropped == 2

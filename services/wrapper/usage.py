@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 BUFFER_LIMIT = 10_000
 FLUSH_INTERVAL_SECONDS = 2.0
+MAX_REFUSALS_LOGGED = 3  # of a batch: a few lines say enough
 
 
 class UsageReporter:
@@ -62,7 +63,23 @@ class UsageReporter:
     async def _send(self, batch: list[UsageRecord]) -> None:
         body = UsageBatch(records=batch).model_dump(mode="json")
         response = await self.http.post("/usage", json=body, headers=self.headers)
-        response.raise_for_status()
+        # Kept for the next round: the router is away (5xx), or the token is wrong (401,
+        # fixed by a restart with the right one). Any other refusal would be the same
+        # next time: resending it forever would hold back every record behind it.
+        if response.status_code == 401 or response.status_code >= 500:
+            response.raise_for_status()
+        if response.status_code >= 400:
+            log.error(
+                "usage batch of %d records refused, dropped: %s %s",
+                len(batch),
+                response.status_code,
+                response.text[:200],
+            )
+            return
+        for refusal in response.json().get("refused", [])[:MAX_REFUSALS_LOGGED]:
+            log.error(
+                "usage record %s refused, dropped: %s", refusal["record_id"], refusal["reason"]
+            )
 
     async def run(self) -> None:
         """Flush every interval; after failures, back off (full jitter) up to 30 s."""
