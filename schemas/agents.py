@@ -30,16 +30,17 @@ def _normalize_token(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
 
 
-# A capability or label as agents declare it: trimmed, lower-case, bounded.
+# A capability or label as agents declare it: trimmed, lower-case, bounded. The constraints
+# come before the normalizing validator, or the published schema loses the pattern.
 Capability = Annotated[
     str,
-    BeforeValidator(_normalize_token),
     StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.:-]*$"),
+    BeforeValidator(_normalize_token),
 ]
 Token = Annotated[
     str,
-    BeforeValidator(_normalize_token),
     StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$"),
+    BeforeValidator(_normalize_token),
 ]
 Identifier = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
@@ -103,14 +104,19 @@ def _refuse_locality_as_tier(value: Any) -> Any:
 
 
 # The spec's integer level of an agent in its hierarchy (its model services register 2).
-Tier = Annotated[int, BeforeValidator(_refuse_locality_as_tier), Field(ge=0, le=9)]
+# (The bounds before the validator: after it, the schema says "ge"/"le", which no one reads.)
+Tier = Annotated[int, Field(ge=0, le=9), BeforeValidator(_refuse_locality_as_tier)]
 DEFAULT_TIER = 2
 # Whether a call to the agent stays on the operator's machines or goes to a cloud provider.
 Locality = Literal["local", "cloud"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: no unknown fields, and each value of the JSON type the schema says
+    (``"include_unhealthy": 0`` or ``"tier": "2"`` is refused, not coerced; an integer
+    stays a valid number)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class AgentDefinition(Strict):

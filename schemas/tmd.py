@@ -102,7 +102,7 @@ class Taxonomy(BaseModel):
 
 
 class ClassifyDomainRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     query: Query
     top_k: int = Field(default=3, ge=1, description="1 to the number of domains.")
@@ -120,7 +120,7 @@ class ClassifyDomainResponse(BaseModel):
 
 
 class ExtractTmdRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     query: Query
     context_docs: list[Annotated[str, Field(max_length=MAX_CONTEXT_DOC_CHARS)]] = Field(
@@ -147,7 +147,7 @@ class ExtractTmdResponse(BaseModel):
 
 
 class ValidateDomainRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     domain: str = Field(min_length=1, max_length=200)
 

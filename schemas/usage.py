@@ -45,7 +45,8 @@ class UsageRecord(Strict):
     )
     kind: Literal["call", "route"] = "call"
     request_id: str = Field(min_length=1, max_length=128)
-    time: datetime
+    # Lax: a strict datetime refuses the ISO string that JSON carries it as.
+    time: datetime = Field(strict=False)
     agent_id: str | None = Field(default=None, max_length=128)
     provider: str = Field(max_length=64, description='"local" or a cloud provider name.')
     model: str = Field(max_length=200)

@@ -298,6 +298,17 @@ def test_bad_list_and_discover_queries_are_422(fleet, method, path, payload):
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [{"include_unhealthy": 0}, {"include_unhealthy": "true"}, {"tier": "2"}, {"limit": 5.0}],
+)
+def test_discover_takes_each_value_only_as_the_json_type_of_its_schema(fleet, payload):
+    # Issue 13: include_unhealthy 0 was read as false, silently.
+    response = fleet.post("/discover", json=payload)
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == next(iter(payload))
+
+
 def test_lists_are_bounded_by_the_page_size(make_registry, registry_settings, agent):
     client = make_registry(registry_settings, max_page_size=2)
     for n in range(3):

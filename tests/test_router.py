@@ -584,6 +584,42 @@ async def test_reported_calls_add_up_to_the_summary(start_router):
     assert later["calls"] == 0
 
 
+async def test_a_record_is_taken_only_with_the_json_types_of_its_schema(start_router):
+    # Issue 13: "cost": false was stored as a cost of 0.
+    router = await start_router()
+    records = [
+        call_record(1, "llm_a", "local", 1, 1, 10.0) | {"cost": False},
+        call_record(2, "llm_a", "local", 1, 1, 10.0) | {"stream": 1},
+        call_record(3, "llm_a", "local", 1, 1, 10.0) | {"prompt_tokens": "1"},
+        call_record(4, "llm_a", "local", 1, 1, 10.0),
+    ]
+    answer = (await router.post("/usage", json={"records": records})).json()
+    assert answer["accepted"] == 1
+    refused = {refusal["index"]: refusal["reason"] for refusal in answer["refused"]}
+    assert set(refused) == {0, 1, 2}
+    assert refused[0].startswith("cost")
+    assert refused[1].startswith("stream")
+    assert refused[2].startswith("prompt_tokens")
+
+
+async def test_the_usage_api_serves_the_fields_its_schema_requires_null_when_unknown(
+    start_router,
+):
+    # Issue 13: an empty window left out the rates; an agent with only errors, latencies.
+    router = await start_router()
+    summary = (await router.get("/api/usage/summary")).json()
+    assert {key: summary[key] for key in ("local_share", "error_rate", "fallback_rate")} == {
+        "local_share": None,
+        "error_rate": None,
+        "fallback_rate": None,
+    }
+    failed = call_record(1, "llm_down", "local", 0, 0, 10.0, status="error")
+    await router.post("/usage", json={"records": [failed]})
+    (agent,) = (await router.get("/api/usage/by-agent")).json()["agents"]
+    percentiles = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
+    assert {key: agent[key] for key in percentiles} == dict.fromkeys(percentiles)
+
+
 async def test_every_routed_request_is_recorded_with_its_fallbacks(
     start_router, registry_http, upstreams
 ):

@@ -317,6 +317,13 @@ async def test_validate_domain_needs_no_backend(tlc, backend):
     }
 
 
+async def test_validate_domain_answers_canonical_null_for_a_domain_outside_the_taxonomy(tlc):
+    # Issue 13: canonical, which the schema requires, was left out.
+    response = await tlc.http.post("/validate_domain", json={"domain": "astrology"})
+    answer = response.json()
+    assert (answer["valid"], answer["canonical"]) == (False, None)
+
+
 async def test_a_down_backend_is_503_and_degraded_health(tlc, backend):
     backend.get("/api/tags").mock(side_effect=httpx.ConnectError("refused"))
     backend.post("/api/generate").mock(side_effect=httpx.ConnectError("refused"))
