@@ -191,7 +191,8 @@ def definition_fingerprint(definition: AgentDefinition | AgentRecord) -> str:
     registration and answers it with each heartbeat; an agent compares it with the one of
     the record its registration was answered with. Liveness fields take no part."""
     fields = definition.model_dump(mode="json", include=DEFINITION_FIELDS)
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # ASCII escapes: encoding cannot fail, whatever the strings hold (a lone surrogate).
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
