@@ -6,6 +6,7 @@ import base64
 import copy
 import json
 import math
+import typing
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -21,11 +22,13 @@ from ollama._types import GenerateRequest as OfficialGenerateRequest
 from openai.types.chat import ChatCompletion as OfficialChatCompletion
 from openai.types.chat import ChatCompletionChunk as OfficialChatCompletionChunk
 from openai.types.chat import ChatCompletionTokenLogprob as OfficialTokenLogprob
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from schemas import ollama as ol
 from schemas import openai as oa
 from schemas.errors import OllamaError
+from services.wrapper.app import create_app as create_wrapper_app
+from tests.conftest import tlc_settings
 
 DATA = Path(__file__).parent / "data"
 
@@ -1096,3 +1099,67 @@ def test_official_ollama_client_reads_tags_show_ps() -> None:
     assert show.modelinfo["general.parameter_count"] == 8030261248
     assert shown[0].model == "llava"
     assert [m.model for m in ps.models] == ["mistral:latest"]
+
+
+# --- the published OpenAPI schemas -----------------------------------------------------------
+
+
+def api_models() -> list[type]:
+    return [
+        model
+        for module in (ol, oa)
+        for model in vars(module).values()
+        if isinstance(model, type)
+        and issubclass(model, BaseModel)
+        and model.__module__ == module.__name__
+    ]
+
+
+@pytest.mark.parametrize("model", api_models(), ids=lambda model: model.__name__)
+def test_api_shapes_mark_no_field_they_may_leave_out_required(model) -> None:
+    # They are served as Ollama and OpenAI serve them, without absent fields (exclude_none):
+    # a field that can be None must not be one the schema requires.
+    required_nullable = [
+        name
+        for name, field in model.model_fields.items()
+        if field.is_required() and type(None) in typing.get_args(field.annotation)
+    ]
+    assert required_nullable == []
+
+
+def wrapper_schema() -> dict:
+    return create_wrapper_app(tlc_settings()).openapi()
+
+
+def test_streaming_routes_publish_their_media_types() -> None:
+    # Issue 13: NDJSON and SSE answers were served under a schema that said JSON only.
+    paths = wrapper_schema()["paths"]
+    media = {
+        path: set(paths[path]["post"]["responses"]["200"]["content"])
+        for path in paths
+        if path in ("/api/chat", "/api/generate", "/v1/chat/completions")
+    }
+    assert media == {
+        "/api/chat": {"application/json", "application/x-ndjson"},
+        "/api/generate": {"application/json", "application/x-ndjson"},
+        "/v1/chat/completions": {"application/json", "text/event-stream"},
+    }
+
+
+def test_errors_are_published_in_the_envelope_of_their_path() -> None:
+    # Issue 13: 400 and 413 were not documented, and 422 had FastAPI's shape, not ours.
+    schema = wrapper_schema()
+    envelope = {
+        path: {
+            status: answer["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+            for status, answer in schema["paths"][path]["post"]["responses"].items()
+            if status != "200"
+        }
+        for path in ("/api/chat", "/v1/chat/completions", "/validate_domain")
+    }
+    assert envelope == {
+        "/api/chat": dict.fromkeys(("400", "413", "422", "503"), "OllamaError"),
+        "/v1/chat/completions": dict.fromkeys(("400", "413", "422", "503"), "ErrorEnvelope"),
+        "/validate_domain": dict.fromkeys(("400", "413", "422", "503"), "ErrorEnvelope"),
+    }
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
