@@ -70,11 +70,11 @@ def serving(app: FastAPI, limits: ServerConfig = LIMITS) -> Iterator[int]:
         thread.join(WAIT)
 
 
-@pytest.fixture
-def registry_port(tmp_path) -> Iterator[int]:
-    settings = RegistrySettings(
-        database_url=f"sqlite:///{tmp_path / 'registry.db'}", reap_interval_seconds=86_400
-    )
+@pytest.fixture(scope="module")
+def registry_port(tmp_path_factory) -> Iterator[int]:
+    """One registry for the module (each test uses its own connections and counters)."""
+    database = tmp_path_factory.mktemp("registry") / "registry.db"
+    settings = RegistrySettings(database_url=f"sqlite:///{database}", reap_interval_seconds=86_400)
     with serving(create_registry_app(settings)) as port:
         yield port
 
@@ -220,7 +220,9 @@ def test_half_sent_headers_get_408_and_a_close(registry_port, partial):
     status, headers, body = parse(received)
     assert status == 408
     assert headers["connection"] == "close"
-    assert json.loads(body)["error"]["code"] == "request_timeout"
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_timeout"
+    assert error["request_id"] == headers["x-request-id"]  # every answer carries one
     assert LIMITS.header_timeout_seconds * 0.9 <= waited < LIMITS.header_timeout_seconds + 1.0
 
 
@@ -233,7 +235,9 @@ def test_headers_over_the_limit_get_431_and_a_close(registry_port):
         status, headers, body = parse(read_until_closed(sock))
     assert status == 431
     assert headers["connection"] == "close"
-    assert json.loads(body)["error"]["code"] == "headers_too_large"
+    error = json.loads(body)["error"]
+    assert error["code"] == "headers_too_large"
+    assert error["request_id"] == headers["x-request-id"]
 
 
 def test_headers_within_the_limit_are_served(registry_port):

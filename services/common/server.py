@@ -14,9 +14,9 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from schemas.config import ConfigError, ServerConfig, SwarmSettings, load_settings
-from services.common.context import current_request_id
+from services.common.context import current_request_id, reset_request_id, set_request_id
 from services.common.errors import HeadersTooLarge, RequestTimeout, SwarmError, error_response
-from services.common.middleware import BodyTimeoutMiddleware
+from services.common.middleware import BodyTimeoutMiddleware, new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +122,20 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         """Answer ``error`` and close; only close if an answer to an earlier (pipelined)
         request is still being written, as the two would interleave."""
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
-        log.info("closing the connection of %s: %s", client, error.message)
-        if self.cycle is None or self.cycle.response_complete:
-            self.transport.write(raw_response(error))
-        self.transport.close()
+        # No request was read, so no id was given: a new one, as for any request without.
+        token = set_request_id(new_request_id())
+        try:
+            log.info("closing the connection of %s: %s", client, error.message)
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.write(raw_response(error))
+            self.transport.close()
+        finally:
+            reset_request_id(token)
 
 
 def raw_response(error: SwarmError) -> bytes:
-    """``error`` in the envelope as bytes on the wire, with ``Connection: close``. Sent
-    before a request's path is known, so never in Ollama's shape."""
+    """``error`` in the envelope as bytes on the wire, with the current request id and
+    ``Connection: close``. Sent before a request's path is known: never in Ollama's shape."""
     response = error_response("", error)
     phrase = http.HTTPStatus(error.status_code).phrase
     lines = [f"HTTP/1.1 {error.status_code} {phrase}".encode()]
