@@ -481,7 +481,7 @@ def test_prompt_over_the_context_is_400(client, stream) -> None:
 @pytest.mark.parametrize(
     ("body", "status"),
     [
-        (b"{not json", 422),
+        (b"{not json", 400),
         (b'{"prompt": "hi"}', 422),
         (b'{"model": "smollm2:135m", "prompt": "hi", "stream": "yes"}', 422),
         (b'{"model": "smollm2:135m", "prompt": "hi", "top_logprobs": 99}', 422),

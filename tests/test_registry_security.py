@@ -202,15 +202,15 @@ def test_bad_definitions_are_422_with_the_envelope(registry, agent, change, para
     assert error["message"].startswith(f"body.{param}")
 
 
-def test_missing_fields_and_bad_json_are_422(registry):
+def test_missing_fields_are_422_and_a_body_that_is_not_json_400(registry):
     missing = registry.post("/register", json={"agent_id": "x"})
     assert missing.status_code == 422
     assert "Field required" in missing.json()["error"]["message"]
     broken = registry.post(
         "/register", content=b'{"agent_id": ', headers={"Content-Type": "application/json"}
     )
-    assert broken.status_code == 422
-    assert "error" in broken.json()
+    assert broken.status_code == 400
+    assert broken.json()["error"]["code"] == "invalid_json"
 
 
 def test_oversized_bodies_are_413(make_registry, registry_settings, agent):

@@ -205,6 +205,14 @@ async def test_invalid_input_is_a_422_ollama_error(wrapper):
     assert "stream" in response.json()["error"]
 
 
+async def test_a_body_that_is_not_json_is_a_400_ollama_error(wrapper):
+    # As Ollama answers it (shared/ollama-samples/error_bad_json.txt), on every path.
+    for path in ("/api/chat", "/api/generate", "/api/show"):
+        response = await wrapper.http.post(path, content=b"{bad")
+        assert response.status_code == 400
+        assert response.json()["error"].startswith("the body is not valid JSON")
+
+
 async def test_images_go_to_the_backend_as_base64_never_as_paths(wrapper, backend):
     route = backend.post("/api/chat").respond(json=read("chat_response.json"))
     image = read("generate_request_full.json")["images"][0]

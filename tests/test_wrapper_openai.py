@@ -476,12 +476,18 @@ async def test_invalid_input_is_a_422_envelope(wrapper, change, param):
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("content", [b"", b"{not json", b"[]", b'"hi"'])
-async def test_a_body_that_is_not_a_json_object_is_a_422_envelope(wrapper, backend, content):
+@pytest.mark.parametrize(
+    ("content", "status"), [(b"", 400), (b"{not json", 400), (b"[]", 422), (b'"hi"', 422)]
+)
+async def test_a_body_that_is_not_json_is_a_400_and_json_not_an_object_a_422(
+    wrapper, backend, content, status
+):
+    # One status per kind on every daemon (issue 13): 400 as OpenAI answers a body that
+    # does not parse; 422 for JSON that fails validation.
     route = backend.post("/api/chat")
     headers = {"Content-Type": "application/json"}
     response = await wrapper.http.post("/v1/chat/completions", content=content, headers=headers)
-    assert response.status_code == 422
+    assert response.status_code == status
     assert response.json()["error"]["type"] == "invalid_request_error"
     assert not route.called
 

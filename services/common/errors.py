@@ -135,12 +135,29 @@ _HTTP_STATUS_ERRORS: dict[int, type[SwarmError]] = {
 }
 
 
+def unparsed_body(errors: list[dict]) -> str | None:
+    """Why a body is not JSON at all, or None when it is JSON that fails validation.
+
+    One status per kind, on every path (issue 13): a body that does not parse (or is
+    missing) is a 400, as OpenAI and Ollama answer it; JSON of the wrong shape is a 422.
+    """
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            detail = error.get("ctx", {}).get("error") or error.get("msg", "")
+            return f"the body is not valid JSON: {detail}"
+        if error.get("type") == "missing" and tuple(error.get("loc", ())) == ("body",):
+            return "the request has no body; it must be a JSON object"
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_swarm_error(request: Request, exc: SwarmError) -> JSONResponse:
         return error_response(request.url.path, exc)
 
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
+        if (reason := unparsed_body(errors)) is not None:
+            return error_response(request.url.path, BadRequest(reason, code="invalid_json"))
         param = ".".join(str(p) for p in errors[0]["loc"][1:]) if errors else None
         error = ValidationFailed(describe_validation_errors(errors), param=param or None)
         return error_response(request.url.path, error)
