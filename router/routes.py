@@ -110,13 +110,18 @@ async def readiness(request: Request) -> str | None:
 # --- usage (DESIGN 5) ------------------------------------------------------------------------
 
 _UNITS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}
-Window = Annotated[str, Query(max_length=16, description='"15m", "24h", "7d" or seconds')]
+WINDOW_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$"
+# The pattern is published; the bound (the retention, a setting) is checked below.
+Window = Annotated[
+    str,
+    Query(max_length=16, pattern=WINDOW_PATTERN, description='"15m", "24h", "7d" or seconds'),
+]
 
 
 def window_seconds(request: Request, window: Window = "24h") -> float:
     """The ``window`` query parameter in seconds, at most the retention."""
     retention_days = router_of(request).settings.usage_retention_days
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", window)
+    match = re.fullmatch(WINDOW_PATTERN, window)
     seconds = float(match[1]) * _UNITS[match[2] or "s"] if match else 0.0
     if not 0 < seconds <= retention_days * 86_400:
         raise ValidationFailed(
