@@ -29,12 +29,13 @@ from schemas.usage import (
 from services.common.errors import NotFound, Unauthorized, ValidationFailed
 from services.common.openapi import SSE, errors, streaming
 from services.common.streaming import json_response
+from services.common.strict_json import StrictJSONRoute
 
 log = logging.getLogger(__name__)
 
 # A batch may hold a thousand bad records; a few lines say enough.
 MAX_REFUSALS_LOGGED = 3
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 # The calls the rate limit applies to (router.app); 404 names the capabilities that exist.
 ROUTED = errors(404, 429, 503)
 _STREAMED = "JSON, or the candidate's SSE events passed through when `stream` is true; a "

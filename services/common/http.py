@@ -4,6 +4,7 @@ lean routes for the few endpoints on a hot path."""
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Collection, Iterable
 from typing import get_type_hints
 
@@ -25,6 +26,7 @@ from services.common.middleware import (
 )
 from services.common.openapi import install_openapi
 from services.common.probes import Readiness, install_probes
+from services.common.strict_json import check_json
 
 # Another daemon of the swarm (the registry, the router): it answers in milliseconds.
 PEER_TIMEOUT = httpx.Timeout(5.0)
@@ -86,8 +88,14 @@ def lean_route(route: APIRoute) -> Route:
     model: type[BaseModel] = get_type_hints(endpoint)["body"]
 
     async def serve(request: Request) -> Response:
+        raw = await request.body()
         try:
-            body = model.model_validate_json(await request.body())
+            check_json(raw)
+            body = model.model_validate_json(raw)
+        except json.JSONDecodeError as exc:  # as FastAPI reports a body that does not parse
+            error = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error"}
+            error |= {"input": {}, "ctx": {"error": exc.msg}}
+            raise RequestValidationError([error]) from None
         except ValidationError as exc:
             errors = [error | {"loc": ("body", *error["loc"])} for error in exc.errors()]
             raise RequestValidationError(errors) from None

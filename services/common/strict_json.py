@@ -7,7 +7,9 @@ further down: in a database write, in an answer's serialisation, in the ollama c
 request (issue 13). Refused here, they are what they are: a body that is not valid JSON,
 which FastAPI reports like any other (``json_invalid``).
 
-Every ``APIRouter`` that takes a JSON body uses ``route_class=StrictJSONRoute``.
+Every ``APIRouter`` that takes a JSON body uses ``route_class=StrictJSONRoute``; the lean
+routes of the hot path (``services.common.http``) call ``check_json`` before pydantic's
+own parser, which refuses lone surrogates but takes the rest.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from starlette.responses import Response
 
 # A \uD800-\uDFFF escape: only a body holding one can hold a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# What pydantic's parser takes that a double cannot hold: only a body with one of these
+# (or text that looks like one) needs the strict parse.
+_NOT_A_DOUBLE = re.compile(rb"NaN|Infinity|[eE][+-]?\d{3}|\d{309}")
 
 
 def parse_json(body: bytes) -> Any:
@@ -42,6 +47,13 @@ def parse_json(body: bytes) -> Any:
     except ValueError as exc:  # a hook's refusal
         raise _invalid(str(exc), body) from None
     return document
+
+
+def check_json(body: bytes) -> None:
+    """Raise ``json.JSONDecodeError`` for a body pydantic's JSON parser would take with a
+    number no double holds (``NaN``, ``Infinity``, ``1e400``, 309 digits)."""
+    if _NOT_A_DOUBLE.search(body):
+        parse_json(body)
 
 
 def _refuse(name: str) -> Any:

@@ -48,6 +48,7 @@ from schemas.ollama import (
     timestamp_now,
 )
 from services.common.errors import BadRequest, NotFound, SwarmError
+from services.common.strict_json import StrictJSONRoute
 from services.modelhost.engine import Engine, Job, Outcome, Piece, Sampling, grammar_for
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 # The Ollama release whose API this host follows (logprobs arrived in 0.12.11).
 OLLAMA_VERSION = "0.12.11"
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 class HostHealth(ServiceHealth):

@@ -14,6 +14,7 @@ from schemas.errors import OllamaError
 from services.common.errors import ServiceUnavailable
 from services.common.openapi import NDJSON, errors, streaming
 from services.common.streaming import json_response, ndjson, ndjson_error, ndjson_response
+from services.common.strict_json import StrictJSONRoute
 from services.wrapper import translate
 from services.wrapper.backend import canonical_model_name
 from services.wrapper.service import (
@@ -28,7 +29,7 @@ from services.wrapper.service import (
 from services.wrapper.stats import Call, counting_failures, stream_failure
 
 # Every route may need the backend; the 400s, 413s and 422s are documented for all routes.
-router = APIRouter(tags=["Ollama"], responses=errors(503))
+router = APIRouter(tags=["Ollama"], responses=errors(503), route_class=StrictJSONRoute)
 _STREAMED = "JSON, or NDJSON lines when `stream` is true (the default); a failure after the "
 _STREAMED += 'first line is a last line `{"error": "..."}`.'
 

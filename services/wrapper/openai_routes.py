@@ -13,6 +13,7 @@ from schemas.errors import ErrorEnvelope
 from services.common.errors import ServiceUnavailable
 from services.common.openapi import SSE, errors, streaming
 from services.common.streaming import SSE_DONE, json_response, sse, sse_error, sse_response
+from services.common.strict_json import StrictJSONRoute
 from services.wrapper import translate
 from services.wrapper.service import (
     Job,
@@ -24,7 +25,7 @@ from services.wrapper.service import (
 )
 from services.wrapper.stats import Call, counting_failures, stream_failure
 
-router = APIRouter(tags=["OpenAI"], responses=errors(503))
+router = APIRouter(tags=["OpenAI"], responses=errors(503), route_class=StrictJSONRoute)
 _STREAMED = "JSON, or SSE events of chunks ending `data: [DONE]` when `stream` is true; a "
 _STREAMED += "failure after the first event is an event of the error envelope."
 

@@ -15,10 +15,13 @@ from schemas.tmd import (
 )
 from services.common.openapi import errors
 from services.common.streaming import json_response
+from services.common.strict_json import StrictJSONRoute
 from services.wrapper.taxonomy import validate_domain
 from services.wrapper.tmd import DomainClassifier
 
-router = APIRouter(tags=["TLC domain classifier"], responses=errors(503))
+router = APIRouter(
+    tags=["TLC domain classifier"], responses=errors(503), route_class=StrictJSONRoute
+)
 
 
 def classifier_of(request: Request) -> DomainClassifier:
