@@ -33,6 +33,8 @@ from registry.app import create_app
 from registry.settings import RegistrySettings
 from router.app import create_app as create_router_app
 from router.settings import RouterSettings
+from services.modelhost.engine import Engine, load_engine
+from services.modelhost.settings import ModelHostSettings
 from services.wrapper.app import create_app as create_wrapper_app
 from services.wrapper.registration import Registrar
 from services.wrapper.settings import WrapperSettings
@@ -178,6 +180,21 @@ def registry(make_registry, registry_settings) -> TestClient:
 
 
 # --- real processes --------------------------------------------------------------------
+
+
+SMOLLM = "smollm2:135m"
+SMOLLM_CONTEXT = 1024
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory) -> Iterator[Engine]:
+    """One SmolLM2 on llama.cpp, loaded once for the session."""
+    settings = ModelHostSettings(
+        model=SMOLLM, models_dir=tmp_path_factory.mktemp("models"), context_length=SMOLLM_CONTEXT
+    )
+    loaded = load_engine(settings)
+    yield loaded
+    loaded.close()
 
 
 def process_env(tmp_path: Path, **overrides: str) -> dict[str, str]:

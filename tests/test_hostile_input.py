@@ -19,7 +19,10 @@ import httpx
 import pytest
 
 from services.common.strict_json import parse_json
+from services.modelhost.app import create_app as create_modelhost_app
+from services.modelhost.settings import ModelHostSettings
 from tests.conftest import (
+    SMOLLM,
     call_record,
     load_data,
     read,
@@ -245,4 +248,28 @@ async def test_the_tlc_wrapper_answers_hostile_input_with_4xx(start_wrapper, bac
             send, "POST", "/extract_tmd", load_data("spec/extract_tmd.request.json")
         )
         problems += await sweep(send, "POST", "/validate_domain", {"domain": "medicine"})
+    assert problems == [], "\n".join(problems)
+
+
+# --- the embedded model host, on a real model ------------------------------------------------
+
+
+async def test_the_model_host_answers_hostile_input_with_4xx(engine, tmp_path):
+    settings = ModelHostSettings(model=SMOLLM, models_dir=tmp_path)
+    app = create_modelhost_app(settings, engine=engine)
+    # One token a call: what survives the checks is decoded, and must decode fast.
+    options = {"num_predict": 1, "temperature": 0.5, "top_k": 20, "seed": 7}
+    generate = {"model": SMOLLM, "prompt": "Hi", "options": options, "stream": False}
+    chat = {
+        "model": SMOLLM,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "options": options,
+        "format": {"type": "object"},
+        "stream": False,
+    }
+    async with app.router.lifespan_context(app), in_process(app) as client:
+        send = sender(client)
+        problems = await sweep(send, "POST", "/api/generate", generate)
+        problems += await sweep(send, "POST", "/api/chat", chat)
+        problems += await sweep(send, "POST", "/api/show", {"model": SMOLLM})
     assert problems == [], "\n".join(problems)

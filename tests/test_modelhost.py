@@ -27,13 +27,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.modelhost import __main__ as modelhost_main
 from services.modelhost.app import create_app
 from services.modelhost.catalog import CATALOG, lookup
-from services.modelhost.engine import WARM_UP_PROMPT_TOKENS, Engine, load_engine
+from services.modelhost.engine import WARM_UP_PROMPT_TOKENS, Engine
 from services.modelhost.settings import ModelHostSettings
-from tests.conftest import REPO, free_port, process_env, wait_healthy
+from tests.conftest import (
+    REPO,
+    SMOLLM,
+    SMOLLM_CONTEXT,
+    free_port,
+    process_env,
+    wait_healthy,
+)
 
-SMOLLM = "smollm2:135m"
 GEMMA = "gemma3:270m"
-CONTEXT = 1024
 GREEDY = {"temperature": 0, "seed": 7}
 # A generation that runs for seconds (greedy counting never ends on its own).
 LONG = {
@@ -44,17 +49,6 @@ LONG = {
 }
 
 # --- fixtures specific to the model host ---------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Iterator[Engine]:
-    """One SmolLM2, loaded once for the module."""
-    settings = ModelHostSettings(
-        model=SMOLLM, models_dir=tmp_path_factory.mktemp("models"), context_length=CONTEXT
-    )
-    loaded = load_engine(settings)
-    yield loaded
-    loaded.close()
 
 
 @pytest.fixture(scope="module")
@@ -175,12 +169,12 @@ def test_list_show_and_ps_describe_the_loaded_file(client, engine) -> None:
     assert info["general.parameter_count"] == 134_515_008
     assert info["general.architecture"] == "llama"
     assert "num_ctx" in shown.parameters
-    assert str(CONTEXT) in shown.parameters
+    assert str(SMOLLM_CONTEXT) in shown.parameters
     assert "<|im_start|>" in shown.template
 
     [running] = client.ps().models
     assert running.model == SMOLLM
-    assert running.context_length == CONTEXT
+    assert running.context_length == SMOLLM_CONTEXT
     assert running.expires_at.year > 2100  # loaded for the life of the process
 
 
@@ -475,7 +469,7 @@ def test_prompt_over_the_context_is_400(client, stream) -> None:
     with pytest.raises(ollama.ResponseError) as caught:
         call()
     assert caught.value.status_code == 400
-    assert f"context length ({CONTEXT} tokens)" in caught.value.error
+    assert f"context length ({SMOLLM_CONTEXT} tokens)" in caught.value.error
 
 
 @pytest.mark.parametrize(

@@ -202,6 +202,15 @@ class Engine:
                 f"({self.n_ctx} tokens)"
             )
 
+    def check_grammar(self, grammar: str) -> None:
+        """Refuse (400) a grammar llama.cpp cannot load, before the job waits in the queue:
+        a schema the converter takes can still give one (``{"type": []}``), and found
+        while running, it was a 500."""
+        try:
+            GrammarConstraint(self.llama, grammar).close()
+        except ValueError as exc:
+            raise BadRequest(f"invalid JSON schema in format: {exc}") from None
+
     def check_tokens(self, tokens: Sequence[int]) -> None:
         if any(not 0 <= token < self.n_vocab for token in tokens):
             raise BadRequest(f"context holds token ids outside the vocabulary (0..{self.n_vocab})")

@@ -320,13 +320,16 @@ def _job(
     engine: Engine, tokens: list[int], body: GenerateRequest | ChatRequest, stop: list[str]
 ) -> Job:
     engine.check_fits(tokens)
+    grammar = grammar_for(body.format)
+    if grammar is not None:
+        engine.check_grammar(grammar)
     options = body.options
     return Job(
         tokens=tokens,
         sampling=Sampling.from_options(options),
         num_predict=options.num_predict if options else None,
         stop=[*((options.stop or []) if options else []), *stop],
-        grammar=grammar_for(body.format),
+        grammar=grammar,
         top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
 
