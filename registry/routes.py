@@ -6,7 +6,6 @@ Endpoints are async and reach the store through ``app.state.run`` (see
 
 from __future__ import annotations
 
-import hmac
 import time
 from dataclasses import dataclass
 from typing import Annotated
@@ -35,8 +34,9 @@ from schemas.agents import (
 )
 from schemas.errors import ErrorEnvelope
 from schemas.health import RegistryHealth
+from services.common.auth import check_bearer
 from services.common.database import Runner
-from services.common.errors import NotFound, Unauthorized, ValidationFailed
+from services.common.errors import NotFound, ValidationFailed
 from services.common.strict_json import StrictJSONRoute
 
 ERRORS = {status: {"model": ErrorEnvelope} for status in (401, 404, 413, 422)}
@@ -59,13 +59,7 @@ async def get_registry(request: Request) -> Registry:
 
 async def require_writer(request: Request) -> None:
     """Writes need ``Authorization: Bearer <token>`` when a token is configured."""
-    token = request.app.state.registry.settings.token
-    if token is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    expected = token.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-        raise Unauthorized()
+    check_bearer(request, request.app.state.registry.settings.token)
 
 
 State = Annotated[Registry, Depends(get_registry)]

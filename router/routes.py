@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import time
@@ -26,7 +25,8 @@ from schemas.usage import (
     UsageSummary,
     UsageTimeseries,
 )
-from services.common.errors import NotFound, Unauthorized, ValidationFailed
+from services.common.auth import check_bearer
+from services.common.errors import NotFound, ValidationFailed
 from services.common.openapi import SSE, errors, streaming
 from services.common.streaming import json_response
 from services.common.strict_json import StrictJSONRoute
@@ -135,19 +135,20 @@ def window_seconds(request: Request, window: Window = "24h") -> float:
 WindowSeconds = Annotated[float, Depends(window_seconds)]
 
 
+async def require_reporter(request: Request) -> None:
+    """Usage reports carry the registry's token when one is configured: they are writes."""
+    check_bearer(request, router_of(request).settings.registry_token)
+
+
 @router.post(
     "/usage",
     response_model=UsageAccepted,
     responses=errors(401),
     summary="Report model calls (batched)",
+    dependencies=[Depends(require_reporter)],
 )
 async def report_usage(body: UsageBatch, request: Request) -> Response:
     routing = router_of(request)
-    token = routing.settings.registry_token
-    if token is not None:
-        expected = f"Bearer {token.get_secret_value()}"
-        if not hmac.compare_digest(request.headers.get("Authorization", ""), expected):
-            raise Unauthorized()
     now, retention = routing.wall_clock(), routing.usage.retention
     valid, refused = body.split(lambda record: time_out_of_range(record, now, retention))
     for refusal in refused[:MAX_REFUSALS_LOGGED]:

@@ -693,7 +693,9 @@ async def test_usage_reports_need_the_token_when_one_is_set(start_router):
     router = await start_router(registry_token="s3cret")
     records = {"records": [call_record(1, "llm_a", "local", 1, 1, 1.0)]}
     assert (await router.post("/usage", json=records)).status_code == 401
-    authorised = {"Authorization": "Bearer s3cret"}
+    # the token is checked first: a caller without it learns nothing of the body's shape
+    assert (await router.post("/usage", json={"records": "?"})).status_code == 401
+    authorised = {"Authorization": "bearer s3cret"}  # the scheme in any case, as HTTP has it
     response = await router.post("/usage", json=records, headers=authorised)
     assert response.json() == {"accepted": 1, "refused": []}
 
