@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -32,10 +33,13 @@ from registry.app import create_app as create_registry_app
 from registry.settings import RegistrySettings
 from router.app import create_app as create_router_app
 from router.settings import RouterSettings
+from services.modelhost.app import create_app as create_modelhost_app
+from services.modelhost.settings import ModelHostSettings
 from services.wrapper.app import create_app as create_wrapper_app
 from tests.conftest import (
     BACKEND,
     NOW,
+    SMOLLM,
     FakeClock,
     forever,
     read,
@@ -45,7 +49,7 @@ from tests.conftest import (
     tlc_settings,
 )
 
-EXAMPLES = 25  # per operation and mode: ~1,500 requests over the three daemons
+EXAMPLES = 25  # per operation and mode: ~1,300 requests over the four daemons
 CHECKS = [
     checks.not_a_server_error,
     checks.status_code_conformance,
@@ -66,6 +70,7 @@ class Findings:
     """What a daemon's fuzz run sent and what failed, one line per distinct failure."""
 
     requests: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
     failures: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def report(self) -> str:
@@ -73,8 +78,9 @@ class Findings:
         return "\n\n".join(f"{label}: {title}\n{repro}" for (label, title), repro in found)
 
 
-def fuzz(app: FastAPI) -> Findings:
-    """Every operation of ``app``'s schema, in positive and negative mode."""
+def fuzz(app: FastAPI, prepare: Callable[[schemathesis.Case], None] | None = None) -> Findings:
+    """Every operation of ``app``'s schema, in positive and negative mode; ``prepare`` may
+    adjust each case before it is sent."""
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     findings = Findings()
     for result in schema.get_all_operations():
@@ -86,7 +92,10 @@ def fuzz(app: FastAPI) -> Findings:
             @given(case=strategy)
             def run(case: schemathesis.Case) -> None:
                 findings.requests += 1
+                if prepare is not None:
+                    prepare(case)
                 response = case.call()
+                findings.statuses[response.status_code] += 1
                 try:
                     case.validate_response(response, checks=CHECKS)
                 except (AssertionError, BaseExceptionGroup) as failed:
@@ -157,7 +166,8 @@ def ollama_backend() -> Iterator[respx.MockRouter]:
 
 def report(name: str, findings: Findings, started: float) -> None:
     elapsed = time.monotonic() - started
-    print(f"\n{name}: {findings.requests} requests in {elapsed:.1f} s")
+    statuses = ", ".join(f"{status}: {n}" for status, n in sorted(findings.statuses.items()))
+    print(f"\n{name}: {findings.requests} requests in {elapsed:.1f} s: {statuses}")
     assert not findings.failures, findings.report()
 
 
@@ -194,3 +204,24 @@ def test_a_wrapper_serves_what_its_schema_says(ollama_backend):
     )
     started = time.monotonic()
     report("wrapper", fuzz(app), started)
+
+
+def served_model_one_token(case: schemathesis.Case) -> None:
+    """Ask for the model served (any other name is a quick 404), for one token: a real
+    model decodes what passes the checks, and an unbounded num_predict could fill the
+    whole context."""
+    body = case.body
+    if not isinstance(body, dict):
+        return
+    if isinstance(body.get("model"), str):
+        body["model"] = SMOLLM
+    generates = case.operation.path in ("/api/generate", "/api/chat")
+    if generates and isinstance(body.get("options", {}), dict):
+        body["options"] = {**body.get("options", {}), "num_predict": 1}
+
+
+def test_the_model_host_serves_what_its_schema_says(engine, tmp_path):
+    """The embedded host on a real SmolLM2."""
+    app = create_modelhost_app(ModelHostSettings(model=SMOLLM, models_dir=tmp_path), engine=engine)
+    started = time.monotonic()
+    report("model host", fuzz(app, prepare=served_model_one_token), started)

@@ -23,6 +23,10 @@ from services.common.errors import is_ollama_path
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
+OLLAMA_STREAMED = (
+    "JSON, or NDJSON lines when `stream` is true (the default); a failure after the first "
+    'line is a last line `{"error": "..."}`.'
+)
 COMPONENTS = "#/components/schemas/"
 
 _DESCRIPTIONS = {

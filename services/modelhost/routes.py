@@ -48,6 +48,7 @@ from schemas.ollama import (
     timestamp_now,
 )
 from services.common.errors import BadRequest, NotFound, SwarmError
+from services.common.openapi import NDJSON, OLLAMA_STREAMED, errors, streaming
 from services.common.strict_json import StrictJSONRoute
 from services.modelhost.engine import Engine, Job, Outcome, Piece, Sampling, grammar_for
 
@@ -57,6 +58,12 @@ log = logging.getLogger(__name__)
 OLLAMA_VERSION = "0.12.11"
 
 router = APIRouter(route_class=StrictJSONRoute)
+
+
+def generation_responses(answer: type[BaseModel]) -> dict[int, Any]:
+    """A generation's answers: JSON or NDJSON of ``answer``; 404 for a model this host
+    does not serve, 503 when its queue is full."""
+    return errors(404, 503) | streaming(NDJSON, answer, OllamaError, description=OLLAMA_STREAMED)
 
 
 class HostHealth(ServiceHealth):
@@ -115,7 +122,9 @@ def _modified_at(engine: Engine) -> str:
 # --- model information ---------------------------------------------------------------------
 
 
-@router.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse)
+@router.api_route(
+    "/", methods=["GET", "HEAD"], response_class=PlainTextResponse, include_in_schema=False
+)
 async def root() -> str:
     return "Ollama is running"
 
@@ -183,7 +192,12 @@ async def ps(request: Request) -> ProcessResponse:
     return ProcessResponse(models=[running])
 
 
-@router.post("/api/show", response_model=ShowResponse, response_model_exclude_none=True)
+@router.post(
+    "/api/show",
+    response_model=ShowResponse,
+    response_model_exclude_none=True,
+    responses=errors(404),
+)
 async def show(body: ShowRequest, request: Request) -> ShowResponse:
     engine = _engine(request)
     _check_model(engine, body.model)
@@ -373,7 +387,11 @@ def _load_reason(keep_alive: Any) -> str:
     return "unload" if keep_alive_seconds(keep_alive) == 0 else "load"
 
 
-@router.post("/api/generate", response_model=None)
+@router.post(
+    "/api/generate",
+    response_model=GenerateResponse,
+    responses=generation_responses(GenerateResponse),
+)
 async def generate(body: GenerateRequest, request: Request) -> Response:
     arrived = time.perf_counter_ns()
     engine = _engine(request)
@@ -394,7 +412,11 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     return await _respond(request, engine, job, answer, body.stream)
 
 
-@router.post("/api/chat", response_model=None)
+@router.post(
+    "/api/chat",
+    response_model=ChatResponse,
+    responses=generation_responses(ChatResponse),
+)
 async def chat(body: ChatRequest, request: Request) -> Response:
     arrived = time.perf_counter_ns()
     engine = _engine(request)

@@ -12,7 +12,7 @@ from starlette.responses import Response
 from schemas import ollama as api
 from schemas.errors import OllamaError
 from services.common.errors import ServiceUnavailable
-from services.common.openapi import NDJSON, errors, streaming
+from services.common.openapi import NDJSON, OLLAMA_STREAMED, errors, streaming
 from services.common.streaming import json_response, ndjson, ndjson_error, ndjson_response
 from services.common.strict_json import StrictJSONRoute
 from services.wrapper import translate
@@ -30,14 +30,12 @@ from services.wrapper.stats import Call, counting_failures, stream_failure
 
 # Every route may need the backend; the 400s, 413s and 422s are documented for all routes.
 router = APIRouter(tags=["Ollama"], responses=errors(503), route_class=StrictJSONRoute)
-_STREAMED = "JSON, or NDJSON lines when `stream` is true (the default); a failure after the "
-_STREAMED += 'first line is a last line `{"error": "..."}`.'
 
 
 @router.post(
     "/api/chat",
     response_model=api.ChatResponse,
-    responses=streaming(NDJSON, api.ChatResponse, OllamaError, description=_STREAMED),
+    responses=streaming(NDJSON, api.ChatResponse, OllamaError, description=OLLAMA_STREAMED),
     summary="Chat",
 )
 async def chat(body: api.ChatRequest, request: Request) -> Response:
@@ -48,7 +46,7 @@ async def chat(body: api.ChatRequest, request: Request) -> Response:
 @router.post(
     "/api/generate",
     response_model=api.GenerateResponse,
-    responses=streaming(NDJSON, api.GenerateResponse, OllamaError, description=_STREAMED),
+    responses=streaming(NDJSON, api.GenerateResponse, OllamaError, description=OLLAMA_STREAMED),
     summary="Generate",
 )
 @router.post("/generate", response_model=api.GenerateResponse, include_in_schema=False)
