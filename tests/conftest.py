@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import glob
 import json
 import os
@@ -56,6 +57,18 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def replaced(document: Any, at: tuple, value: Any) -> Any:
+    """A deep copy of ``document`` with the value at path ``at`` replaced (``()``: all)."""
+    if not at:
+        return value
+    changed = copy.deepcopy(document)
+    parent = changed
+    for key in at[:-1]:
+        parent = parent[key]
+    parent[at[-1]] = value
+    return changed
 
 
 def load_data(name: str):

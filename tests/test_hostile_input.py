@@ -10,7 +10,6 @@ schema is ``test_fuzz.py``; this sweep holds the classes of input that broke thi
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -27,6 +26,7 @@ from tests.conftest import (
     load_data,
     read,
     recorded_answer,
+    replaced,
     tlc_settings,
 )
 
@@ -73,17 +73,6 @@ def places(value: Any, at: tuple = ()) -> Iterator[tuple]:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from places(item, (*at, index))
-
-
-def replaced(document: Any, at: tuple, value: Any) -> Any:
-    if not at:
-        return value
-    changed = copy.deepcopy(document)
-    parent = changed
-    for key in at[:-1]:
-        parent = parent[key]
-    parent[at[-1]] = value
-    return changed
 
 
 def encode(document: Any) -> bytes:

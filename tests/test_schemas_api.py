@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import copy
 import json
 import math
 import typing
@@ -28,7 +27,7 @@ from schemas import ollama as ol
 from schemas import openai as oa
 from schemas.errors import OllamaError
 from services.wrapper.app import create_app as create_wrapper_app
-from tests.conftest import tlc_settings
+from tests.conftest import replaced, tlc_settings
 
 DATA = Path(__file__).parent / "data"
 
@@ -40,16 +39,6 @@ def fixture(name: str) -> Any:
 def fixture_lines(name: str) -> list[Any]:
     lines = (DATA / name).read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
-
-
-def changed(base: dict, path: tuple, value: Any) -> dict:
-    """A deep copy of ``base`` with the value at ``path`` replaced."""
-    data = copy.deepcopy(base)
-    target = data
-    for key in path[:-1]:
-        target = target[key]
-    target[path[-1]] = value
-    return data
 
 
 def wire(model: Any) -> dict:
@@ -170,7 +159,7 @@ BASIC_OPENAI = fixture("openai/chat_request_basic.json")
 )
 def test_openai_request_rejects(path: tuple, value: Any) -> None:
     with pytest.raises(ValidationError) as caught:
-        oa.ChatCompletionRequest.model_validate(changed(BASIC_OPENAI, path, value))
+        oa.ChatCompletionRequest.model_validate(replaced(BASIC_OPENAI, path, value))
 
     assert all(error["loc"][0] == path[0] for error in caught.value.errors())
 
@@ -604,7 +593,7 @@ BASIC_CHAT = fixture("ollama/chat_request.json")
 )
 def test_ollama_generate_request_rejects(path: tuple, value: Any) -> None:
     with pytest.raises(ValidationError) as caught:
-        ol.GenerateRequest.model_validate(changed(BASIC_GENERATE, path, value))
+        ol.GenerateRequest.model_validate(replaced(BASIC_GENERATE, path, value))
 
     assert all(error["loc"][0] == path[0] for error in caught.value.errors())
 
@@ -622,7 +611,7 @@ def test_ollama_generate_request_rejects(path: tuple, value: Any) -> None:
 )
 def test_ollama_chat_request_rejects(path: tuple, value: Any) -> None:
     with pytest.raises(ValidationError) as caught:
-        ol.ChatRequest.model_validate(changed(BASIC_CHAT, path, value))
+        ol.ChatRequest.model_validate(replaced(BASIC_CHAT, path, value))
 
     assert all(error["loc"][0] == path[0] for error in caught.value.errors())
 
