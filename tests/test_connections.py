@@ -208,6 +208,17 @@ def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_time(regis
     assert LIMITS.keep_alive_seconds * 0.9 <= waited < LIMITS.keep_alive_seconds + 1.0
 
 
+def assert_closing_error(received: bytes, status: int, code: str) -> None:
+    """An answer of ``status`` in the envelope, closing the connection, with the request
+    id every answer carries."""
+    answered, headers, body = parse(received)
+    assert answered == status
+    assert headers["connection"] == "close"
+    error = json.loads(body)["error"]
+    assert error["code"] == code
+    assert error["request_id"] == headers["x-request-id"]
+
+
 @pytest.mark.parametrize(
     "partial",
     [b"G", b"GET /healthz HTT", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: ab"],
@@ -217,12 +228,7 @@ def test_half_sent_headers_get_408_and_a_close(registry_port, partial):
     with connect(registry_port) as sock:
         sock.sendall(partial)
         received, waited = timed(lambda: read_until_closed(sock))
-    status, headers, body = parse(received)
-    assert status == 408
-    assert headers["connection"] == "close"
-    error = json.loads(body)["error"]
-    assert error["code"] == "request_timeout"
-    assert error["request_id"] == headers["x-request-id"]  # every answer carries one
+    assert_closing_error(received, 408, "request_timeout")
     assert LIMITS.header_timeout_seconds * 0.9 <= waited < LIMITS.header_timeout_seconds + 1.0
 
 
@@ -232,12 +238,8 @@ def test_headers_over_the_limit_get_431_and_a_close(registry_port):
         head = request_head("GET", "/healthz", **{"X-Request-ID": huge})
         with contextlib.suppress(ConnectionError):  # refused before it is all sent
             sock.sendall(head)
-        status, headers, body = parse(read_until_closed(sock))
-    assert status == 431
-    assert headers["connection"] == "close"
-    error = json.loads(body)["error"]
-    assert error["code"] == "headers_too_large"
-    assert error["request_id"] == headers["x-request-id"]
+        received = read_until_closed(sock)
+    assert_closing_error(received, 431, "headers_too_large")
 
 
 def test_headers_within_the_limit_are_served(registry_port):
@@ -255,12 +257,7 @@ DISCOVER = json.dumps({"capability": "reasoning", "padding": "x" * 400}).encode(
 def test_a_stalled_body_gets_408_in_the_envelope(registry_port):
     with half_sent_post(registry_port, "/discover", DISCOVER, sent=100) as sock:
         received, waited = timed(lambda: read_until_closed(sock))
-    status, headers, body = parse(received)
-    assert status == 408
-    assert headers["connection"] == "close"
-    error = json.loads(body)["error"]
-    assert error["code"] == "request_timeout"
-    assert error["request_id"] == headers["x-request-id"]
+    assert_closing_error(received, 408, "request_timeout")
     assert LIMITS.body_timeout_seconds * 0.9 <= waited < LIMITS.body_timeout_seconds + 1.0
     assert counted(registry_port, "POST", "/discover", 408) == 1
 
