@@ -162,11 +162,13 @@ def server_config(
     )
 
 
-def serve(app: Any, *, host: str, port: int, log_level: str, limits: ServerConfig) -> None:
-    configure_logging(log_level)
-    server = uvicorn.Server(
-        server_config(app, host=host, port=port, log_level=log_level, limits=limits)
+def serve(app: Any, swarm: SwarmSettings, *, host: str, port: int) -> None:
+    """Run ``app`` on ``host:port`` with the profile's log level and server limits."""
+    configure_logging(swarm.log_level)
+    config = server_config(
+        app, host=host, port=port, log_level=swarm.log_level, limits=swarm.server
     )
+    server = uvicorn.Server(config)
     server.run()
     if not server.started:  # e.g. the port is taken: as uvicorn.run does
         raise SystemExit(STARTUP_FAILURE)

@@ -76,13 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.check:
         check(settings)
         return
-    serve(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=swarm.log_level,
-        limits=swarm.server,
-    )
+    serve(create_app(settings), swarm, host=settings.host, port=settings.port)
 
 
 if __name__ == "__main__":

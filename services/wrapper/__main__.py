@@ -34,9 +34,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m services") -> Non
     app = create_app(settings)
     # httpx logs every backend call at INFO: noise on each model call, and CPU on the hop.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    serve(
-        app, host=settings.host, port=settings.port, log_level=swarm.log_level, limits=swarm.server
-    )
+    serve(app, swarm, host=settings.host, port=settings.port)
 
 
 if __name__ == "__main__":
