@@ -176,6 +176,13 @@ class BackendConfig(Section):
         le=256,
         description="Embedded host: llama.cpp threads (default: all cores but one).",
     )
+    max_pending: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="Embedded host: generations admitted at once, running and queued; one "
+        "more is a 503 with a Retry-After from the measured service time.",
+    )
 
     @model_validator(mode="after")
     def _check_model(self) -> BackendConfig:
