@@ -216,6 +216,14 @@ class WrapperConfig(Section):
     cost_per_1k_tokens: float = Field(default=0.0, ge=0)
     context_length: int | None = Field(default=None, ge=128)
     max_tokens_limit: int = Field(default=2_048, ge=1)
+    parallel: int = Field(
+        default=1,
+        ge=1,
+        le=1_024,
+        description="Calls an Ollama backend serves at once: its OLLAMA_NUM_PARALLEL (1 by "
+        "default, as Ollama's own). The wrapper reports it and reckons its expected wait with "
+        "it. An embedded host serves one call at a time, whatever this says.",
+    )
     prompts: dict[str, Any] = Field(default_factory=dict)
     taxonomy: Path | None = Field(
         default=None,
