@@ -1,4 +1,4 @@
-"""Benchmark the router hop (OpenAI in, OpenAI out, routed by capability) against its budgets.
+"""Benchmark the router hop (OpenAI in, OpenAI out, routed by capability): DESIGN 7's rows.
 
 Starts an instant fake OpenAI-compatible upstream (raw asyncio, canned bodies) in its own
 process, a real registry (``python -m registry``) and the real router (``python -m router``
@@ -11,19 +11,23 @@ hop of DESIGN 7 (a bare aiohttp pass-through to the same fake) and through the r
 the same run, as ``bench_wrapper.py`` does for the wrapper:
 
 - concurrency 1: one client (stdlib ``http.client``, keep-alive) calls the three in turn;
-- concurrency 16: ``--clients`` client processes share 16 threads; the rounds alternate a
-  direct and a routed window of ``--seconds`` each, and report p50/p99 and req/s;
-- the most requests per second the router serves in its one process: the better of
-  concurrency 16 and ``--max-concurrency`` (non-streamed), with the share of a core the
-  router used (its CPU per request times its req/s);
+- concurrency 16 and 64 (``--concurrency``): ``--clients`` client processes share the
+  threads; each round is a direct, a bare-hop and a routed window of ``--seconds``;
 - non-streamed and streamed (SSE): time to the first body byte (TTFT) and to the end;
-- the router's CPU per request, from ``/proc/<pid>/stat``, and its memory, VmRSS and VmHWM
-  (peak) from ``/proc/<pid>/status``, at start and at the end.
+- CPU per request of the router and of the bare hop, from ``/proc/<pid>/stat``; the
+  router's memory, VmRSS and VmHWM (peak) from ``/proc/<pid>/status``, before any call,
+  after an untimed warm-up and at the end.
+
+It prints each DESIGN 7 row it measures with the ratio of the router's figure to the bare
+hop's and a verdict (within, or over/under by how much): non-stream at concurrency 1
+(added p50, CPU per request ≤ 1.5x), streaming (added TTFT p50 ≤ 1.5x), at concurrency
+16 and 64 for both scenarios (req/s ≥ 0.8x, added p99 ≤ 2x, 0 errors), and memory (peak
+≤ 100 MB, flat: see ``benchlib.FLAT_GROWTH``); then the figures they come from.
 
 A benchmark, not a test: a missed budget is reported, not turned into an exit code.
 
     .venv/bin/python scripts/bench/bench_router.py [--requests 3000] [--rounds 5] [--seconds 0.8]
-        [--clients 4] [--max-concurrency 64] [--json]
+        [--clients 4] [--concurrency 16 64] [--json]
 """
 
 from __future__ import annotations
@@ -42,9 +46,9 @@ from functools import partial
 from pathlib import Path
 
 from benchlib import (
-    CONCURRENCY,
     HOST,
     CannedHTTP,
+    HopBudgets,
     free_port,
     hop_arguments,
     hop_report,
@@ -53,22 +57,21 @@ from benchlib import (
     ignore_sigint,
     load_average,
     measure_hop,
-    memory_mb,
     output_arguments,
-    run_concurrent,
     serve_helper,
     start,
     start_helpers,
     stop,
     swarm_env,
-    verdict,
+    verdict_rows,
     wait_ready,
 )
 
 AGENT_ID = "bench_upstream"
 CAPABILITY = "reasoning"
 MODEL = "bench-model"
-BUDGET_PER_S = 1_000  # requests per second through the router, in one process
+# DESIGN 7: router hop, router under concurrency 16 and 64; ratios to the bare hop.
+BUDGETS = HopBudgets(added_p50=1.5, cpu=1.5, added_ttfb=1.5, per_s=0.8, added_p99=2.0)
 HEARTBEAT_S = 10.0  # the registry's TTL is 30 s
 
 # --- the instant fake upstream -------------------------------------------------------------
@@ -185,58 +188,38 @@ def targets(scenario: str, direct: int, reference: int, router: int) -> dict:
     }
 
 
-def max_per_s(results: dict, concurrencies: tuple[int, ...]) -> dict:
-    """The router's best non-streamed req/s, and the share of a core it took for it."""
-    best = max(concurrencies, key=lambda c: results[f"non_stream_c{c}"]["via"]["per_s"])
-    figures = results[f"non_stream_c{best}"]
-    per_s = figures["via"]["per_s"]
-    cores = figures["cpu_ms_per_request"] * per_s / 1000
-    return {"per_s": per_s, "concurrency": best, "router_cores": cores}
-
-
 def table(results: dict, command: str) -> str:
-    top, wide = results["max_per_s"], results[f"non_stream_c{results['max_concurrency']}"]
     failures = results["heartbeat_failures"]
     about = (
         f'All three get the same body (`"model": "capability:{CAPABILITY}"`). The router is '
         "one uvicorn process that finds the fake in a real registry (read every second) and "
         "writes a route record per call to SQLite; rate limit off. CPU per request is read "
         "around each call (what a hop spends until its answer is out, as "
-        "`bench_wrapper.py` reads it) and, in the *whole rounds* rows, over each round "
-        "divided by its calls (also what a hop does after the answer and in the background: "
-        "the router's discovery and usage writes)."
-    )
-    most = (
-        f"Max req/s in one process (non-stream, the better of concurrency {CONCURRENCY} and "
-        f"{results['max_concurrency']}): **{top['per_s']:,.0f}** at concurrency "
-        f"{top['concurrency']} ({verdict(top['per_s'], BUDGET_PER_S, 'req/s', True)}); "
-        f"the router used ≈ {top['router_cores']:.2f} cores for it (CPU per request x req/s). "
-        f"At concurrency {results['max_concurrency']}: {wide['direct']['per_s']:,.0f} req/s "
-        f"direct, {wide['via']['per_s']:,.0f} via the router (p50 {wide['via']['p50']:.3f} ms, "
-        f"p99 {wide['via']['p99']:.3f} ms, {wide['cpu_ms_per_request']:.3f} ms CPU per "
-        f"request; the clients used {wide['client_cores']:.2f} cores)."
+        "`bench_wrapper.py` reads it) and, at concurrency 1, also over whole rounds divided "
+        "by their calls (also what a hop does after the answer and in the background: the "
+        "router's discovery and usage writes); both are judged."
     )
     beats = f"Heartbeats: {len(failures)} failed" + (f" ({failures[0]})" if failures else "") + "."
-    report = hop_report(
+    return hop_report(
         results,
         command,
         "router",
         "routed",
         about=about,
-        after=(most, ""),
+        after=("", beats),
         started="at start (healthy, routing; before any chat call)",
     )
-    return f"{report}\n\n{beats}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     hop_arguments(parser)
-    parser.add_argument(
-        "--max-concurrency", type=int, default=64, help="max req/s: also at this concurrency"
-    )
+    # The option of earlier versions: concurrency 16 and this.
+    parser.add_argument("--max-concurrency", type=int, help=argparse.SUPPRESS)
     output_arguments(parser)
     args = parser.parse_args(argv)
+    if args.max_concurrency:
+        args.concurrency = [16, args.max_concurrency]
     if serve_helper(args, FakeOpenAI):
         return 0
     command = shlex.join(["python", "scripts/bench/bench_router.py", *(argv or sys.argv[1:])])
@@ -270,18 +253,6 @@ def main(argv: list[str] | None = None) -> int:
         hops = partial(targets, direct=fake_port, reference=reference_port, router=router_port)
         pids = {"reference": reference.pid, "via": router.pid}
         results = measure_hop(pool, args, hops, pids, whole_rounds=True)
-        if args.max_concurrency != CONCURRENCY:
-            results[f"non_stream_c{args.max_concurrency}"] = run_concurrent(
-                pool,
-                args.clients,
-                hops("non_stream"),
-                router.pid,
-                args.seconds,
-                max(1, args.warmup // args.max_concurrency),
-                args.rounds,
-                args.max_concurrency,
-            )
-        results["memory_end"] = memory_mb(router.pid)
     except Exception:
         print(f"failed; logs in {state}", file=sys.stderr)
         raise
@@ -294,12 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                 stop(process)
     shutil.rmtree(state, ignore_errors=True)
     results |= {
-        "max_concurrency": args.max_concurrency,
-        "max_per_s": max_per_s(results, (CONCURRENCY, args.max_concurrency)),
         "heartbeat_failures": failures,
         "loadavg_start": load_at_start,
         "loadavg_end": load_average(),
     }
+    results["rows"] = verdict_rows(results, BUDGETS, "router")
     print(json.dumps(results, indent=2) if args.json else table(results, command))
     return 0
 

@@ -1,20 +1,31 @@
-"""Benchmark the wrapper hop (OpenAI in, Ollama API out) against its budgets (DESIGN 7).
+"""Benchmark the wrapper hop (OpenAI in, Ollama API out): DESIGN 7's rows.
 
-Starts an instant fake Ollama backend (raw asyncio, canned bodies) in its own process and
-the real wrapper (``python -m services reasoner`` from the default profile, pointed at the
-fake by ``SWARM_*`` variables, with a registry URL where nothing listens) in another. The
-same load goes to the fake directly (the baseline) and through the wrapper, in the same run:
+Starts an instant fake Ollama backend (raw asyncio, canned bodies) in its own process, the
+real wrapper (``python -m services reasoner`` from the default profile, pointed at the
+fake by ``SWARM_*`` variables, with a registry URL where nothing listens) in another, and
+the reference hop of DESIGN 7 (a bare aiohttp pass-through to the same fake) in a third.
+The same load goes to the fake directly (the baseline), through the bare hop and through
+the wrapper, in the same run:
 
-- concurrency 1: one client (stdlib ``http.client``, keep-alive) alternates direct and
-  wrapped calls, so both see the same machine state;
-- concurrency 16: ``--clients`` client processes share 16 threads, each thread with its
-  own keep-alive connections; the rounds alternate a direct and a wrapped window of
-  ``--seconds`` each, and report p50/p99 and requests per second;
-- non-streamed: ``POST /api/chat`` direct vs ``POST /v1/chat/completions`` via the wrapper;
-- streamed: time to the first body byte (TTFT) and to the end of the stream;
-- the wrapper's CPU per request, from ``/proc/<pid>/stat`` (utime + stime) around each
-  call (concurrency 1) or each wrapped window (concurrency 16);
-- the wrapper's memory, VmRSS and VmHWM (peak) from ``/proc/<pid>/status``, at start and end.
+- concurrency 1: one client (stdlib ``http.client``, keep-alive) calls the three in turn,
+  so all see the same machine state;
+- concurrency 16 and 64 (``--concurrency``): ``--clients`` client processes share the
+  threads, each thread with its own keep-alive connections; each round is a direct, a
+  bare-hop and a wrapped window of ``--seconds``;
+- non-streamed: ``POST /api/chat`` direct and through the bare hop, ``POST
+  /v1/chat/completions`` via the wrapper; streamed: time to the first body byte (TTFT)
+  and to the end of the stream;
+- CPU per request of the wrapper and of the bare hop, from ``/proc/<pid>/stat`` (utime +
+  stime) around each call (concurrency 1) or over each window (concurrency 16, 64);
+- the wrapper's memory, VmRSS and VmHWM (peak) from ``/proc/<pid>/status``, before any
+  call, after an untimed warm-up and at the end.
+
+It prints each DESIGN 7 row it measures with the ratio of the wrapper's figure to the bare
+hop's and a verdict (within, or over/under by how much). DESIGN 7 gives the wrapper "≤ 2x
+the bare hop, same three rows" as the router: added p50 and CPU per request ≤ 2x
+(non-stream, concurrency 1), added TTFT p50 ≤ 2x (streaming), and at concurrency 16 and
+64 req/s ≥ 0.5x (twice the time per request is half the rate), added p99 ≤ 2x, 0 errors;
+and memory (peak ≤ 100 MB, flat: see ``benchlib.FLAT_GROWTH``).
 
 ``--throughput`` measures instead the token rate of the whole chain on the real embedded
 model (``python -m services.modelhost``, the wrapper in front of it, the official ``openai``
@@ -24,7 +35,7 @@ called directly with the ``ollama`` client; helpers shared with ``bench_modelhos
 A benchmark, not a test: a missed budget is reported, not turned into an exit code.
 
     .venv/bin/python scripts/bench/bench_wrapper.py [--requests 3000] [--rounds 5] [--seconds 0.8]
-        [--clients 4] [--json]
+        [--clients 4] [--concurrency 16 64] [--json]
     .venv/bin/python scripts/bench/bench_wrapper.py --throughput [--runs 5] [--tokens 256] [--json]
 """
 
@@ -46,6 +57,7 @@ from pathlib import Path
 from benchlib import (
     HOST,
     CannedHTTP,
+    HopBudgets,
     free_port,
     hop_arguments,
     hop_report,
@@ -62,11 +74,14 @@ from benchlib import (
     stop,
     swarm_env,
     verdict,
+    verdict_rows,
     wait_ready,
 )
 
 WRAPPER = "reasoner"  # a wrapper of the default profile; only its backend and port change
 MODEL = "smollm2:135m"
+# DESIGN 7: wrapper hop ≤ 2x the bare hop on the router's rows; req/s: half the bare hop's.
+BUDGETS = HopBudgets(added_p50=2.0, cpu=2.0, added_ttfb=2.0, per_s=0.5, added_p99=2.0)
 
 # --- the instant fake backend ------------------------------------------------------------
 
@@ -358,7 +373,6 @@ def main(argv: list[str] | None = None) -> int:
         hops = partial(targets, direct=fake_port, reference=reference_port, wrapper=wrapper_port)
         pids = {"reference": reference.pid, "via": wrapper.pid}
         results = measure_hop(pool, args, hops, pids)
-        results["memory_end"] = memory_mb(wrapper.pid)
     except Exception:
         print(f"failed; logs in {state}", file=sys.stderr)
         raise
@@ -370,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         stop(fake)
     shutil.rmtree(state, ignore_errors=True)
     results |= {"loadavg_start": load_at_start, "loadavg_end": load_average()}
+    results["rows"] = verdict_rows(results, BUDGETS, "wrapper")
     print(json.dumps(results, indent=2) if args.json else table(results, command))
     return 0
 

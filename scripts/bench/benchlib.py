@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -107,10 +108,31 @@ def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def verdict(value: float, budget: float, unit: str = "ms", at_least: bool = False) -> str:
-    ok = value >= budget if at_least else value <= budget
-    missed = "**under**" if at_least else "**over**"
-    return f"{'≥' if at_least else '≤'} {budget:g} {unit} " + ("ok" if ok else missed)
+# --- budgets and verdicts --------------------------------------------------------------------
+
+
+def judge(value: float | None, budget: float, at_least: bool = False) -> dict:
+    """Whether ``value`` keeps ``budget`` (at most it, or ``at_least`` it), and by how much
+    it misses: ``verdict`` within, over, under, or not measurable; ``by`` the miss."""
+    if value is None or math.isnan(value):
+        return {"verdict": "not measurable", "by": None}
+    if value >= budget if at_least else value <= budget:
+        return {"verdict": "within", "by": 0.0}
+    return {"verdict": "under" if at_least else "over", "by": abs(value - budget)}
+
+
+def verdict_text(judged: dict, budget: float, unit: str = "", spec: str = ".2f") -> str:
+    """``within``, or ``**over** by 0.42x (28%)``: the miss, and its share of the budget."""
+    if judged["by"] is None or judged["verdict"] == "within":
+        return judged["verdict"]
+    share = f" ({judged['by'] / budget:.0%})" if budget else ""
+    return f"**{judged['verdict']}** by {judged['by']:{spec}}{unit}{share}"
+
+
+def verdict(value: float, budget: float, unit: str = "", at_least: bool = False) -> str:
+    """``≥ 97% within``, ``≤ 1.5x **over** by 0.20x (13%)``."""
+    bound = f"{'≥' if at_least else '≤'} {budget:g}{unit}"
+    return f"{bound} {verdict_text(judge(value, budget, at_least), budget, unit)}"
 
 
 def swarm_env(state: Path, **values: str) -> dict[str, str]:
@@ -125,11 +147,7 @@ def swarm_env(state: Path, **values: str) -> dict[str, str]:
 
 
 # --- a hop and its reference: an instant fake backend, a bare pass-through --------------------
-# The hop budgets of DESIGN 7, the same for the wrapper and the router.
 
-BUDGET_MS = 1.0  # added p50, CPU per request, added TTFT p50
-BUDGET_RSS_MB = 80
-CONCURRENCY = 16
 HEADERS = {"Content-Type": "application/json"}
 
 
@@ -278,7 +296,7 @@ def run(
     of each round's p50 (a round disturbed by another process on the machine does not
     decide), and the p99 of all calls; per hop, the median of the rounds' CPU per call,
     read around each call: what the hop spends until the caller has its answer.
-    ``whole_rounds`` adds each hop's CPU over whole rounds per call (``round_`` keys): also
+    ``whole_rounds`` adds each hop's CPU over whole rounds per call (``round_`` key): also
     what it does after the answer is out and in the background."""
     conns = {name: http.client.HTTPConnection(HOST, target[0]) for name, target in targets.items()}
     for _ in range(warmup):
@@ -312,7 +330,7 @@ def run(
             spent.append((cpu_seconds(pids[name]) - began[name]) / per_round)
     for conn in conns.values():
         conn.close()
-    figures = {
+    figures: dict = {
         name: {
             "p50": statistics.median(round_p50s[name]) / 1e6,
             "p99": percentile(every[name], 0.99) / 1e6,
@@ -321,14 +339,16 @@ def run(
     }
     for kind, cpu_of in (("", round_cpu), ("round_", spans)):
         if cpu_of:
-            figures[f"{kind}cpu_ms_per_request"] = statistics.median(cpu_of["via"]) * 1000
-            reference = statistics.median(cpu_of["reference"]) * 1000
-            figures[f"reference_{kind}cpu_ms_per_request"] = reference
+            figures[f"{kind}cpu_ms_per_request"] = {
+                name: statistics.median(per_call) * 1000 for name, per_call in cpu_of.items()
+            }
     return figures
 
 
 # Each window ends with a pause, so the calls still in flight finish before the next starts.
 GAP_S = 0.2
+# A call that takes longer than this under load counts as an error.
+CALL_TIMEOUT_S = 30
 
 
 def client_worker(
@@ -340,28 +360,39 @@ def client_worker(
     """One client process: ``threads`` threads, each with one keep-alive connection per
     target (name: port, path, body), warm up, then call as fast as they can during each
     (target, start, end) window (``time.monotonic``, shared by all processes). Per window:
-    (TTFB, total) ns of every call started inside it."""
+    (TTFB, total) ns of every call started inside it that answered 200, and the count of
+    those that did not (an error status, a broken connection, a timeout)."""
     samples: list[list[tuple[int, int]]] = [[] for _ in windows]
+    errors = [0] * len(windows)
     late: list[bool] = []
     lock = threading.Lock()
 
     def client() -> None:
-        conns = {name: http.client.HTTPConnection(HOST, t[0]) for name, t in targets.items()}
+        conns = {
+            name: http.client.HTTPConnection(HOST, t[0], timeout=CALL_TIMEOUT_S)
+            for name, t in targets.items()
+        }
         for _ in range(warmup):
             for name, conn in conns.items():
                 call(conn, *targets[name][1:])
         mine: list[list[tuple[int, int]]] = [[] for _ in windows]
+        failed = [0] * len(windows)
         late.append(time.monotonic() > windows[0][1])
         for index, (name, start_at, end_at) in enumerate(windows):
             time.sleep(max(0.0, start_at - time.monotonic()))
             conn, (_, path, payload) = conns[name], targets[name]
             while time.monotonic() < end_at:
-                mine[index].append(call(conn, path, payload))
+                try:
+                    mine[index].append(call(conn, path, payload))
+                except (OSError, http.client.HTTPException, RuntimeError):
+                    failed[index] += 1
+                    conn.close()  # the next request opens a new connection
         for conn in conns.values():
             conn.close()
         with lock:
             for index, calls in enumerate(mine):
                 samples[index] += calls
+                errors[index] += failed[index]
 
     cpu_started = time.process_time()
     workers = [threading.Thread(target=client) for _ in range(threads)]
@@ -369,68 +400,242 @@ def client_worker(
         worker.start()
     for worker in workers:
         worker.join()
-    return {"samples": samples, "late": any(late), "cpu_s": time.process_time() - cpu_started}
+    return {
+        "samples": samples,
+        "errors": errors,
+        "late": any(late),
+        "cpu_s": time.process_time() - cpu_started,
+    }
+
+
+def _p(calls: list[tuple[int, int]], index: int, fraction: float) -> float:
+    """A percentile of the calls' TTFB (``index`` 0) or total (1), in ms; NaN for none."""
+    return percentile([c[index] for c in calls], fraction) / 1e6 if calls else math.nan
 
 
 def run_concurrent(
     pool,
     clients: int,
     targets: dict[str, tuple[int, str, bytes]],
-    hop_pid: int,
+    pids: dict[str, int],
     seconds: float,
     warmup: int,
     rounds: int,
-    concurrency: int = CONCURRENCY,
+    concurrency: int,
 ) -> dict:
-    """``concurrency`` closed-loop callers in ``clients`` processes; each round a window
-    of ``direct`` calls, then one ``via`` the hop (``targets``: name: port, path, body).
-    Per measure, the median over rounds of each window's p50 and req/s, and the p99 of
-    all calls; the hop's CPU per call over its windows."""
-    targets = {side: targets[side] for side in ("direct", "via")}
+    """``concurrency`` closed-loop callers in ``clients`` processes; each round one window
+    per target (name: port, path, body; ``direct``, ``reference``, ``via``), in an order
+    that turns by one each round, so no target always follows the same one. Per target,
+    the median over its windows of each window's p50 and req/s, the p99 of all its calls
+    and its failed calls; per hop of ``pids``, its CPU per call over its windows."""
+    names = list(targets)
     lead = 1.5  # spawned clients connect and warm up before the first window
     start = time.monotonic() + lead
     windows = []
-    for n in range(2 * rounds):
-        opens = start + n * (seconds + GAP_S)
-        windows.append(("direct" if n % 2 == 0 else "via", opens, opens + seconds))
+    for n in range(rounds):
+        for name in names[n % len(names) :] + names[: n % len(names)]:
+            opens = start + len(windows) * (seconds + GAP_S)
+            windows.append((name, opens, opens + seconds))
     shares = [concurrency // clients + (n < concurrency % clients) for n in range(clients)]
     pending = pool.starmap_async(
-        client_worker, [(targets, threads, windows, warmup) for threads in shares]
+        client_worker, [(targets, threads, windows, warmup) for threads in shares if threads]
     )
-    hop_cpu = []
+    hop_cpu: dict[str, list[float]] = {name: [] for name in pids}
     for name, opens, closes in windows:
         time.sleep(max(0.0, opens - time.monotonic()))
-        before = cpu_seconds(hop_pid)
+        before = cpu_seconds(pids[name]) if name in pids else 0.0
         time.sleep(max(0.0, closes + GAP_S - time.monotonic()))
-        if name == "via":
-            hop_cpu.append(cpu_seconds(hop_pid) - before)
+        if name in pids:
+            hop_cpu[name].append(cpu_seconds(pids[name]) - before)
     results = pending.get()
     if any(result["late"] for result in results):
         raise RuntimeError("the clients' warm-up ran into the first window: lower --warmup")
     samples = [[c for result in results for c in result["samples"][n]] for n in range(len(windows))]
-    sides = {
-        side: [calls for (name, _, _), calls in zip(windows, samples, strict=True) if name == side]
-        for side in ("direct", "via")
-    }
+    errors = [sum(result["errors"][n] for result in results) for n in range(len(windows))]
     figures: dict = {}
-    for side, mine in sides.items():
+    for side in names:
+        mine = [n for n, (name, _, _) in enumerate(windows) if name == side]
+        every = [c for n in mine for c in samples[n]]
         for measure, index in (("", 1), ("_ttfb", 0)):
-            p50s = [percentile([c[index] for c in calls], 0.50) for calls in mine]
-            every = [c[index] for calls in mine for c in calls]
             figures[side + measure] = {
-                "p50": statistics.median(p50s) / 1e6,
-                "p99": percentile(every, 0.99) / 1e6,
+                "p50": statistics.median(_p(samples[n], index, 0.50) for n in mine),
+                "p99": _p(every, index, 0.99),
             }
-        figures[side]["per_s"] = statistics.median(len(calls) / seconds for calls in mine)
-    per_call = [cpu / len(calls) for cpu, calls in zip(hop_cpu, sides["via"], strict=True)]
+        figures[side]["per_s"] = statistics.median(len(samples[n]) / seconds for n in mine)
+        figures[side]["errors"] = sum(errors[n] for n in mine)
+    figures["cpu_ms_per_request"] = {}
+    for name, spent in hop_cpu.items():
+        calls = [len(samples[n]) for n, window in enumerate(windows) if window[0] == name]
+        per_call = [cpu / n if n else math.nan for cpu, n in zip(spent, calls, strict=True)]
+        figures["cpu_ms_per_request"][name] = statistics.median(per_call) * 1000
     span = windows[-1][2] - windows[0][1] + GAP_S
-    return figures | {
-        "cpu_ms_per_request": statistics.median(per_call) * 1000,
-        "client_cores": sum(result["cpu_s"] for result in results) / (span + lead),
+    figures["client_cores"] = sum(result["cpu_s"] for result in results) / (span + lead)
+    return figures
+
+
+# --- DESIGN 7's rows, each with its verdict --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HopBudgets:
+    """DESIGN 7's budgets of a hop, as ratios of the hop's figure to the bare hop's in the
+    same run (DESIGN 7: "router hop", "router under concurrency", "wrapper hop")."""
+
+    added_p50: float  # concurrency 1, non-stream: added p50, at most
+    cpu: float  # concurrency 1, non-stream: CPU per request, at most
+    added_ttfb: float  # streaming, concurrency 1: added time-to-first-byte p50, at most
+    per_s: float  # concurrency 16 and 64: req/s, at least
+    added_p99: float  # concurrency 16 and 64: added p99, at most
+
+
+MEMORY_BUDGET_MB = 100.0  # RSS per daemon without a model (DESIGN 7), judged on the peak
+# "Flat under sustained load": the RSS at the end of the run is at most 5% above the RSS
+# after the warm-up (DESIGN 7: no growth after warm-up; 5% is room for the allocator).
+FLAT_GROWTH = 0.05
+
+SCENARIOS = {"non_stream": "non-stream", "stream": "stream"}
+TIMES = "\N{MULTIPLICATION SIGN}"
+
+
+def _ratio(hop: float, bare: float) -> float:
+    """The hop's figure over the bare hop's; NaN when the bare hop's is not above zero."""
+    return hop / bare if bare > 0 else math.nan
+
+
+def _added(figures: dict, measure: str, stat: str) -> tuple[float, float]:
+    """(bare hop, hop): what each adds to the direct call's ``stat`` of ``measure``."""
+    direct = figures["direct" + measure][stat]
+    return figures["reference" + measure][stat] - direct, figures["via" + measure][stat] - direct
+
+
+def _row(row: str, measure: str, bare, hop, value, budget, unit, at_least=False) -> dict:
+    """One measure of a DESIGN 7 row: the figures, the judged ``value``, the verdict."""
+    judged = judge(value, budget, at_least)
+    sign = "≥" if at_least else "≤"
+    return {
+        "row": row,
+        "measure": measure,
+        "bare_hop": bare,
+        "hop": hop,
+        "value": None if value is None or math.isnan(value) else value,
+        "unit": unit,
+        "budget": f"{sign} {budget:g}{unit}",
+        "budget_value": budget,
+        **judged,
     }
 
 
-# --- the report's tables ---------------------------------------------------------------------
+def _ratio_row(row: str, measure: str, bare: float, hop: float, budget: float, at_least=False):
+    return _row(row, measure, bare, hop, _ratio(hop, bare), budget, TIMES, at_least)
+
+
+def verdict_rows(results: dict, budgets: HopBudgets, hop: str) -> list[dict]:
+    """Every DESIGN 7 row ``measure_hop`` measured for ``hop``, each measure judged."""
+    plain, stream = results["non_stream"], results["stream"]
+    label = f"{hop} hop, non-stream, concurrency 1"
+    rows = [_ratio_row(label, "added p50 (ms)", *_added(plain, "", "p50"), budgets.added_p50)]
+    for kind, how in (("", "read around each call"), ("round_", "whole rounds")):
+        if f"{kind}cpu_ms_per_request" in plain:
+            cpu = plain[f"{kind}cpu_ms_per_request"]
+            measure = f"CPU per request (ms), {how}"
+            rows.append(_ratio_row(label, measure, cpu["reference"], cpu["via"], budgets.cpu))
+    label = f"{hop} hop, streaming, concurrency 1"
+    added = _added(stream, "_ttfb", "p50")
+    rows.append(_ratio_row(label, "added time to first byte p50 (ms)", *added, budgets.added_ttfb))
+    why = "the fake sends a whole stream at once"
+    rows.append(
+        {"row": label, "measure": "chunks unbuffered", "verdict": "not measured", "why": why}
+    )
+    for concurrency in results["concurrency"]:
+        for scenario, name in SCENARIOS.items():
+            figures = results[f"{scenario}_c{concurrency}"]
+            bare, via = figures["reference"], figures["via"]
+            label = f"{hop} under concurrency {concurrency}, {name}"
+            rows += [
+                _ratio_row(label, "req/s", bare["per_s"], via["per_s"], budgets.per_s, True),
+                _ratio_row(label, "added p99 (ms)", *_added(figures, "", "p99"), budgets.added_p99),
+                _row(label, "errors", bare["errors"], via["errors"], via["errors"], 0, "")
+                | {"budget": "0"},
+            ]
+    warm, end = results["memory_warm"]["VmRSS"], results["memory_end"]["VmRSS"]
+    peak = results["memory_end"]["VmHWM"]
+    growth = (end / warm - 1) * 100
+    label = f"{hop} memory"
+    rows += [
+        _row(label, "peak RSS (MB)", None, peak, peak, MEMORY_BUDGET_MB, " MB"),
+        _row(label, "RSS after warm-up → at end (MB)", None, end, growth, FLAT_GROWTH * 100, "%")
+        | {"after_warmup": warm, "budget": f"growth ≤ {FLAT_GROWTH:.0%}"},
+    ]
+    return rows
+
+
+def _cell(value, measure: str) -> str:
+    if value is None:
+        return "—"
+    if measure == "req/s":
+        return f"{value:,.0f}"
+    if measure == "errors":
+        return f"{value:d}"
+    return f"{value:.1f}" if "MB" in measure else f"{value:.3f}"
+
+
+def verdict_table(rows: list[dict], hop: str) -> list[str]:
+    """The rows of ``verdict_rows`` as Markdown."""
+    lines = [
+        f"| DESIGN 7 row | measure | bare hop | {hop} | measured | budget | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "value" not in row:  # not measured
+            cells = [row["row"], row["measure"], "—", "—", "—", "—", f"not measured: {row['why']}"]
+        else:
+            spec = ".2f" if row["unit"] in (TIMES, "%") else ".1f" if "MB" in row["unit"] else "d"
+            value = "n/a" if row["value"] is None else f"{row['value']:{spec}}{row['unit']}"
+            text = verdict_text(row, row["budget_value"], row["unit"], spec)
+            hop_cell = _cell(row["hop"], row["measure"])
+            if "after_warmup" in row:
+                hop_cell = f"{row['after_warmup']:.1f} → {hop_cell}"
+            cells = [
+                row["row"],
+                row["measure"],
+                _cell(row["bare_hop"], row["measure"]),
+                hop_cell,
+                value,
+                row["budget"],
+                text,
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _figures_row(label: str, figures: dict, measure: str, with_rate: bool) -> str:
+    sides = [figures[name + measure] for name in ("direct", "reference", "via")]
+    rates = "—"
+    cpu = "—"
+    if with_rate and "per_s" in sides[0]:
+        rates = " / ".join(f"{side['per_s']:,.0f}" for side in sides)
+    if with_rate and "cpu_ms_per_request" in figures:
+        per = figures["cpu_ms_per_request"]
+        cpu = f"{per['reference']:.3f} / {per['via']:.3f}"
+    cells = [label, *(f"{side['p50']:.3f} / {side['p99']:.3f}" for side in sides), rates, cpu]
+    return "| " + " | ".join(cells) + " |"
+
+
+def figures_table(results: dict, hop: str) -> list[str]:
+    """What the verdicts were computed from: each target's p50 / p99, req/s and CPU."""
+    lines = [
+        f"| concurrency, measure (ms) | direct p50 / p99 | bare hop p50 / p99 | {hop} p50 / p99 "
+        f"| req/s direct / bare hop / {hop} | CPU ms per request, bare hop / {hop} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for concurrency, suffix in ((1, ""), *((c, f"_c{c}") for c in results["concurrency"])):
+        plain, stream = results["non_stream" + suffix], results["stream" + suffix]
+        lines += [
+            _figures_row(f"{concurrency}, non-stream, whole call", plain, "", True),
+            _figures_row(f"{concurrency}, stream, time to first byte", stream, "_ttfb", False),
+            _figures_row(f"{concurrency}, stream, whole stream", stream, "", True),
+        ]
+    return lines
 
 
 def machine_line(results: dict, command: str) -> str:
@@ -440,103 +645,6 @@ def machine_line(results: dict, command: str) -> str:
         f"{platform.python_version()}, load average {results['loadavg_start']} at start, "
         f"{results['loadavg_end']} at end"
     )
-
-
-def concurrent_note(results: dict, plain: dict, stream: dict, hopped: str) -> str:
-    """How ``run_concurrent`` loaded the hop (``hopped``: "wrapped", "routed"...)."""
-    shares = results["clients"]
-    return (
-        f"Concurrency {CONCURRENCY}: {shares} client processes x {CONCURRENCY // shares}"
-        f"{'+' if CONCURRENCY % shares else ''} threads, each with its own keep-alive connection; "
-        f"{results['rounds']} rounds of a direct then a {hopped} {results['seconds']} s window "
-        "(median of the windows' p50 and req/s; p99 of all); the clients used "
-        f"{plain['client_cores']:.2f} / {stream['client_cores']:.2f} cores (non-stream / "
-        "stream); budgets are set at concurrency 1"
-    )
-
-
-def _row(label: str, direct: dict, via: dict) -> str:
-    """Concurrency 16: not budgeted (the budgets are set at concurrency 1)."""
-    cells = [
-        label,
-        f"{direct['p50']:.3f} / {direct['p99']:.3f}",
-        f"{via['p50']:.3f} / {via['p99']:.3f}",
-        f"{via['p50'] - direct['p50']:.3f}",
-        f"{direct['per_s']:,.0f} / {via['per_s']:,.0f}" if "per_s" in via else "—",
-    ]
-    return "| " + " | ".join([*cells, "—"]) + " |"
-
-
-def _hop_row(label: str, figures: dict, measure: str, budgeted: bool = True) -> str:
-    direct, bare, via = (figures[name + measure] for name in ("direct", "reference", "via"))
-    added = via["p50"] - direct["p50"]
-    cells = [
-        label,
-        *(f"{f['p50']:.3f} / {f['p99']:.3f}" for f in (direct, bare, via)),
-        f"{bare['p50'] - direct['p50']:.3f} / {added:.3f}",
-        verdict(added, BUDGET_MS) if budgeted else "—",
-    ]
-    return "| " + " | ".join(cells) + " |"
-
-
-def _hop_cpu_row(label: str, figures: dict, budgeted: bool, kind: str = "") -> str:
-    cpu = figures[f"{kind}cpu_ms_per_request"]
-    budget = verdict(cpu, BUDGET_MS) if budgeted else "—"
-    bare = figures[f"reference_{kind}cpu_ms_per_request"]
-    return f"| {label} | — | — | — | {bare:.3f} / {cpu:.3f} | {budget} |"
-
-
-def _memory_row(label: str, memory: dict, budgeted: bool) -> str:
-    budget = verdict(memory["VmHWM"], BUDGET_RSS_MB, "MB") + " (peak)" if budgeted else "—"
-    return f"| {label} | {memory['VmRSS']:.1f} | {memory['VmHWM']:.1f} | {budget} |"
-
-
-def hop_table(plain: dict, stream: dict, hop: str) -> list[str]:
-    """Concurrency 1 (results of ``run``): direct, bare hop and ``hop``, against budgets."""
-    return [
-        f"| measure (ms) | direct p50 / p99 | bare hop p50 / p99 | via {hop} p50 / p99 "
-        f"| added p50: bare hop / {hop} | budget ({hop}) |",
-        "|---|---|---|---|---|---|",
-        _hop_row("non-stream, whole call", plain, ""),
-        _hop_row("stream, time to first byte", stream, "_ttfb"),
-        _hop_row("stream, whole stream", stream, "", budgeted=False),
-        _hop_cpu_row("CPU per request, non-stream", plain, budgeted=True),
-        _hop_cpu_row("CPU per request, stream (not budgeted)", stream, budgeted=False),
-        *(
-            [
-                _hop_cpu_row("CPU per request, non-stream, whole rounds", plain, True, "round_"),
-                _hop_cpu_row("CPU per request, stream, whole rounds", stream, False, "round_"),
-            ]
-            if "round_cpu_ms_per_request" in plain
-            else []
-        ),
-    ]
-
-
-def concurrent_table(plain: dict, stream: dict, hop: str) -> list[str]:
-    """Concurrency 16 (results of ``run_concurrent``): direct and ``hop``, with req/s."""
-    return [
-        f"| measure (ms) | direct p50 / p99 | via {hop} p50 / p99 | added p50 "
-        "| req/s direct / via | budget |",
-        "|---|---|---|---|---|---|",
-        _row("non-stream, whole call", plain["direct"], plain["via"]),
-        _row("stream, time to first byte", stream["direct_ttfb"], stream["via_ttfb"]),
-        _row("stream, whole stream", stream["direct"], stream["via"]),
-        *(
-            f"| {hop} CPU per request, {label} | — | — | {f['cpu_ms_per_request']:.3f} | — | — |"
-            for label, f in (("non-stream", plain), ("stream", stream))
-        ),
-    ]
-
-
-def memory_table(start: dict, end: dict, hop: str, started: str) -> list[str]:
-    """``memory_mb`` of the hop at its start and end; the budget holds the peak."""
-    return [
-        f"| {hop} memory (MB) | VmRSS | VmHWM (peak) | budget |",
-        "|---|---|---|---|",
-        _memory_row(started, start, False),
-        _memory_row("at end (after all scenarios)", end, True),
-    ]
 
 
 def hop_report(
@@ -549,36 +657,51 @@ def hop_report(
     after: tuple[str, ...] = (),
     started: str = "at start (healthy, before any call)",
 ) -> str:
-    """The Markdown report of ``measure_hop`` for ``hop`` ("wrapper"; ``hopped``: "wrapped"),
-    with ``about`` the hop after the method, and ``after`` (lines) before its memory."""
-    plain, stream = results["non_stream"], results["stream"]
-    plain16, stream16 = results[f"non_stream_c{CONCURRENCY}"], results[f"stream_c{CONCURRENCY}"]
+    """The Markdown report of ``measure_hop`` for ``hop`` ("wrapper"; ``hopped``: "wrapped")
+    with its ``results["rows"]`` (``verdict_rows``), ``about`` the hop after the method,
+    and ``after`` (lines) at the end."""
+    shares = results["clients"]
+    concurrencies = " and ".join(map(str, results["concurrency"]))
     method = (
-        f"Concurrency 1: {results['requests']} calls per row in {results['rounds']} rounds "
-        f"(median of the rounds' p50; p99 of all), direct, bare-hop and {hopped} calls in turn. "
-        "The bare hop is the reference of DESIGN 7, a bare aiohttp pass-through (~0.4 ms "
-        "added on the machine the budgets were set on): what any Python hop costs here today."
+        "Ratios are the hop's figure over the bare hop's, both measured in this run (added: "
+        "minus the direct call's). The bare hop is the reference of DESIGN 7, a bare aiohttp "
+        "pass-through in front of the same fake. Concurrency 1: "
+        f"{results['requests']} calls per scenario in {results['rounds']} rounds (median of "
+        f"the rounds' p50; p99 of all), direct, bare-hop and {hopped} calls in turn. "
+        f"Concurrency {concurrencies}: {shares} client processes sharing the threads, each "
+        f"thread with its own keep-alive connections; {results['rounds']} rounds of a direct, "
+        f"a bare-hop and a {hopped} window of {results['seconds']} s, in an order that turns "
+        "each round (median of the windows' p50 and req/s; p99 of all calls; an error is a "
+        "call that did not answer 200); a streamed call's p99 is to its last byte. Memory: "
+        f"VmRSS after an untimed warm-up ({results['warmup_seconds']} s of each scenario at "
+        f"concurrency {max(results['concurrency'])} through the {hop} alone) and at the end "
+        f"of all scenarios; the peak is VmHWM."
+    )
+    memory = results["memory_start"], results["memory_warm"], results["memory_end"]
+    clients = ", ".join(
+        f"{results[f'non_stream_c{c}']['client_cores']:.2f} / "
+        f"{results[f'stream_c{c}']['client_cores']:.2f} at {c}"
+        for c in results["concurrency"]
     )
     lines = [
         machine_line(results, command),
         "",
         f"{method} {about}".rstrip(),
         "",
-        *hop_table(plain, stream, hop),
+        *verdict_table(results["rows"], hop),
         "",
-        concurrent_note(results, plain16, stream16, hopped),
+        *figures_table(results, hop),
         "",
-        *concurrent_table(plain16, stream16, hop),
-        "",
+        f"{hop.capitalize()} VmRSS {started}: {memory[0]['VmRSS']:.1f} MB; after warm-up "
+        f"{memory[1]['VmRSS']:.1f} MB; at end {memory[2]['VmRSS']:.1f} MB (peak "
+        f"{memory[2]['VmHWM']:.1f} MB). Cores the clients used (non-stream / stream): "
+        f"{clients}.",
         *after,
-        *memory_table(results["memory_start"], results["memory_end"], hop, started),
     ]
     return "\n".join(lines)
 
 
 # --- a hop benchmark's run -------------------------------------------------------------------
-
-SCENARIOS = ("non_stream", "stream")
 
 
 def hop_arguments(parser: argparse.ArgumentParser) -> None:
@@ -586,8 +709,14 @@ def hop_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=3_000, help="timed calls per scenario")
     parser.add_argument("--rounds", type=int, default=5, help="rounds the calls are split into")
     parser.add_argument("--warmup", type=int, default=200, help="untimed calls first")
-    parser.add_argument("--seconds", type=float, default=0.8, help="concurrency 16: per window")
-    parser.add_argument("--clients", type=int, default=4, help="concurrency 16: client processes")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[16, 64], help="the concurrent loads"
+    )
+    parser.add_argument("--seconds", type=float, default=0.8, help="concurrent: per window")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent: client processes")
+    parser.add_argument(
+        "--warmup-seconds", type=float, default=2.0, help="memory: untimed load per scenario"
+    )
 
 
 def output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -604,28 +733,41 @@ def measure_hop(
     pids: dict[str, int],
     whole_rounds: bool = False,
 ) -> dict:
-    """Both scenarios at concurrency 1 (``run``), then at ``CONCURRENCY`` (``run_concurrent``),
-    as ``args`` (``hop_arguments``) says; ``targets(scenario)``, ``pids`` and ``whole_rounds``
-    as ``run`` takes them. With the hop's memory before the first call."""
+    """The hop's memory before any call; an untimed warm-up through the hop alone at the
+    highest concurrency and its memory after it; both scenarios at concurrency 1 (``run``),
+    then at each of ``args.concurrency`` (``run_concurrent``), as ``args``
+    (``hop_arguments``) says; its memory at the end. ``targets(scenario)``, ``pids`` and
+    ``whole_rounds`` as ``run`` takes them."""
+    top = max(args.concurrency)
     results: dict = {
         "requests": args.requests,
         "rounds": args.rounds,
         "seconds": args.seconds,
         "clients": args.clients,
+        "concurrency": sorted(args.concurrency),
+        "warmup_seconds": args.warmup_seconds,
         "memory_start": memory_mb(pids["via"]),
     }
+    for scenario in SCENARIOS:
+        via = {"via": targets(scenario)["via"]}
+        warmup = max(1, args.warmup // top)
+        run_concurrent(pool, args.clients, via, {}, args.warmup_seconds, warmup, 1, top)
+    results["memory_warm"] = memory_mb(pids["via"])
     for scenario in SCENARIOS:
         results[scenario] = run(
             targets(scenario), pids, args.requests, args.warmup, args.rounds, whole_rounds
         )
-    for scenario in SCENARIOS:
-        results[f"{scenario}_c{CONCURRENCY}"] = run_concurrent(
-            pool,
-            args.clients,
-            targets(scenario),
-            pids["via"],
-            args.seconds,
-            max(1, args.warmup // CONCURRENCY),
-            args.rounds,
-        )
+    for concurrency in results["concurrency"]:
+        for scenario in SCENARIOS:
+            results[f"{scenario}_c{concurrency}"] = run_concurrent(
+                pool,
+                args.clients,
+                targets(scenario),
+                pids,
+                args.seconds,
+                max(1, args.warmup // concurrency),
+                args.rounds,
+                concurrency,
+            )
+    results["memory_end"] = memory_mb(pids["via"])
     return results
