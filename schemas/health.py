@@ -37,6 +37,34 @@ class WrapperHealth(ServiceHealth):
     model_loaded: bool
 
 
+class HostHealth(ServiceHealth):
+    """``GET /health`` of an embedded model host, with its queue.
+
+    The queue's figures are here rather than in ``/api/ps``: that answer is Ollama's shape,
+    which has no such fields, and the clients that read it (the official ``ollama`` client,
+    the wrapper's own ``/api/ps``) drop the fields they do not know."""
+
+    model: str
+    model_loaded: bool
+    busy: bool = Field(description="A generation holds the model.")
+    load_duration_ms: float
+    running: int = Field(ge=0, description="Generations holding the model.")
+    queued: int = Field(ge=0, description="Generations admitted, waiting for the model (FIFO).")
+    parallel: int = Field(ge=1, description="Generations the model runs at once.")
+    max_pending: int = Field(
+        ge=1, description="Running plus queued generations admitted at most; then 503."
+    )
+    service_time_ms: float | None = Field(
+        description="Mean time the recent generations held the model; null before the first."
+    )
+    expected_wait_ms: float = Field(
+        ge=0,
+        description="How long a generation admitted now would wait for the model: "
+        "(running + queued - parallel + 1) x service time / parallel, 0 while a slot is free "
+        "(2 s a generation before the first is measured).",
+    )
+
+
 class ModelInfo(BaseModel):
     name: str
     parameters: str | None = None

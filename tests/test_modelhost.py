@@ -7,27 +7,33 @@ services.modelhost`` for real.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import math
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import ollama
 import pytest
 import uvicorn
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.modelhost import __main__ as modelhost_main
 from services.modelhost.app import create_app
 from services.modelhost.catalog import CATALOG, lookup
 from services.modelhost.engine import WARM_UP_PROMPT_TOKENS, Engine
+from services.modelhost.queue import DEFAULT_SERVICE_SECONDS, QUEUE_FULL, ModelQueue, QueueFull
 from services.modelhost.settings import ModelHostSettings
 from tests.conftest import (
     REPO,
@@ -116,6 +122,8 @@ def test_root_version_and_health(host) -> None:
     assert body["model"] == SMOLLM
     assert body["model_loaded"]
     assert body["load_duration_ms"] > 0
+    assert (body["busy"], body["running"], body["queued"], body["parallel"]) == (False, 0, 0, 1)
+    assert body["expected_wait_ms"] == 0
     assert health.headers["x-request-id"]
 
 
@@ -418,6 +426,27 @@ def test_the_prompt_cache_flag_reaches_the_settings(monkeypatch, flag, kept) -> 
     assert [settings.prompt_cache for settings in made] == [kept]
 
 
+def test_max_pending_comes_from_the_profile_the_environment_or_the_flag(
+    monkeypatch, tmp_path
+) -> None:
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(
+        "backends:\n  small:\n    kind: embedded\n    port: 11500\n"
+        f"    model: {SMOLLM}\n    max_pending: 3\n"
+    )
+    for name, value in process_env(tmp_path, SWARM_CONFIG=str(profile)).items():
+        monkeypatch.setenv(name, value)
+    made: list[ModelHostSettings] = []
+    monkeypatch.setattr(modelhost_main, "create_app", made.append)
+    monkeypatch.setattr(modelhost_main, "serve", lambda *args, **kwargs: None)
+    modelhost_main.main(["--model", SMOLLM])
+    modelhost_main.main(["--backend", "small"])
+    modelhost_main.main(["--backend", "small", "--max-pending", "9"])
+    monkeypatch.setenv("SWARM_BACKENDS__SMALL__MAX_PENDING", "5")
+    modelhost_main.main(["--backend", "small"])
+    assert [settings.max_pending for settings in made] == [64, 3, 9, 5]
+
+
 # --- chat ----------------------------------------------------------------------------------
 
 
@@ -567,16 +596,243 @@ def test_non_streaming_disconnect_frees_the_model(host) -> None:
     wait_idle(host)
 
 
-def test_queue_limit_answers_503(host, engine, monkeypatch) -> None:
-    monkeypatch.setattr(engine, "max_queue", 0)
-    with httpx.stream("POST", f"{host}/api/generate", json=LONG) as response:
+# --- the queue -----------------------------------------------------------------------------
+
+
+def health(host: str) -> dict:
+    return httpx.get(f"{host}/health").json()
+
+
+def metric_samples(host: str) -> dict[str, float]:
+    """The unlabelled samples of ``GET /metrics``, by name."""
+    text = httpx.get(f"{host}/metrics").text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
+def wait_until(condition: Callable[[], bool], what: str, deadline: float = 10.0) -> None:
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, f"not {what} within {deadline} s"
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def holding_the_model(host: str) -> Iterator[None]:
+    """A long streamed generation holds the model until the block ends and its client
+    leaves (which stops it)."""
+    with httpx.stream("POST", f"{host}/api/generate", json=LONG, timeout=60) as response:
         lines = response.iter_lines()  # kept: dropping it would close the connection
         assert json.loads(next(lines))["done"] is False
-        with pytest.raises(ollama.ResponseError) as caught:
-            ollama.Client(host=host).generate(model=SMOLLM, prompt="hi")
-    assert caught.value.status_code == 503
-    assert "server busy" in caught.value.error
+        yield
+
+
+def short_request(index: int, *, stream: bool) -> dict:
+    return {
+        "model": SMOLLM,
+        "prompt": f"Item {index}:",
+        "raw": True,
+        "stream": stream,
+        "options": {"num_predict": 2},
+    }
+
+
+class Caller(threading.Thread):
+    """A client in a thread: its answer's lines, once it has them."""
+
+    def __init__(self, host: str, body: dict) -> None:
+        super().__init__(daemon=True)
+        self.host, self.body = host, body
+        self.status: int | None = None
+        self.lines: list[dict] = []
+
+    def run(self) -> None:
+        url = f"{self.host}/api/generate"
+        with httpx.stream("POST", url, json=self.body, timeout=60) as response:
+            self.status = response.status_code
+            self.lines = [json.loads(line) for line in response.iter_lines()]
+
+    def answer(self) -> dict:
+        self.join(timeout=60)
+        assert self.status == 200, self.lines
+        return self.lines[-1]
+
+
+def test_the_queue_serves_in_admission_order_and_a_leaver_never_gets_the_model(clock) -> None:
+    queue = ModelQueue(limit=4, clock=clock)
+    registry = CollectorRegistry()
+    for collector in queue.metrics.collectors():
+        registry.register(collector)
+    tickets = {name: queue.enter() for name in "abcd"}
+    assert (queue.running, queue.queued) == (1, 3)
+    seconds = {"a": 3, "b": 5, "c": 9, "d": 4}
+    served: list[str] = []
+    first_served, go = asyncio.Event(), asyncio.Event()
+
+    async def generation(name: str) -> None:
+        async with tickets[name].turn():
+            served.append(name)
+            first_served.set()
+            await go.wait()
+            clock.advance(seconds[name])
+
+    async def run() -> None:
+        # Started last first: the order is the queue's, not the event loop's.
+        tasks = {name: asyncio.create_task(generation(name)) for name in "dcba"}
+        await first_served.wait()  # "a" has the model; the others wait for their turn
+        tasks["c"].cancel()  # its caller went away
+        await asyncio.gather(tasks["c"], return_exceptions=True)
+        assert queue.queued == 2
+        go.set()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+    asyncio.run(run())
+    assert served == ["a", "b", "d"]
+    assert (queue.running, queue.queued) == (0, 0)
+    assert queue.service_time == pytest.approx((3 + 5 + 4) / 3)
+    assert registry.get_sample_value("modelhost_queue_left_total") == 1
+    assert registry.get_sample_value("modelhost_queue_wait_seconds_count") == 3
+
+
+def test_a_waiter_cancelled_as_it_gets_the_model_hands_it_on(clock) -> None:
+    queue = ModelQueue(limit=3, clock=clock)
+
+    async def run() -> None:
+        first, second, third = queue.enter(), queue.enter(), queue.enter()
+        waiting = asyncio.create_task(second.wait())
+        await asyncio.sleep(0)
+        first.leave()  # the model is second's now...
+        waiting.cancel()  # ...but its caller went away before it could start
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await asyncio.wait_for(third.wait(), timeout=5)
+
+    asyncio.run(run())
+    assert (queue.running, queue.queued) == (1, 0)
+    assert queue.service_time is None  # nothing ran: nothing was measured
+
+
+def test_a_full_queue_refuses_with_the_wait_the_measured_service_time_gives(clock) -> None:
+    queue = ModelQueue(limit=2, clock=clock)
+
+    def refused() -> QueueFull:
+        with pytest.raises(QueueFull) as caught:
+            queue.enter()
+        assert caught.value.status_code == 503
+        assert caught.value.headers == {"Retry-After": str(caught.value.retry_after)}
+        return caught.value
+
+    async def run() -> None:
+        running, queued = queue.enter(), queue.enter()
+        # Nothing measured yet: the stated default, for each of the two ahead.
+        assert refused().retry_after == math.ceil(2 * DEFAULT_SERVICE_SECONDS)
+        async with running.turn():
+            clock.advance(7.5)
+        queue.enter()
+        assert queue.expected_wait() == 2 * 7.5
+        assert refused().retry_after == 15
+        async with queued.turn():
+            clock.advance(2.5)
+        queue.enter()
+        assert refused().retry_after == 2 * 5  # the mean of 7.5 and 2.5, twice
+
+    asyncio.run(run())
+
+
+def test_with_parallel_slots_the_wait_is_shared_between_them(clock) -> None:
+    queue = ModelQueue(limit=8, slots=2, clock=clock)
+
+    async def run() -> None:
+        first, _ = queue.enter(), queue.enter()
+        assert (queue.running, queue.queued) == (2, 0)
+        assert queue.expected_wait() == 1 * DEFAULT_SERVICE_SECONDS / 2  # the first to end
+        async with first.turn():
+            clock.advance(4.0)
+        assert queue.expected_wait() == 0  # a slot is free
+        for _ in range(3):
+            queue.enter()
+        assert (queue.running, queue.queued) == (2, 2)
+        assert queue.expected_wait() == 3 * 4.0 / 2
+
+    asyncio.run(run())
+
+
+def test_callers_get_the_model_in_the_order_they_were_admitted(host) -> None:
+    callers = []
+    with holding_the_model(host):
+        for index, stream in enumerate([False, True, False, True, False]):
+            caller = Caller(host, short_request(index, stream=stream))
+            caller.start()
+            callers.append(caller)
+            wait_until(lambda n=index + 1: health(host)["queued"] == n, f"{index + 1} queued")
+    finals = [caller.answer() for caller in callers]
+    assert all(final["done"] for final in finals)
+    # One generation at a time: the order their answers were made is the order they ran.
+    made = [final["created_at"] for final in finals]
+    assert made == sorted(made)
     wait_idle(host)
+
+
+def test_a_full_queue_is_a_503_with_a_retry_after_from_the_measured_service_time(
+    host, engine, monkeypatch
+) -> None:
+    monkeypatch.setattr(engine, "queue", ModelQueue(limit=2))
+    assert health(host)["service_time_ms"] is None
+    # One generation of a second or so sets the service time.
+    measured = httpx.post(
+        f"{host}/api/generate",
+        json={**LONG, "stream": False, "options": {**LONG["options"], "num_predict": 64}},
+        timeout=60,
+    ).json()
+    service_ms = health(host)["service_time_ms"]
+    model_ms = (measured["prompt_eval_duration"] + measured["eval_duration"]) / 1e6
+    assert model_ms <= service_ms <= measured["total_duration"] / 1e6
+    with holding_the_model(host):
+        queued = Caller(host, short_request(0, stream=False))
+        queued.start()
+        wait_until(lambda: health(host)["queued"] == 1, "queued")
+        status = health(host)
+        assert (status["running"], status["queued"], status["max_pending"]) == (1, 1, 2)
+        assert status["expected_wait_ms"] == pytest.approx(2 * service_ms, abs=0.2)
+        for stream in (False, True):
+            refused = httpx.post(f"{host}/api/generate", json=short_request(1, stream=stream))
+            assert refused.status_code == 503
+            assert refused.json() == {"error": QUEUE_FULL}
+            # Two ahead of it (the running one and the queued one), each the measured time.
+            assert int(refused.headers["retry-after"]) == max(1, math.ceil(2 * service_ms / 1e3))
+    assert queued.answer()["done"]
+    wait_idle(host)
+
+
+def test_the_queue_is_in_metrics_and_health(host) -> None:
+    before = metric_samples(host)
+    assert before["modelhost_queue_length"] == before["modelhost_running"] == 0
+    with holding_the_model(host):
+        queued = Caller(host, short_request(0, stream=True))
+        queued.start()
+        wait_until(lambda: health(host)["queued"] == 1, "queued")
+        seen_queued = time.monotonic()
+        during = metric_samples(host)
+        status = health(host)
+        assert (during["modelhost_queue_length"], during["modelhost_running"]) == (1, 1)
+        assert (status["queued"], status["running"], status["busy"]) == (1, 1, True)
+        assert status["parallel"] == 1
+        assert status["expected_wait_ms"] > 0
+        assert during["modelhost_service_time_seconds"] > 0  # earlier generations measured
+        held_after_queued = time.monotonic() - seen_queued
+    assert queued.answer()["done"]
+    wait_idle(host)
+    after = metric_samples(host)
+    assert (after["modelhost_queue_length"], after["modelhost_running"]) == (0, 0)
+    waits = "modelhost_queue_wait_seconds"
+    assert after[f"{waits}_count"] == before[f"{waits}_count"] + 2  # the long one, the queued
+    # The queued call waited at least as long as the model was held after it was seen queued.
+    assert after[f"{waits}_sum"] - before[f"{waits}_sum"] >= held_after_queued
+    assert after["modelhost_queue_refused_total"] == before["modelhost_queue_refused_total"]
 
 
 # --- the real process ----------------------------------------------------------------------
@@ -632,6 +888,44 @@ def test_process_serves_smollm2_and_stops_on_sigterm(tmp_path) -> None:
     # uvicorn exits 0, or re-raises the signal after a clean shutdown
     assert process.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output
+
+
+def post_and_hang_up(url: str, body: dict) -> socket.socket:
+    """A connection that has sent a whole POST /api/generate; closing it is the client
+    going away."""
+    payload = json.dumps(body).encode()
+    host, port = url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)), timeout=10)
+    head = (
+        f"POST /api/generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    )
+    connection.sendall(head.encode() + payload)
+    return connection
+
+
+@pytest.mark.process
+def test_a_caller_that_leaves_the_queue_costs_no_generation(tmp_path) -> None:
+    process, url = start_host(tmp_path, "--model", SMOLLM, "--max-pending", "3")
+    try:
+        assert health(url)["max_pending"] == 3
+        with holding_the_model(url):
+            for stream in (False, True):
+                with post_and_hang_up(url, short_request(0, stream=stream)):
+                    wait_until(lambda: health(url)["queued"] == 1, "queued")
+                wait_until(lambda: health(url)["queued"] == 0, "out of the queue")
+            granted = metric_samples(url)["modelhost_queue_wait_seconds_count"]
+            assert granted == 1  # the long generation only
+            assert health(url)["running"] == 1
+        wait_idle(url)
+        after = metric_samples(url)
+        # Once the model was free, it started nothing for the two that left.
+        assert after["modelhost_queue_wait_seconds_count"] == granted
+        assert after["modelhost_queue_left_total"] == 2
+        assert after["modelhost_queue_refused_total"] == 0
+    finally:
+        output = stop_host(process)
+    assert process.returncode in (0, -signal.SIGTERM), output
 
 
 @pytest.mark.process

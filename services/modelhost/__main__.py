@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context-length", type=int, help="context to load (default 2048)")
     parser.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
     parser.add_argument(
+        "--max-pending",
+        type=int,
+        help="generations admitted at once, running and queued, before a 503 (default 64)",
+    )
+    parser.add_argument(
         "--no-prompt-cache",
         dest="prompt_cache",
         action="store_false",
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
             port=args.port,
             context_length=args.context_length,
             threads=args.threads,
+            max_pending=args.max_pending,
             prompt_cache=args.prompt_cache,
         )
         package_dir(lookup(settings.model))  # fail here, in one line, not in the lifespan

@@ -26,6 +26,8 @@ def create_app(settings: ModelHostSettings, engine: Engine | None = None) -> Fas
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = engine is None
         app.state.engine = engine or await anyio.to_thread.run_sync(load_engine, settings)
+        for collector in app.state.engine.queue.metrics.collectors():
+            registry.register(collector)
         # The model and start-up objects live as long as the process: keep them out of the
         # collector's scans, which would otherwise pause streams.
         gc.freeze()
@@ -43,6 +45,8 @@ def create_app(settings: ModelHostSettings, engine: Engine | None = None) -> Fas
     )
     app.state.settings = settings
     app.state.started = time.monotonic()
-    install_plumbing(app, max_body_bytes=settings.max_body_bytes, readiness=routes.readiness)
+    registry = install_plumbing(
+        app, max_body_bytes=settings.max_body_bytes, readiness=routes.readiness
+    )
     app.include_router(routes.router)
     return app

@@ -1,11 +1,12 @@
 """The loaded model: one llama.cpp context, one generation at a time.
 
 A ``Llama`` object is not thread-safe. The engine owns one model thread (a single-worker
-executor) that makes every llama.cpp call of a generation, and an asyncio lock that admits
-one generation at a time. Tokens cross to the event loop through an asyncio queue
+executor) that makes every llama.cpp call of a generation, and a bounded first-come
+first-served queue (``queue.ModelQueue``, one slot) that gives the model to one generation
+at a time. Tokens cross to the event loop through an asyncio queue
 (``call_soon_threadsafe``), so the loop never waits on the model. A generation whose
 consumer goes away (a client disconnect closes the iterator) is told to stop before its
-next token, and the lock is released only once the model thread has let go of the model.
+next token, and the model is handed on only once the model thread has let go of it.
 
 Logprobs: llama-cpp-python's own logprobs need ``logits_all=True`` at load, which keeps an
 ``n_ctx x n_vocab`` float32 array (400 MB for SmolLM2 at 2,048 tokens, 2 GB for Gemma 3's
@@ -49,9 +50,10 @@ from llama_cpp import Llama, LogitsProcessorList, llama_chat_format
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from schemas.ollama import Logprob, Options, TokenLogprob
-from services.common.errors import BadRequest, ServiceUnavailable
+from services.common.errors import BadRequest
 from services.modelhost.catalog import PackagedModel, locate, lookup
 from services.modelhost.grammar import GrammarConstraint
+from services.modelhost.queue import ModelQueue, Ticket
 from services.modelhost.settings import ModelHostSettings, default_threads
 
 log = logging.getLogger(__name__)
@@ -122,7 +124,7 @@ class Outcome:
     tokens: list[int]
     """Prompt and answer, which /api/generate returns as ``context``."""
     ready_at: int = 0
-    """perf_counter_ns() when the model became free for this generation."""
+    """perf_counter_ns() when the model became this generation's."""
 
 
 _END = object()
@@ -146,7 +148,7 @@ class Engine:
         *,
         load_duration: int,
         digest: str,
-        max_queue: int = 64,
+        max_pending: int = 64,
         prompt_cache: bool = True,
     ) -> None:
         self.llama = llama
@@ -154,15 +156,14 @@ class Engine:
         self.path = path
         self.load_duration = load_duration
         self.digest = digest
-        self.max_queue = max_queue
         self.prompt_cache = prompt_cache
         self.n_ctx = llama.n_ctx()
         self.n_vocab = llama.n_vocab()
         self._vocab = llama_cpp.llama_model_get_vocab(llama.model)
         self._formatter = _chat_formatter(llama, model.chat_format)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
-        self._lock = asyncio.Lock()
-        self._waiting = 0
+        # One llama.cpp context: one generation at a time.
+        self.queue = ModelQueue(limit=max_pending, slots=1)
         self._token_texts: dict[int, tuple[str, list[int]]] = {}
         self.warmed_up: Outcome | None = None
         """The warm-up decode, once it succeeded: the host is ready to serve."""
@@ -219,33 +220,22 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return self._lock.locked()
+        return self.queue.running > 0
 
-    def admit(self) -> None:
-        """Refuse work beyond ``max_queue`` waiting generations, as Ollama does."""
-        if self._lock.locked() and self._waiting >= self.max_queue:
-            raise ServiceUnavailable(
-                "server busy, please try again. maximum pending requests exceeded"
-            )
-
-    async def generate(self, job: Job) -> AsyncIterator[Piece | Outcome]:
-        """Run ``job`` once the model is free: yield its pieces, then its Outcome.
+    async def generate(self, job: Job, ticket: Ticket) -> AsyncIterator[Piece | Outcome]:
+        """Run ``job`` in ``ticket``'s turn (``queue.enter()`` gives one): wait for the
+        model, yield the pieces, then the Outcome, and hand the model on.
 
         Close the iterator early (``contextlib.aclosing``) to stop the generation.
         """
-        self._waiting += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            self._waiting -= 1
-        try:
+        async with ticket.turn():
             ready_at = time.perf_counter_ns()
             loop = asyncio.get_running_loop()
-            queue: asyncio.Queue[Any] = asyncio.Queue()
+            pieces: asyncio.Queue[Any] = asyncio.Queue()
             stop = threading.Event()
 
             def emit(item: Any) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(pieces.put_nowait, item)
 
             def run() -> Outcome:
                 try:
@@ -255,7 +245,7 @@ class Engine:
 
             worker = loop.run_in_executor(self._executor, run)
             try:
-                while (item := await queue.get()) is not _END:
+                while (item := await pieces.get()) is not _END:
                     yield item
                 outcome = await worker
             finally:
@@ -266,8 +256,6 @@ class Engine:
                     await asyncio.wait([worker])
             outcome.ready_at = ready_at
             yield outcome
-        finally:
-            self._lock.release()
 
     def _run(self, job: Job, emit: Callable[[Any], None], stop: threading.Event) -> Outcome:
         """The generation loop, in the model thread."""
@@ -552,7 +540,7 @@ def load_engine(settings: ModelHostSettings) -> Engine:
         path,
         load_duration=load_duration,
         digest=_sha256(path),
-        max_queue=settings.max_queue,
+        max_pending=settings.max_pending,
         prompt_cache=settings.prompt_cache,
     )
     log.info("warm-up: %s", describe_speed(engine.warm_up()))

@@ -7,7 +7,11 @@ Shapes follow Ollama's ``docs/api.md`` (``schemas.ollama``); errors on ``/api/*`
   ignored: the model stays as loaded, and ``keep_alive`` never unloads it;
 - a prompt that leaves no room in the context is refused (400) rather than truncated, and
   an answer that fills the context ends with ``done_reason`` "length" (no context shift);
-- ``suffix``, images, ``think`` and ``tools`` get Ollama's 400 for a model without them.
+- ``suffix``, images, ``think`` and ``tools`` get Ollama's 400 for a model without them;
+- generations are served first come, first served, at most ``max_pending`` admitted at
+  once (running and queued): one more gets Ollama's 503 with a ``Retry-After`` from the
+  measured service time (``queue``); the queue's figures are in ``/health`` and
+  ``/metrics``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -28,7 +32,7 @@ from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from schemas.errors import OllamaError
-from schemas.health import ServiceHealth
+from schemas.health import HostHealth
 from schemas.ollama import (
     ChatRequest,
     ChatResponse,
@@ -48,9 +52,11 @@ from schemas.ollama import (
     timestamp_now,
 )
 from services.common.errors import BadRequest, NotFound, SwarmError
+from services.common.metrics import CLIENT_CLOSED_REQUEST
 from services.common.openapi import NDJSON, OLLAMA_STREAMED, errors, streaming
 from services.common.strict_json import StrictJSONRoute
 from services.modelhost.engine import Engine, Job, Outcome, Piece, Sampling, grammar_for
+from services.modelhost.queue import Ticket
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +72,20 @@ def generation_responses(answer: type[BaseModel]) -> dict[int, Any]:
     return errors(404, 503) | streaming(NDJSON, answer, OllamaError, description=OLLAMA_STREAMED)
 
 
-class HostHealth(ServiceHealth):
-    model: str
-    model_loaded: bool
-    busy: bool
-    load_duration_ms: float
-
-
 class NDJSONResponse(StreamingResponse):
-    """A streamed answer whose body iterator is always closed, even on a disconnect.
+    """A streamed answer whose body iterator is always closed, even on a disconnect, and
+    then ``on_close`` called.
 
     Closing it is what stops the generation and frees the model; Starlette only cancels
-    the task that was iterating it.
+    the task that was iterating it. A body never started (the client left before) holds
+    the model all the same: ``on_close`` hands it on.
     """
 
     media_type = "application/x-ndjson"
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(content)
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -88,6 +93,7 @@ class NDJSONResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            self.on_close()
 
 
 def _engine(request: Request) -> Engine:
@@ -133,6 +139,8 @@ async def root() -> str:
 async def health(request: Request) -> HostHealth:
     engine = _engine(request)
     settings = request.app.state.settings
+    queue = engine.queue
+    service = queue.service_time
     return HostHealth(
         status="healthy",
         service="modelhost",
@@ -142,6 +150,12 @@ async def health(request: Request) -> HostHealth:
         model_loaded=True,
         busy=engine.busy,
         load_duration_ms=round(engine.load_duration / 1e6, 1),
+        running=queue.running,
+        queued=queue.queued,
+        parallel=queue.slots,
+        max_pending=queue.limit,
+        service_time_ms=None if service is None else round(service * 1e3, 1),
+        expected_wait_ms=round(queue.expected_wait() * 1e3, 1),
     )
 
 
@@ -290,6 +304,17 @@ async def _cancel_on_disconnect(request: Request, scope: anyio.CancelScope) -> N
     scope.cancel()
 
 
+async def _turn_unless_gone(request: Request, ticket: Ticket) -> bool:
+    """Wait for ``ticket``'s turn; False when the client went away first: the ticket has
+    left the queue and nothing ran for it."""
+    async with anyio.create_task_group() as group:
+        group.start_soon(_cancel_on_disconnect, request, group.cancel_scope)
+        await ticket.wait()
+        group.cancel_scope.cancel()
+        return True
+    return False
+
+
 async def _collect(
     request: Request, events: AsyncIterator[Piece | Outcome], answer: _Answer
 ) -> Response:
@@ -298,7 +323,8 @@ async def _collect(
     outcome: Outcome | None = None
     failure: Exception | None = None
     async with anyio.create_task_group() as group:
-        # A client that leaves stops its generation, as with streaming.
+        # A client that leaves, while queued or served, stops its generation, as with
+        # streaming.
         group.start_soon(_cancel_on_disconnect, request, group.cancel_scope)
         try:
             async with contextlib.aclosing(events):
@@ -316,18 +342,32 @@ async def _collect(
             raise failure
         raise SwarmError(_error_message(failure)) from failure
     if outcome is None:
-        return Response(status_code=499)  # the client is gone; nobody reads this
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # the client is gone
     return _json(answer.final("".join(texts), logprobs or None, outcome))
 
 
 async def _respond(
     request: Request, engine: Engine, job: Job, answer: _Answer, stream: bool
 ) -> Response:
-    engine.admit()
-    events = engine.generate(job)
-    if stream:
-        return NDJSONResponse(_stream(events, answer))
-    return await _collect(request, events, answer)
+    # Admitted here, in arrival order, before any answer is sent: a full queue is a 503
+    # (with Retry-After) for a streamed call too, never a 200 and then an error line.
+    ticket = engine.queue.enter()
+    events = engine.generate(job, ticket)
+    if not stream:
+        try:
+            return await _collect(request, events, answer)
+        finally:
+            ticket.leave()  # nothing once the generation handed the model on
+    # A stream's status line goes out once the model is its own, as Ollama's does; until
+    # then its client may leave the queue like any other.
+    try:
+        served = await _turn_unless_gone(request, ticket)
+    except BaseException:
+        ticket.leave()
+        raise
+    if not served:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return NDJSONResponse(_stream(events, answer), on_close=ticket.leave)
 
 
 def _job(

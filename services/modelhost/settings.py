@@ -35,8 +35,13 @@ class ModelHostSettings(BaseModel):
     batch_size: int = Field(default=512, ge=1, le=8_192, description="Prompt tokens per decode.")
     models_dir: Path = Field(description="Where models assembled from chunks are written.")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1_024)
-    max_queue: int = Field(
-        default=64, ge=0, description="Requests waiting for the model before 503, as Ollama's."
+    max_pending: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="Generations admitted at once, the running one and those queued behind it "
+        "(first come, first served); one more is answered 503 in Ollama's error shape, with a "
+        "Retry-After from the measured time recent generations held the model.",
     )
     prompt_cache: bool = Field(
         default=True,
@@ -64,6 +69,7 @@ class ModelHostSettings(BaseModel):
                 "port": entry.port,
                 "context_length": entry.context_length,
                 "threads": entry.threads,
+                "max_pending": entry.max_pending,
             }
         values |= {k: v for k, v in overrides.items() if v is not None}
         if "model" not in values:
