@@ -20,6 +20,7 @@ from router.metrics import RouterMetrics
 from router.ratelimit import RateLimiter, RateLimitMiddleware
 from router.service import Router
 from router.settings import RouterSettings
+from router.upstream import LocalAgents, Upstreams
 from router.usage import UsageLog, UsageStore
 from services.common.database import create_db_engine, db_runner
 from services.common.http import install_plumbing, peer_client, serve_lean
@@ -84,14 +85,13 @@ def create_app(
                 settings=settings,
                 directory=directory,
                 breakers=breakers,
-                session=session,
+                upstream=Upstreams(LocalAgents(session), cloud),
                 clock=clock,
                 metrics=metrics,
                 usage=usage,
                 wall_clock=wall_clock,
-                cloud=cloud,
             )
-            metrics.active.set_function(lambda: sum(ld.in_flight for ld in router.loads.values()))
+            metrics.active.set_function(router.loads.in_flight)
             app.state.router = router
             await directory.refresh()  # route from the start when the registry answers
             tasks = [

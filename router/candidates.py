@@ -26,6 +26,11 @@ class Candidate:
     def local(self) -> bool:
         return self.provider == LOCAL
 
+    @property
+    def name(self) -> str:
+        """Who it is in headers, metrics and records: the agent, or the provider."""
+        return self.agent_id or self.provider
+
     def public(self) -> RouteCandidate:
         return RouteCandidate(
             provider=self.provider,
@@ -111,7 +116,7 @@ def rank(
             candidate.cost_per_1k_tokens,
             measured if measured is not None else 0.0,  # unmeasured: worth a try
             in_flight(candidate),
-            candidate.agent_id or candidate.provider,
+            candidate.name,
         )
 
     return sorted((c for c in found.values() if usable(c.endpoint)), key=order)

@@ -13,13 +13,13 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from router.candidates import Candidate
 from router.errors import UpstreamFailed, failed_answer
+from router.upstream import Answer, describe
 from schemas import openai
 from schemas.config import ProviderConfig
 from services.common.streaming import SSE_DONE, sse, to_json
@@ -34,39 +34,33 @@ FINISH_REASONS: dict[str, openai.FinishReason] = {
 }
 
 
-@dataclass
-class CloudAnswer:
-    status: int
-    body: bytes  # the whole answer (or an error), in OpenAI's shape
-    chunks: AsyncIterator[bytes] | None = None  # an SSE stream in OpenAI's shape
-    usage: list[int] = field(default_factory=lambda: [0, 0])  # prompt, completion: filled
-    response: httpx.Response | None = None  # while streaming; closed by the router
-
-
 class CloudClient:
+    """Keyed cloud providers as an upstream (``router.upstream``): the body is read, sent in
+    the provider's shape, and the answer comes back in OpenAI's, with its token usage."""
+
     def __init__(self, http: httpx.AsyncClient, providers: dict[str, ProviderConfig]) -> None:
         self.http = http
         self.providers = providers
 
-    async def chat(self, candidate: Candidate, body: dict[str, Any], stream: bool) -> CloudAnswer:
+    async def send(self, candidate: Candidate, body: bytes, stream: bool) -> Answer:
         provider = self.providers[candidate.provider]
         key = os.environ.get(provider.api_key_env)
         if not key:  # the key went away since the candidates were ranked
             raise UpstreamFailed(f"{provider.api_key_env} is not set", kind="no_key")
-        body = body | {"model": candidate.model}
+        request = json.loads(body) | {"model": candidate.model}
         if provider.kind == "anthropic":
             url = provider.base_url.rstrip("/") + "/v1/messages"
             headers = {"x-api-key": key, "anthropic-version": ANTHROPIC_VERSION}
-            payload = anthropic_request(body)
+            payload = anthropic_request(request)
         else:
             url = provider.base_url.rstrip("/") + "/chat/completions"
             headers = {"Authorization": f"Bearer {key}"}
-            payload = body
+            payload = request
             if stream:  # the usage of a stream comes in its last chunk, when asked for
-                payload = body | {"stream_options": {"include_usage": True}}
+                payload = request | {"stream_options": {"include_usage": True}}
         try:
-            request = self.http.build_request("POST", url, json=payload, headers=headers)
-            response = await self.http.send(request, stream=True)
+            sent = self.http.build_request("POST", url, json=payload, headers=headers)
+            response = await self.http.send(sent, stream=True)
         except httpx.TimeoutException as exc:
             raise UpstreamFailed(f"{type(exc).__name__}", kind="timeout") from None
         except httpx.HTTPError as exc:
@@ -75,27 +69,50 @@ class CloudClient:
         if failure is not None:
             await response.aclose()
             raise failure
-        answer = CloudAnswer(status=response.status_code, body=b"")
         if response.status_code >= 400 or not stream:
-            raw = await response.aread()
-            await response.aclose()
-            answer.body = raw
-            if response.status_code < 400:
-                data = json.loads(raw)
-                if provider.kind == "anthropic":
-                    completion = openai_completion(data)
-                    answer.body = to_json(completion)
-                    data = completion.model_dump()
-                usage = data.get("usage") or {}
-                answer.usage = [usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)]
-            return answer
-        answer.response = response
+            try:
+                return await _whole(response, provider)
+            except httpx.HTTPError as exc:
+                raise UpstreamFailed(describe(exc), kind="broken") from None
+        usage = [0, 0]  # prompt, completion: filled as the stream goes
         lines = response.aiter_lines()
         if provider.kind == "anthropic":
-            answer.chunks = openai_chunks_from_anthropic(lines, candidate.model, answer.usage)
+            chunks = openai_chunks_from_anthropic(lines, candidate.model, usage)
         else:
-            answer.chunks = openai_chunks(lines, answer.usage)
-        return answer
+            chunks = openai_chunks(lines, usage)
+        chunks = _failing_as_upstream(chunks)
+        first = await anext(chunks, b"")
+        return Answer(
+            response.status_code,
+            "text/event-stream",
+            first,
+            chunks,
+            release=response.aclose,
+            usage=usage,
+        )
+
+
+async def _whole(response: httpx.Response, provider: ProviderConfig) -> Answer:
+    """A whole answer (or an error, passed back as it is), in OpenAI's shape."""
+    body = await response.aread()
+    await response.aclose()
+    usage = [0, 0]
+    if response.status_code < 400:
+        data = json.loads(body)
+        if provider.kind == "anthropic":
+            completion = openai_completion(data)
+            body, data = to_json(completion), completion.model_dump()
+        usage = _tokens(data)
+    return Answer(response.status_code, "application/json", body, usage=usage)
+
+
+async def _failing_as_upstream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A stream whose provider fails mid-way raises UpstreamFailed, as every upstream's."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except httpx.HTTPError as exc:
+        raise UpstreamFailed(describe(exc), kind="broken") from None
 
 
 # --- OpenAI-compatible streams: passed through, usage read on the way ----------------------
@@ -104,8 +121,7 @@ class CloudClient:
 async def openai_chunks(lines: AsyncIterator[str], usage: list[int]) -> AsyncIterator[bytes]:
     async for line in lines:
         if line.startswith("data: ") and '"usage"' in line and line != "data: [DONE]":
-            found = (json.loads(line[6:]).get("usage")) or {}
-            usage[:] = [found.get("prompt_tokens", 0), found.get("completion_tokens", 0)]
+            usage[:] = _tokens(json.loads(line[6:]))
         yield (line + "\n").encode()
 
 
@@ -186,6 +202,12 @@ async def openai_chunks_from_anthropic(
     # OpenAI's usage chunk (include_usage) has no choices.
     total = openai.ChatCompletionChunk(**head, choices=[], usage=openai.Usage.of(*usage))
     yield chunk(openai.ChunkDelta(), finish) + sse(total) + SSE_DONE
+
+
+def _tokens(completion: dict[str, Any]) -> list[int]:
+    """The [prompt, completion] tokens of an OpenAI completion or chunk (0 when absent)."""
+    usage = completion.get("usage") or {}
+    return [usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)]
 
 
 def _text(content: Any) -> str:
