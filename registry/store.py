@@ -4,6 +4,10 @@ Liveness follows Consul's TTL checks: each heartbeat moves ``expires_at`` to now
 Past it an agent is ``critical`` and not discovered; ``reap_after`` seconds later the
 reaper removes it. Nothing here sleeps: time comes from the injected clock.
 
+Each heartbeat replaces the agent's load (schemas.agents.AgentLoad; none reported: unknown).
+A load is answered while it is younger than the agent's TTL, as null past it: a stale report
+is unknown, not zero. Both are decided by the database at read time, like the status.
+
 Queries use SQLAlchemy Core over the SQLModel tables: these are the hot paths, and the
 ORM's identity map and session bookkeeping cost more than the queries themselves.
 """
@@ -26,8 +30,10 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    null,
     or_,
     select,
+    type_coerce,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -61,10 +67,25 @@ RAREST_PROBE = 2_000
 LABELS = ("tier", "locality", "role")
 
 
+def _load_is_fresh(now: float | Any):
+    """Whether the stored load may be answered at ``now``: reported within the agent's TTL
+    (false when none was reported)."""
+    return AGENTS.c.load_reported_at + AGENTS.c.ttl_seconds >= now
+
+
 def record_columns(now: float | Any) -> list:
-    """The columns of an AgentRecord, with the status computed by the database at ``now``."""
+    """The columns of an AgentRecord, with the status and the load (null once stale)
+    computed by the database at ``now``."""
     status = case((AGENTS.c.expires_at < now, "critical"), else_=AGENTS.c.check_status)
-    return [AGENTS.c[name] for name in STORED_FIELDS] + [status.label("status")]
+    fresh = case((_load_is_fresh(now), AGENTS.c.load), else_=null())
+    computed = {"load": type_coerce(fresh, AGENTS.c.load.type).label("load")}
+    columns = [computed[name] if name in computed else AGENTS.c[name] for name in STORED_FIELDS]
+    return [*columns, status.label("status")]
+
+
+def _expected_wait_key(now: float | Any):
+    """The sort key of discovery by expected wait: the reported one, NULL once stale."""
+    return case((_load_is_fresh(now), AGENTS.c.expected_wait_ms), else_=null())
 
 
 _HEARTBEAT = (
@@ -75,8 +96,9 @@ _HEARTBEAT = (
         expires_at=AGENTS.c.ttl_seconds + bindparam("now"),
         check_status=bindparam("status"),
         output=bindparam("output"),
-        in_flight=bindparam("in_flight"),
-        latency_ms=bindparam("latency_ms"),
+        load=bindparam("load"),
+        load_reported_at=bindparam("load_reported_at"),
+        expected_wait_ms=bindparam("expected_wait_ms"),
     )
     .returning(AGENTS.c.expires_at, AGENTS.c.fingerprint)
 )
@@ -147,8 +169,10 @@ class AgentStore:
             "ttl_seconds": ttl,
             "check_status": "passing",
             "output": "",
-            "in_flight": None,
-            "latency_ms": None,
+            # A new definition starts of unknown load; its first heartbeat follows at once.
+            "load": None,
+            "load_reported_at": None,
+            "expected_wait_ms": None,
             "last_heartbeat": now,
             "expires_at": now + ttl,
             # What the agent computes from the record this registration answers.
@@ -178,7 +202,18 @@ class AgentStore:
         raise AssertionError("unreachable")
 
     def heartbeat(self, agent_id: str, beat: Heartbeat) -> HeartbeatAck:
-        params = beat.model_dump() | {"target": agent_id, "now": self.clock()}
+        now = self.clock()
+        load = beat.reported_load()
+        params = {
+            "target": agent_id,
+            "now": now,
+            "status": beat.status,
+            "output": beat.output,
+            # Serialized here: the prepared statement bypasses SQLAlchemy's JSON type.
+            "load": None if load is None else load.model_dump_json(exclude_none=True),
+            "load_reported_at": None if load is None else now,
+            "expected_wait_ms": None if load is None else load.expected_wait_ms,
+        }
         row = self._heartbeat.run(params)
         if row is None:
             raise _not_found(agent_id)
@@ -240,14 +275,16 @@ class AgentStore:
             labels = {name: getattr(request, name) for name in LABELS}
             params |= labels
             params["probe_limit"] = request.limit * len(capabilities)
+            by_wait = request.sort == "expected_wait"
             shape = (
                 match_any,
                 len(capabilities),
                 frozenset(name for name, value in labels.items() if value is not None),
                 not request.include_unhealthy,
+                by_wait,
             )
             found = _records(conn.execute(_discover_query(*shape), params).all())
-        return sorted(found, key=lambda record: record.agent_id)
+        return found if by_wait else sorted(found, key=lambda record: record.agent_id)
 
     def reap(self) -> list[str]:
         """Remove agents critical for longer than the grace; return their ids."""
@@ -328,18 +365,27 @@ def _rarity_query(count: int):
 
 
 @functools.lru_cache(maxsize=512)
-def _discover_query(match_any: bool, count: int, labels: frozenset[str], healthy_only: bool):
+def _discover_query(
+    match_any: bool, count: int, labels: frozenset[str], healthy_only: bool, by_wait: bool
+):
     """Discovery of one shape; values bind as now, limit, probe_limit, the ``labels``
-    filtered on and capability_0.. (rarest first for match all)."""
+    filtered on and capability_0.. (rarest first for match all).
+
+    ``by_wait`` orders every match by expected wait (unknown last) before the limit: the
+    database then reads all the matches, where unordered it stops at the limit.
+    """
     now = bindparam("now")
     conditions = _labels(**{name: bindparam(name) for name in labels})
     if healthy_only:
         conditions += [AGENTS.c.expires_at >= now, AGENTS.c.check_status != "critical"]
     capabilities = _capability_params(count)
     if match_any:
-        query = _having_any(capabilities, conditions, now, bindparam("probe_limit"))
+        probe_limit = None if by_wait else bindparam("probe_limit")
+        query = _having_any(capabilities, conditions, now, probe_limit)
     else:
         query = _having_all(capabilities, conditions, now)
+    if by_wait:
+        query = query.order_by(_expected_wait_key(now).asc().nulls_last(), AGENTS.c.agent_id)
     return query.limit(bindparam("limit"))
 
 
@@ -369,19 +415,20 @@ def _having_all(capabilities: list, conditions: list, now: Any):
     return query
 
 
-def _having_any(capabilities: list, conditions: list, now: Any, probe_limit: Any):
+def _having_any(capabilities: list, conditions: list, now: Any, probe_limit: Any | None):
     """Agents with any of the capabilities.
 
     The capability indexes are read only until enough matches are found (an agent appears
     once per capability it matches, hence probe_limit = limit x capabilities), instead of
-    walking every agent or sorting every match.
+    walking every agent or sorting every match; ``None``: every match (to sort them).
     """
     matches = (
         select(CAPABILITIES.c.agent_id)
         .select_from(CAPABILITIES.join(AGENTS, CAPABILITIES.c.agent_id == AGENTS.c.agent_id))
         .where(CAPABILITIES.c.capability.in_(capabilities), *conditions)
-        .limit(probe_limit)
     )
+    if probe_limit is not None:
+        matches = matches.limit(probe_limit)
     return select(*record_columns(now)).where(AGENTS.c.agent_id.in_(matches))
 
 

@@ -31,8 +31,13 @@ class AgentRow(SQLModel, table=True):
     # The agent's own check ("passing"/"warning"/"critical"); expiry overrides it.
     check_status: str = Field(max_length=16)
     output: str = Field(default="", max_length=1024)
-    in_flight: int | None = None
-    latency_ms: float | None = None
+    # The last heartbeat's schemas.agents.AgentLoad (SQL NULL: none reported), when it came,
+    # and its expected wait apart, for discovery to sort by.
+    load: dict[str, Any] | None = Field(
+        default=None, sa_column=Column("load", JSON(none_as_null=True), nullable=True)
+    )
+    load_reported_at: float | None = None
+    expected_wait_ms: float | None = None
     # Epoch seconds from the registry's clock.
     registered_at: float
     last_heartbeat: float

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -15,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    model_validator,
 )
 
 MAX_CAPABILITIES = 32
@@ -119,6 +121,65 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+MAX_MILLISECONDS = 86_400_000.0  # a day: the longest time a load reports
+Count = Annotated[int, Field(ge=0, le=1_000_000)]
+Milliseconds = Annotated[float, Field(ge=0, le=MAX_MILLISECONDS)]
+
+
+def expected_wait_ms(
+    in_flight: int, parallel: int, service_ms_per_call: float | None
+) -> float | None:
+    """How long a new call waits for a slot, in milliseconds; None when it cannot be told.
+
+    The one formula of the expected wait: ``floor(in_flight / parallel) x
+    service_ms_per_call``, i.e. ``ceil((in_flight + 1) / parallel) - 1`` whole service times.
+    With a slot free (``in_flight < parallel``) a call starts at once: 0. Otherwise the
+    calls ahead of it (``in_flight``, queued ones included, served FIFO on ``parallel``
+    slots) finish in waves of ``parallel``, and the new call starts when
+    ``floor(in_flight / parallel)`` waves have finished. A running call counts a whole
+    service time, not what is left of it: the length of a model call varies with its
+    prompt and output, so the time it has run says little of the time it has left.
+    The router calls it too, with its own count of the calls it has sent.
+    """
+    if in_flight < parallel:
+        return 0.0
+    if service_ms_per_call is None:
+        return None
+    return round(math.floor(in_flight / parallel) * service_ms_per_call, 3)
+
+
+class AgentLoad(Strict):
+    """An agent's load as it reports it with each heartbeat (wrappers: measured from their
+    own calls). Every field is optional: a field left out is unknown, never zero."""
+
+    in_flight: Count | None = Field(
+        default=None, description="Calls under way, the queued ones included."
+    )
+    queued: Count | None = Field(
+        default=None, description="Of in_flight, the calls waiting for a parallel slot."
+    )
+    parallel: int | None = Field(
+        default=None, ge=1, le=1_024, description="Calls the model serves at once."
+    )
+    service_ms_per_call: Milliseconds | None = Field(
+        default=None,
+        description="Recent mean time a call holds a slot, from its start of service to its end.",
+    )
+    service_ms_per_token: Milliseconds | None = Field(
+        default=None, description="Recent slot time per output token (the prompt's time included)."
+    )
+    expected_wait_ms: Milliseconds | None = Field(
+        default=None,
+        description="How long a new call would wait for a slot (schemas.agents.expected_wait_ms).",
+    )
+
+    @model_validator(mode="after")
+    def _check_queue(self) -> AgentLoad:
+        if None not in (self.queued, self.in_flight) and self.queued > self.in_flight:
+            raise ValueError("queued counts calls of in_flight: it cannot exceed it")
+        return self
+
+
 class AgentDefinition(Strict):
     """What a service sends to ``POST /register``."""
 
@@ -158,17 +219,38 @@ class AgentRecord(BaseModel):
     registered_at: datetime
     last_heartbeat: datetime
     expires_at: datetime
-    in_flight: int | None = None
-    latency_ms: float | None = None
+    load: AgentLoad | None = Field(
+        default=None,
+        description="The load of the agent's last heartbeat; null (unknown, not zero) when "
+        "it reported none or the report is older than the agent's TTL.",
+    )
+    load_reported_at: datetime | None = Field(
+        default=None, description="When that load was reported (registry clock), stale or not."
+    )
 
 
 class Heartbeat(Strict):
-    """Optional body of ``POST /heartbeat/{agent_id}``: the agent's own check and live stats."""
+    """Optional body of ``POST /heartbeat/{agent_id}``: the agent's own check and live load.
+
+    A heartbeat states the agent's load as of now: one without any leaves it unknown.
+    """
 
     status: CheckStatus = "passing"
     output: str = Field(default="", max_length=1_024)
-    in_flight: int | None = Field(default=None, ge=0, le=1_000_000)
-    latency_ms: float | None = Field(default=None, ge=0, le=86_400_000)
+    load: AgentLoad | None = None
+    # The load as wrappers before issue 14 sent it; ``load`` wins when both are given.
+    in_flight: Count | None = Field(default=None, description="Older form of load.in_flight.")
+    latency_ms: Milliseconds | None = Field(
+        default=None, description="Older form of load.service_ms_per_call."
+    )
+
+    def reported_load(self) -> AgentLoad | None:
+        """The load this heartbeat reports, in either form; None when it reports none."""
+        if self.load is not None:
+            return self.load
+        if self.in_flight is None and self.latency_ms is None:
+            return None
+        return AgentLoad(in_flight=self.in_flight, service_ms_per_call=self.latency_ms)
 
 
 class HeartbeatAck(BaseModel):
@@ -204,6 +286,12 @@ class DiscoverRequest(Strict):
     role: Token | None = None
     include_unhealthy: bool = False
     limit: int = Field(default=DISCOVER_DEFAULT_LIMIT, ge=1)
+    sort: Literal["expected_wait"] | None = Field(
+        default=None,
+        description='"expected_wait": lowest load.expected_wait_ms first, agents of unknown '
+        "load last, ties by agent_id; this orders every match before the limit applies. "
+        "Unset: by agent_id, of the first matches found.",
+    )
 
 
 class AgentList(BaseModel):

@@ -122,17 +122,79 @@ def test_metadata_nested_too_deep_is_a_422_and_nothing_is_stored(registry, agent
     assert register(registry, agent, metadata={"a": {"b": [1, {"c": 2}]}}).status_code == 200
 
 
-def test_heartbeat_refreshes_liveness_and_carries_live_stats(registry, agent, clock):
+LOAD = {
+    "in_flight": 3,
+    "queued": 2,
+    "parallel": 1,
+    "service_ms_per_call": 400.0,
+    "service_ms_per_token": 12.5,
+    "expected_wait_ms": 1200.0,
+}
+UNKNOWN_LOAD = dict.fromkeys(LOAD)
+
+
+def beat(client, agent_id: str, **body) -> None:
+    response = client.post(f"/heartbeat/{agent_id}", json=body)
+    assert response.status_code == 200, response.text
+
+
+def load_of(client, agent_id: str) -> tuple[dict | None, str | None]:
+    record = client.get(f"/agents/{agent_id}").json()
+    return record["load"], record["load_reported_at"]
+
+
+def test_heartbeat_refreshes_liveness(registry, agent, clock):
     register(registry, agent)
     clock.advance(20)
-    response = registry.post(
-        f"/heartbeat/{agent['agent_id']}", json={"in_flight": 3, "latency_ms": 41.5}
-    )
+    response = registry.post(f"/heartbeat/{agent['agent_id']}", json={"load": LOAD})
     assert response.status_code == 200
     assert response.json()["status"] == "passing"
     assert response.json()["expires_at"].startswith("2027-01-15T08:00:50")
-    record = registry.get(f"/agents/{agent['agent_id']}").json()
-    assert (record["in_flight"], record["latency_ms"]) == (3, 41.5)
+
+
+def test_an_agent_reporting_no_load_has_an_unknown_load_not_zero(registry, agent, clock):
+    """The spec's clients heartbeat with no body: their load is null. A heartbeat states the
+    load as of now, so one without any replaces an earlier report; so does a registration."""
+    agent_id = agent["agent_id"]
+    assert register(registry, agent).json()["load"] is None
+    beat(registry, agent_id, load=LOAD)
+    clock.advance(1)
+    beat(registry, agent_id, status="passing")
+    assert load_of(registry, agent_id) == (None, None)
+    beat(registry, agent_id, load=LOAD)
+    assert register(registry, agent).json()["load"] is None
+
+
+def test_an_older_wrappers_heartbeat_stats_are_its_load(registry, agent):
+    """Before issue 14 a wrapper sent in_flight and latency_ms beside the status."""
+    agent_id = agent["agent_id"]
+    register(registry, agent)
+    beat(registry, agent_id, in_flight=3, latency_ms=41.5)
+    load = UNKNOWN_LOAD | {"in_flight": 3, "service_ms_per_call": 41.5}
+    assert load_of(registry, agent_id)[0] == load
+    beat(registry, agent_id, in_flight=9, load=LOAD)  # the load's own form wins
+    assert load_of(registry, agent_id)[0] == LOAD
+
+
+@pytest.mark.parametrize(
+    ("load", "says"),
+    [
+        ({"queued": 2, "in_flight": 1}, "queued counts calls of in_flight"),
+        ({"parallel": 0}, "load.parallel: Input should be greater than or equal to 1"),
+        ({"in_flight": -1}, "load.in_flight: Input should be greater than or equal to 0"),
+        ({"expected_wait_ms": 1e12}, "load.expected_wait_ms: Input should be less than"),
+        ({"in_flight": "3"}, "load.in_flight: Input should be a valid integer"),
+        ({"waiting": 3}, "load.waiting: Extra inputs are not permitted"),
+    ],
+)
+def test_a_bad_load_is_a_422_and_changes_nothing(registry, agent, load, says):
+    agent_id = agent["agent_id"]
+    register(registry, agent)
+    beat(registry, agent_id, load=LOAD)
+    response = registry.post(f"/heartbeat/{agent_id}", json={"load": load})
+    assert response.status_code == 422
+    assert says in response.json()["error"]["message"]
+    assert load_of(registry, agent_id)[0] == LOAD
 
 
 def test_heartbeat_without_body(registry, agent):
@@ -247,6 +309,72 @@ def test_discover_returns_healthy_agents_unless_asked(fleet, clock):
     assert statuses == {"classifier": "critical", "remote": "critical", "tlc": "passing"}
 
 
+def test_heartbeat_load_round_trips_through_the_registry(fleet, clock):
+    """What a heartbeat reports comes back whole from /agents, /agents/{id} and /discover,
+    with the registry's time of the report."""
+    clock.advance(5)
+    beat(fleet, "tlc", load=LOAD)
+    partial = {"in_flight": 0, "parallel": 4, "expected_wait_ms": 0.0}
+    beat(fleet, "classifier", load=partial)
+    clock.advance(1)
+    one = fleet.get("/agents/tlc").json()
+    assert one["load"] == LOAD
+    assert one["load_reported_at"].startswith("2027-01-15T08:00:05")
+    assert one["last_heartbeat"] == one["load_reported_at"]
+    listed = {a["agent_id"]: a for a in fleet.get("/agents").json()["agents"]}
+    found = fleet.post("/discover", json={"capabilities": ["classification"]}).json()["agents"]
+    for answer in (listed, {a["agent_id"]: a for a in found}):
+        assert answer["tlc"]["load"] == LOAD
+        # Fields an agent leaves out are unknown, not zero.
+        assert answer["classifier"]["load"] == UNKNOWN_LOAD | partial
+        assert (answer["remote"]["load"], answer["remote"]["load_reported_at"]) == (None, None)
+
+
+def test_a_stale_load_comes_back_as_unknown(fleet, clock):
+    """A report older than the agent's TTL (30 s here) is answered as null, never as zero,
+    wherever the agent still appears; when it was reported stays readable."""
+    beat(fleet, "tlc", load=LOAD)
+    clock.advance(30)
+    assert load_of(fleet, "tlc")[0] == LOAD  # as old as the TTL: still answered
+    clock.advance(0.5)
+    load, reported_at = load_of(fleet, "tlc")
+    assert (load, reported_at[:19]) == (None, "2027-01-15T08:00:00")
+    listed = {a["agent_id"]: a["load"] for a in fleet.get("/agents").json()["agents"]}
+    assert listed["tlc"] is None
+    query = {"capabilities": ["domain_classification"], "include_unhealthy": True}
+    assert [a["load"] for a in fleet.post("/discover", json=query).json()["agents"]] == [None]
+
+
+def test_discover_sorts_by_expected_wait_unknown_last(fleet, clock):
+    """Lowest reported wait first, then the agents whose wait is unknown (none reported,
+    stale, or reported without a wait), by agent id; the sort comes before the limit."""
+    beat(fleet, "tlc", load={"expected_wait_ms": 1.0})
+    clock.advance(20)
+    beat(fleet, "classifier", load={"expected_wait_ms": 500.0})
+    beat(fleet, "remote", load={"expected_wait_ms": 20.0})
+    beat(fleet, "reasoner", load={"in_flight": 1})
+    clock.advance(15)  # the tlc's report is 35 s old: stale, and the agent expired
+
+    def found(**query) -> list[str]:
+        return ids(fleet.post("/discover", json=query | {"sort": "expected_wait"}))
+
+    classification = ["classification"]
+    assert found(capabilities=classification) == ["remote", "classifier"]
+    assert found(capabilities=classification, include_unhealthy=True) == [
+        "remote",
+        "classifier",
+        "tlc",
+    ]
+    assert found(capabilities=classification, limit=1) == ["remote"]
+    assert found(capabilities=["planning", "tagging"], match="any", limit=1) == ["classifier"]
+    assert found(capabilities=["reasoning", "classification"]) == ["remote"]
+    assert found() == ["remote", "classifier", "reasoner"]
+    assert found(limit=2) == ["remote", "classifier"]
+    # Unsorted, discovery answers by agent id.
+    unsorted = {"capabilities": ["reasoning"]}
+    assert ids(fleet.post("/discover", json=unsorted)) == ["reasoner", "remote"]
+
+
 @pytest.mark.parametrize(
     ("params", "expected"),
     [
@@ -289,6 +417,7 @@ def test_list_filters_by_status(fleet, clock):
         ("post", "/discover", {"match": "most"}),
         ("post", "/discover", {"capabilities": "reasoning"}),
         ("post", "/discover", {"capabilities": ["x"], "colour": "blue"}),
+        ("post", "/discover", {"sort": "cost"}),
     ],
 )
 def test_bad_list_and_discover_queries_are_422(fleet, method, path, payload):

@@ -1,8 +1,10 @@
 """A wrapper's life with the real registry app: register (with backoff while the registry is
-down), heartbeat with live stats, register again when forgotten, deregister at shutdown."""
+down), heartbeat with its measured load, register again when forgotten, deregister at
+shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -102,7 +104,7 @@ async def test_it_registers_itself_with_the_models_measured_facts(
     assert trained != settings.context_length  # so the test tells them apart
 
 
-async def test_heartbeats_carry_the_live_stats_and_the_backends_health(
+async def test_heartbeats_carry_the_live_load_and_the_backends_health(
     start_wrapper, settings, sleeper, wrapper_registry, backend
 ):
     wrapper = await start_wrapper(settings, sleeper=sleeper)
@@ -117,8 +119,7 @@ async def test_heartbeats_carry_the_live_stats_and_the_backends_health(
     await sleeper.wake()
     record = wrapper_registry.get(f"/agents/{settings.agent_id}").json()
     assert record["status"] == "passing"
-    assert record["in_flight"] == 0
-    assert record["latency_ms"] == pytest.approx(400.0)
+    assert (record["load"]["in_flight"], record["load"]["service_ms_per_call"]) == (0, 400.0)
 
     backend.routes["tags"].mock(side_effect=httpx.ConnectError("connection refused"))
     await sleeper.wake()
@@ -133,6 +134,94 @@ async def test_heartbeats_carry_the_live_stats_and_the_backends_health(
     assert wrapper_registry.get(f"/agents/{settings.agent_id}").json()["status"] == "passing"
     # after the critical beat the next came within a second, then the interval again
     assert sleeper.delays == [INTERVAL, INTERVAL, RECOVERY_SECONDS, INTERVAL]
+
+
+def load_of(registry, settings: WrapperSettings) -> dict:
+    load = registry.get(f"/agents/{settings.agent_id}").json()["load"]
+    found = registry.post("/discover", json={"capabilities": settings.capabilities})
+    assert [agent["load"] for agent in found.json()["agents"]] == [load]
+    return load
+
+
+async def test_heartbeats_carry_the_load_measured_from_its_own_calls(
+    start_wrapper, sleeper, wrapper_registry, backend
+):
+    """Calls under way and queued beyond the slots, the time a call holds a slot (its time
+    queued not counted) and the expected wait reckoned from them, as discovery answers them."""
+    settings = make_settings(heartbeat_interval_seconds=INTERVAL, parallel=1)
+    wrapper = await start_wrapper(settings, sleeper=sleeper)
+    answer = read("chat_response.json")
+    tokens = answer["eval_count"]
+    held, release, arrived = [], asyncio.Event(), asyncio.Event()
+
+    async def model(_: httpx.Request) -> httpx.Response:
+        if held:
+            held.append(1)
+            if len(held) == 3:
+                arrived.set()
+            await release.wait()
+        else:
+            wrapper.clock.advance(0.4)
+        return httpx.Response(200, json=answer)
+
+    backend.post("/api/chat").mock(side_effect=model)
+    messages = [{"role": "user", "content": "hi"}]
+    await wrapper.ollama.chat(MODEL, messages)
+    await sleeper.wake()
+    assert load_of(wrapper_registry, settings) == {
+        "in_flight": 0,
+        "queued": 0,
+        "parallel": 1,
+        "service_ms_per_call": 400.0,
+        "service_ms_per_token": round(400.0 / tokens, 3),
+        "expected_wait_ms": 0.0,
+    }
+
+    held.append(0)  # the next calls wait in the backend until released
+    calls = [asyncio.create_task(wrapper.ollama.chat(MODEL, messages)) for _ in range(2)]
+    await asyncio.wait_for(arrived.wait(), 5)
+    await sleeper.wake()
+    load = load_of(wrapper_registry, settings)
+    assert (load["in_flight"], load["queued"], load["parallel"]) == (2, 1, 1)
+    assert load["expected_wait_ms"] == 800.0  # the running call and the queued one ahead
+
+    wrapper.clock.advance(1.0)
+    release.set()
+    await asyncio.gather(*calls)
+    await sleeper.wake()
+    load = load_of(wrapper_registry, settings)
+    assert (load["in_flight"], load["queued"], load["expected_wait_ms"]) == (0, 0, 0.0)
+    # The first held call took its slot for 1 s; the second queued that long, then took
+    # the freed slot for no time: (0.4 + 1.0 + 0) / 3 calls.
+    assert load["service_ms_per_call"] == pytest.approx(466.667)
+    assert load["service_ms_per_token"] == pytest.approx(1400.0 / (3 * tokens), abs=1e-3)
+
+
+async def test_a_wrapper_with_more_slots_reports_them_and_queues_later(
+    start_wrapper, sleeper, wrapper_registry, backend
+):
+    settings = make_settings(heartbeat_interval_seconds=INTERVAL, parallel=2)
+    wrapper = await start_wrapper(settings, sleeper=sleeper)
+    release, arrived, seen = asyncio.Event(), asyncio.Event(), []
+
+    async def model(_: httpx.Request) -> httpx.Response:
+        seen.append(1)
+        if len(seen) == 2:
+            arrived.set()
+        await release.wait()
+        return httpx.Response(200, json=read("chat_response.json"))
+
+    backend.post("/api/chat").mock(side_effect=model)
+    messages = [{"role": "user", "content": "hi"}]
+    calls = [asyncio.create_task(wrapper.ollama.chat(MODEL, messages)) for _ in range(2)]
+    await asyncio.wait_for(arrived.wait(), 5)
+    await sleeper.wake()
+    load = load_of(wrapper_registry, settings)
+    # Both slots taken, nothing queued; no call served yet: the wait is unknown, not 0.
+    assert (load["in_flight"], load["queued"], load["parallel"]) == (2, 0, 2)
+    assert (load["service_ms_per_call"], load["expected_wait_ms"]) == (None, None)
+    release.set()
+    await asyncio.gather(*calls)
 
 
 async def test_a_wrapper_starting_with_its_backend_down_is_not_discovered(
@@ -349,6 +438,36 @@ def test_settings_resolve_from_the_profile_for_chained_wrappers():
     # One model call, one record: the wrapper that calls the model reports it, not the one
     # in front of it.
     assert (classifier.usage_url, tlc.usage_url) == (swarm.router_url, None)
+
+
+def test_the_slots_a_wrapper_reports_are_its_models():
+    """An embedded host serves one call at a time, whatever the profile says; an Ollama
+    server serves the profile's ``parallel`` (its OLLAMA_NUM_PARALLEL), 1 when unset; a
+    wrapper in front of another counts the model's at the end."""
+
+    def wrapper(name: str, backend: str, port: int, **changes) -> dict:
+        return {"agent_id": name, "name": name, "port": port, "model": "m"} | {
+            "backend": backend,
+            "capabilities": ["reasoning"],
+            "role": "reasoner",
+            **changes,
+        }
+
+    entries = [
+        wrapper("on_host", "host", 8050, parallel=4),
+        wrapper("on_ollama", "ollama", 8051, parallel=4),
+        wrapper("on_ollama_by_default", "ollama", 8052),
+        wrapper("in_front", "on_host", 8053, parallel=4),
+    ]
+    swarm = SwarmSettings(
+        backends={
+            "host": {"kind": "embedded", "port": 11435, "model": "m"},
+            "ollama": {"kind": "ollama", "port": 11434},
+        },
+        wrappers={entry["name"]: entry for entry in entries},
+    )
+    slots = {name: WrapperSettings.from_swarm(swarm, name).parallel for name in swarm.wrappers}
+    assert slots == {"on_host": 1, "on_ollama": 4, "on_ollama_by_default": 1, "in_front": 1}
 
 
 def test_an_unknown_wrapper_name_stops_with_one_line(capsys, monkeypatch):

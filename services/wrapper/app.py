@@ -80,6 +80,7 @@ def create_app(
                 agent_id=settings.agent_id,
                 provider=settings.locality,
                 report=reporter.add if reporter else None,
+                parallel=settings.parallel,
             )
             wrapper = Wrapper(
                 settings,

@@ -1,7 +1,7 @@
 """Being discoverable: register with the registry, heartbeat, deregister.
 
 Registration retries with exponential backoff and full jitter until the registry answers
-(the wrapper serves meanwhile); heartbeats carry the wrapper's own check and live stats; a
+(the wrapper serves meanwhile); heartbeats carry the wrapper's own check and its load; a
 404 (the registry forgot the agent), a changed definition (model facts learnt late) or a
 heartbeat acknowledging another definition than the one registered (someone replaced the
 record: the ack carries its fingerprint, so noticing costs no request) registers again; a

@@ -125,8 +125,7 @@ class Wrapper:
         return Heartbeat(
             status="passing" if status.healthy else "critical",
             output=(status.reason or "")[:1024],
-            in_flight=self.stats.in_flight,
-            latency_ms=self.stats.average_latency_ms(),
+            load=self.stats.load(),
         )
 
 

@@ -61,5 +61,19 @@ class WrapperSettings(WrapperConfig):
             "usage_url": None if config.backend in swarm.wrappers else swarm.router_url,
             "registry_token": swarm.registry_token,
             "endpoint": swarm.local_url(host, port),
+            "parallel": parallel_slots(swarm, name),
         }
         return cls(**values | given)
+
+
+def parallel_slots(swarm: SwarmSettings, name: str) -> int:
+    """The calls the model behind ``wrappers.<name>`` serves at once: 1 when it is an
+    embedded host (one call at a time), else the profile's ``parallel`` (default 1, Ollama's
+    own OLLAMA_NUM_PARALLEL default), which an Ollama server cannot be asked for. A wrapper
+    in front of another (the TLC classifier) counts the slots of the model at the end."""
+    backend, seen = swarm.wrappers[name].backend, {name}
+    while backend in swarm.wrappers and backend not in seen:
+        seen.add(backend)
+        backend = swarm.wrappers[backend].backend
+    found = swarm.backends.get(backend)
+    return 1 if found is not None and found.kind == "embedded" else swarm.wrappers[name].parallel

@@ -1,5 +1,5 @@
-"""Live figures of a wrapper: a window of recent calls for ``/info`` and heartbeats, and the
-LLM metrics for ``/metrics`` (on the app's own CollectorRegistry)."""
+"""Live figures of a wrapper: a window of recent calls for ``/info``, the load its heartbeats
+report, and the LLM metrics for ``/metrics`` (on the app's own CollectorRegistry)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from schemas.agents import MAX_MILLISECONDS, AgentLoad, expected_wait_ms
 from schemas.health import Performance, PromptCache
 from schemas.ollama import ChatResponse, GenerateResponse
 from schemas.usage import Status, UsageRecord
@@ -24,6 +25,9 @@ from services.common.errors import SwarmError
 from services.common.metrics import LLM_DURATION_BUCKETS, TTFT_BUCKETS
 
 WINDOW = 256
+# The calls a reported service time averages: enough to even out short and long answers,
+# few enough to follow a change of prompts within a few heartbeats.
+LOAD_WINDOW = 32
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +148,32 @@ class PromptCacheStats:
         )
 
 
+class Slots:
+    """The backend's parallel slots as the wrapper's own calls fill them: ``parallel`` at a
+    time, the others queued in arrival order until an earlier call ends (as the embedded
+    host and Ollama serve them). The wrapper is taken for the backend's only client."""
+
+    def __init__(self, parallel: int) -> None:
+        self.parallel = parallel
+        self.running = 0
+        self.queue: deque[Call] = deque()
+
+    def enter(self, call: Call, now: float) -> None:
+        if self.running < self.parallel:
+            self.running += 1
+            call.served_from = now
+        else:
+            self.queue.append(call)
+
+    def leave(self, call: Call, now: float) -> None:
+        if call.served_from is None:  # it ended while queued: it held no slot
+            self.queue.remove(call)
+            return
+        self.running -= 1
+        if self.queue:
+            self.enter(self.queue.popleft(), now)
+
+
 @dataclass(frozen=True, slots=True)
 class Series:
     ok: Any
@@ -168,7 +198,9 @@ class Stats:
         provider: str = "local",
         report: Callable[[UsageRecord], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        parallel: int = 1,
     ) -> None:
+        """``parallel``: the calls the backend serves at once."""
         self.metrics = LlmMetrics(registry, model)
         self.prompt_cache = PromptCacheStats(registry, model=model, backend=backend, window=window)
         self.model = model
@@ -181,11 +213,36 @@ class Stats:
         self.in_flight = 0
         # (latency seconds, completion tokens) of the last successful calls
         self.recent: deque[tuple[float, int]] = deque(maxlen=window)
+        self.slots = Slots(parallel)
+        # (seconds in a slot, completion tokens) of the last calls served, left early or not
+        self.served: deque[tuple[float, int]] = deque(maxlen=LOAD_WINDOW)
 
     def begin(self, api: str, stream: bool) -> Call:
         self.in_flight += 1
         self.metrics.active.inc()
-        return Call(self, api, stream)
+        call = Call(self, api, stream)
+        self.slots.enter(call, call.started)
+        return call
+
+    def load(self) -> AgentLoad:
+        """The load the heartbeats report: calls under way and queued, from this wrapper's
+        own calls, and the service times of the last ``LOAD_WINDOW`` calls served."""
+        per_call = per_token = None
+        if self.served:
+            seconds = sum(held for held, _ in self.served)
+            tokens = sum(count for _, count in self.served)
+            per_call = _milliseconds(seconds / len(self.served))
+            per_token = _milliseconds(seconds / tokens) if tokens else None
+        parallel = self.slots.parallel
+        wait = expected_wait_ms(self.in_flight, parallel, per_call)
+        return AgentLoad(
+            in_flight=self.in_flight,
+            queued=len(self.slots.queue),
+            parallel=parallel,
+            service_ms_per_call=per_call,
+            service_ms_per_token=per_token,
+            expected_wait_ms=None if wait is None else min(wait, MAX_MILLISECONDS),
+        )
 
     def performance(self) -> Performance:
         if not self.recent:
@@ -200,22 +257,31 @@ class Stats:
             p95_latency_ms=round(p95 * 1000, 3),
         )
 
-    def average_latency_ms(self) -> float | None:
-        if not self.recent:
-            return None
-        return round(sum(latency for latency, _ in self.recent) / len(self.recent) * 1000, 3)
+
+def _milliseconds(seconds: float) -> float:
+    """Rounded, and within what a load may report (a call held longer is reported a day)."""
+    return min(round(seconds * 1000, 3), MAX_MILLISECONDS)
 
 
 class Call:
     """One model call; it ends once, with ``done``, ``failed`` or ``cancelled``."""
 
-    __slots__ = ("ended", "first_token_at", "series", "started", "stats", "stream")
+    __slots__ = (
+        "ended",
+        "first_token_at",
+        "series",
+        "served_from",
+        "started",
+        "stats",
+        "stream",
+    )
 
     def __init__(self, stats: Stats, api: str, stream: bool) -> None:
         self.stats = stats
         self.stream = stream
         self.series = stats.metrics.series(api, "true" if stream else "false")
         self.started = stats.clock()
+        self.served_from: float | None = None  # when it took a slot (Slots)
         self.first_token_at: float | None = None
         self.ended = False
 
@@ -225,31 +291,42 @@ class Call:
             self.series.time_to_first_token.observe(self.first_token_at - self.started)
 
     def done(self, prompt_tokens: int, completion_tokens: int) -> None:
-        if self._end():
+        now = self.stats.clock()
+        if self._end(now):
             return
-        elapsed = self.stats.clock() - self.started
+        elapsed = now - self.started
         self.stats.recent.append((elapsed, completion_tokens))
+        self._served(now, completion_tokens)
         self.series.ok.inc()
         self.series.duration.observe(elapsed)
         cost = self._tokens(prompt_tokens, completion_tokens)
         self._report("ok", prompt_tokens, completion_tokens, elapsed, cost)
 
     def failed(self, error_type: str) -> None:
-        if self._end():
+        now = self.stats.clock()
+        if self._end(now):
             return
         self.series.error.inc()
         self.stats.metrics.errors.labels(self.stats.model, error_type).inc()
-        self._report("error", 0, 0, self.stats.clock() - self.started, 0.0)
+        self._report("error", 0, 0, now - self.started, 0.0)
 
     def cancelled(self, prompt_tokens: int, completion_tokens: int) -> None:
         """The caller left mid-stream (the TLC classifier does, once its label is
         decided). The tokens spent so far count; it is no failure of the model."""
-        if self._end():
+        now = self.stats.clock()
+        if self._end(now):
             return
         self.stats.metrics.errors.labels(self.stats.model, "client_disconnected").inc()
         cost = self._tokens(prompt_tokens, completion_tokens)
-        elapsed = self.stats.clock() - self.started
-        self._report("cancelled", prompt_tokens, completion_tokens, elapsed, cost)
+        # The slot time it took counts: the TLC classifier leaves every call early.
+        self._served(now, completion_tokens)
+        self._report("cancelled", prompt_tokens, completion_tokens, now - self.started, cost)
+
+    def _served(self, now: float, completion_tokens: int) -> None:
+        """Record the time it held a slot (none if it ended while queued, as a backend with
+        more slots than configured serves it)."""
+        if self.served_from is not None:
+            self.stats.served.append((now - self.served_from, completion_tokens))
 
     def _tokens(self, prompt_tokens: int, completion_tokens: int) -> float:
         """Count the tokens; their cost."""
@@ -292,13 +369,14 @@ class Call:
             )
         )
 
-    def _end(self) -> bool:
-        """Mark the call ended; True when it already was."""
+    def _end(self, now: float) -> bool:
+        """Mark the call ended, its slot free; True when it already was."""
         if self.ended:
             return True
         self.ended = True
         self.stats.in_flight -= 1
         self.stats.metrics.active.dec()
+        self.stats.slots.leave(self, now)
         return False
 
 
