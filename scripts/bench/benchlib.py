@@ -715,7 +715,7 @@ def hop_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=0.8, help="concurrent: per window")
     parser.add_argument("--clients", type=int, default=4, help="concurrent: client processes")
     parser.add_argument(
-        "--warmup-seconds", type=float, default=2.0, help="memory: untimed load per scenario"
+        "--warmup-seconds", type=float, default=8.0, help="memory: untimed load per scenario"
     )
 
 
