@@ -93,7 +93,7 @@ class Accounting:
         self.metrics.duration.labels(*labels).observe(latency_ms / 1000)
         if outcome.stream and first_at is not None:
             self.metrics.time_to_first_token.labels(*labels).observe(first_at - outcome.began)
-        if not candidate.local and usage is not None:
+        if not candidate.is_agent and usage is not None:  # an agent reports its own calls
             self._cloud_call(route, candidate.provider, usage)
 
     def _cloud_call(self, route: UsageRecord, name: str, usage: list[int]) -> None:

@@ -27,6 +27,12 @@ class Candidate:
         return self.provider == LOCAL
 
     @property
+    def is_agent(self) -> bool:
+        """A registry agent (local, or a wrapper in front of a cloud): called at its
+        endpoint, and it reports its own calls; else a keyed provider the router calls."""
+        return self.agent_id is not None
+
+    @property
     def name(self) -> str:
         """Who it is in headers, metrics and records: the agent, or the provider."""
         return self.agent_id or self.provider

@@ -44,16 +44,16 @@ class Upstream(Protocol):
 
 
 class Upstreams:
-    """Local agents and cloud providers behind one ``send``, chosen by the candidate."""
+    """Registry agents and cloud providers behind one ``send``, chosen by the candidate."""
 
-    def __init__(self, local: Upstream, cloud: Upstream | None) -> None:
-        self.local = local
+    def __init__(self, agents: Upstream, cloud: Upstream | None) -> None:
+        self.agents = agents
         self.cloud = cloud  # None when no provider is keyed
 
     async def send(self, candidate: Candidate, body: bytes, stream: bool) -> Answer:
-        if candidate.local:
-            return await self.local.send(candidate, body, stream)
-        assert self.cloud is not None  # cloud candidates exist only for keyed providers
+        if candidate.is_agent:  # also an agent of locality "cloud": a wrapper, at its endpoint
+            return await self.agents.send(candidate, body, stream)
+        assert self.cloud is not None  # provider candidates exist only for keyed providers
         return await self.cloud.send(candidate, body, stream)
 
 

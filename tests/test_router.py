@@ -279,9 +279,15 @@ async def upstreams():
 
 
 async def register(
-    registry_http, agent_id: str, endpoint: str, *capabilities: str, cost: float = 0.0
+    registry_http,
+    agent_id: str,
+    endpoint: str,
+    *capabilities: str,
+    cost: float = 0.0,
+    locality: str = "local",
 ) -> None:
     definition = {
+        "locality": locality,
         "cost_per_1k_tokens": cost,
         "agent_id": agent_id,
         "name": agent_id,
@@ -403,6 +409,22 @@ async def test_a_callers_bad_request_never_opens_a_circuit_for_the_others(
     assert set(router.app.state.router.breakers.states().values()) == {"closed"}
     served = await router.post("/v1/chat/completions", json=CHAT)
     assert served.headers["X-Routed-To"] == "a-first"
+
+
+async def test_an_agent_in_front_of_a_cloud_is_called_at_its_endpoint(
+    start_router, registry_http, upstreams
+):
+    upstream, url = await upstreams()
+    await register(registry_http, "cloud-wrapper", url, cost=0.5, locality="cloud")
+    router = await start_router()  # no provider keyed: the agent is the only way there
+    for stream in (False, True):
+        served = await router.post("/v1/chat/completions", json=CHAT | {"stream": stream})
+        assert served.status_code == 200, served.text
+        assert served.headers["X-Routed-To"] == "cloud-wrapper"
+    assert len(upstream.calls) == 2
+    await router.app.state.router.usage.flush()
+    summary = (await router.get("/api/usage/summary", params={"window": "15m"})).json()
+    assert (summary["routed"], summary["calls"]) == (2, 0)  # its calls are its own to report
 
 
 async def test_a_busy_only_candidate_is_tried_again_after_its_retry_after(
