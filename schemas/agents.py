@@ -16,7 +16,6 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
-    model_validator,
 )
 
 MAX_CAPABILITIES = 32
@@ -173,12 +172,6 @@ class AgentLoad(Strict):
         description="How long a new call would wait for a slot (schemas.agents.expected_wait_ms).",
     )
 
-    @model_validator(mode="after")
-    def _check_queue(self) -> AgentLoad:
-        if None not in (self.queued, self.in_flight) and self.queued > self.in_flight:
-            raise ValueError("queued counts calls of in_flight: it cannot exceed it")
-        return self
-
 
 class AgentDefinition(Strict):
     """What a service sends to ``POST /register``."""
@@ -229,6 +222,14 @@ class AgentRecord(BaseModel):
     )
 
 
+def _check_queue(load: AgentLoad | None) -> AgentLoad | None:
+    # Checked where an agent reports it, not on every record read back.
+    counts = (None, None) if load is None else (load.queued, load.in_flight)
+    if None not in counts and counts[0] > counts[1]:
+        raise ValueError("queued counts calls of in_flight: it cannot exceed it")
+    return load
+
+
 class Heartbeat(Strict):
     """Optional body of ``POST /heartbeat/{agent_id}``: the agent's own check and live load.
 
@@ -237,7 +238,7 @@ class Heartbeat(Strict):
 
     status: CheckStatus = "passing"
     output: str = Field(default="", max_length=1_024)
-    load: AgentLoad | None = None
+    load: Annotated[AgentLoad | None, AfterValidator(_check_queue)] = None
     # The load as wrappers before issue 14 sent it; ``load`` wins when both are given.
     in_flight: Count | None = Field(default=None, description="Older form of load.in_flight.")
     latency_ms: Milliseconds | None = Field(
