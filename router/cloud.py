@@ -81,7 +81,11 @@ class CloudClient:
         else:
             chunks = openai_chunks(lines, usage)
         chunks = _failing_as_upstream(chunks)
-        first = await anext(chunks, b"")
+        try:
+            first = await anext(chunks, b"")
+        except BaseException:  # broken before its first chunk: no relay will close it
+            await response.aclose()
+            raise
         return Answer(
             response.status_code,
             "text/event-stream",
@@ -94,8 +98,10 @@ class CloudClient:
 
 async def _whole(response: httpx.Response, provider: ProviderConfig) -> Answer:
     """A whole answer (or an error, passed back as it is), in OpenAI's shape."""
-    body = await response.aread()
-    await response.aclose()
+    try:
+        body = await response.aread()
+    finally:
+        await response.aclose()
     usage = [0, 0]
     if response.status_code < 400:
         data = json.loads(body)

@@ -841,6 +841,34 @@ async def test_local_first_then_the_cloud_when_the_local_agent_fails(
     assert fell_back.headers["X-Routed-To"] == "openai"
 
 
+class BrokenStream(httpx.AsyncByteStream):
+    """A provider's stream that breaks before its first chunk; it records being closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def __aiter__(self):
+        raise httpx.ReadError("connection reset by peer")
+        yield b""  # an async generator
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_provider_stream_broken_before_its_first_chunk_is_closed(start_router, monkeypatch):
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-123")
+    router = await start_router(providers={"openai": OPENAI})
+    broken = BrokenStream()
+    with respx.mock(assert_all_called=True) as cloud:
+        cloud.post("https://api.openai.com/v1/chat/completions").respond(
+            stream=broken, headers={"Content-Type": "text/event-stream"}
+        )
+        failed = await router.post("/v1/chat/completions", json=CHAT | {"stream": True})
+    assert failed.status_code == 503
+    assert "ReadError" in failed.json()["error"]["message"]
+    assert broken.closed  # its connection is not left open
+
+
 async def test_anthropic_is_translated_both_ways(start_router, monkeypatch):
     monkeypatch.setenv("TEST_ANTHROPIC_KEY", "sk-ant-test")
     router = await start_router(providers={"anthropic": ANTHROPIC})
