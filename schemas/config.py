@@ -254,6 +254,13 @@ class RouterConfig(Section):
     host: SectionHost | None = None
     port: Port = 6103
     capability_fallbacks: dict[Capability, list[Capability]] = Field(default_factory=dict)
+    max_local_wait_ms: dict[Capability, Annotated[int, Field(ge=1, le=86_400_000)]] = Field(
+        default_factory=dict,
+        description="A wait budget per capability (ms): a call goes first to the candidates "
+        "whose expected wait is within it, and spills to the next one (a fallback "
+        "capability, a cloud provider) when every better one is over it. A caller's "
+        "X-Max-Wait-Ms header wins. Unset: no budget, nothing spills.",
+    )
     reference_price_per_1k_tokens: float = Field(
         default=0.002, ge=0, description="What the dashboard's 'saved' prices tokens at; 0: none."
     )
