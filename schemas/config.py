@@ -41,6 +41,7 @@ DEFAULT_PROFILE = PROJECT_ROOT / "config" / "swarm.yaml"
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0, le=86_400)]
+MAX_REPLICAS = 16
 
 
 class ConfigError(Exception):
@@ -224,6 +225,18 @@ class WrapperConfig(Section):
         "default, as Ollama's own). The wrapper reports it and reckons its expected wait with "
         "it. An embedded host serves one call at a time, whatever this says.",
     )
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_REPLICAS,
+        description="Copies of this service, each its own agent the router balances: replica "
+        "i (1..N) listens on port + i - 1 and registers as agent_id-i (the first as agent_id), "
+        "same model, capabilities and cost. An embedded backend runs one model host per "
+        "replica, replica i's on the backend's port + i - 1, so every wrapper of one embedded "
+        "backend must give the same replicas; an Ollama backend is shared by all replicas (it "
+        "queues itself); a wrapper backend: replica i calls its replica i, or its first when "
+        "it has fewer.",
+    )
     prompts: dict[str, Any] = Field(default_factory=dict)
     taxonomy: Path | None = Field(
         default=None,
@@ -389,6 +402,14 @@ class SwarmSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_topology(self) -> SwarmSettings:
+        for name, backend in self.backends.items():
+            asked = {w: c.replicas for w, c in self.wrappers.items() if c.backend == name}
+            if backend.kind == "embedded" and len(set(asked.values())) > 1:
+                counts = ", ".join(f"{w}: {n}" for w, n in asked.items())
+                raise ValueError(
+                    f"backends.{name}: its wrappers give different replicas ({counts}): it runs "
+                    "one model host per replica, so give them the same"
+                )
         seen: dict[tuple[str, int], str] = {}
         for key, host, port in self._listeners():
             other = seen.setdefault((host, port), key)
@@ -416,9 +437,13 @@ class SwarmSettings(BaseSettings):
         yield "registry.port", self.registry.host or self.host, self.registry.port
         yield "router.port", self.router.host or self.host, self.router.port
         for name, backend in self.backends.items():
-            yield f"backends.{name}.port", backend.host or self.host, backend.port
+            for replica in range(1, self.backend_replicas(name) + 1):
+                key = _replica_key(f"backends.{name}.port", replica)
+                yield key, backend.host or self.host, _replica_port(key, backend.port, replica)
         for name, wrapper in self.wrappers.items():
-            yield f"wrappers.{name}.port", wrapper.host or self.host, wrapper.port
+            for replica in range(1, wrapper.replicas + 1):
+                key = _replica_key(f"wrappers.{name}.port", replica)
+                yield key, wrapper.host or self.host, _replica_port(key, wrapper.port, replica)
 
     @property
     def state_dir(self) -> Path:
@@ -448,11 +473,41 @@ class SwarmSettings(BaseSettings):
         """Where a daemon of this profile is reached: its own host or the profile's."""
         return f"http://{_url_host(host or self.host)}:{port}"
 
-    def backend_url(self, wrapper: str) -> str:
-        """The Ollama-API server behind a wrapper: a backend entry, or another wrapper."""
+    def backend_replicas(self, name: str) -> int:
+        """Model hosts ``backends.<name>`` runs: its wrappers' replicas (the topology check
+        makes them agree), 1 when none names it; always 1 for an Ollama server (it is shared)."""
+        backend = self.backends[name]
+        asked = [w.replicas for w in self.wrappers.values() if w.backend == name]
+        return max(asked, default=1) if backend.kind == "embedded" else 1
+
+    def backend_url(self, wrapper: str, replica: int = 1) -> str:
+        """The Ollama-API server behind a wrapper's replica: a backend entry (an embedded
+        one's model host of the same replica, the one Ollama server), or another wrapper
+        (its replica of the same number, else its first)."""
         name = self.wrappers[wrapper].backend
-        target = self.backends.get(name) or self.wrappers[name]
-        return self.local_url(target.host, target.port)
+        backend = self.backends.get(name)
+        if backend is not None:
+            behind = replica if backend.kind == "embedded" else 1
+            return self.local_url(backend.host, backend.port + behind - 1)
+        target = self.wrappers[name]
+        behind = replica if replica <= target.replicas else 1
+        return self.local_url(target.host, target.port + behind - 1)
+
+
+def replica_name(name: str, replica: int) -> str:
+    """A replica's name (a daemon's, an agent_id): the first keeps the name, replica i
+    is ``name-i``."""
+    return name if replica == 1 else f"{name}-{replica}"
+
+
+def _replica_key(key: str, replica: int) -> str:
+    return key if replica == 1 else f"{key} (replica {replica})"
+
+
+def _replica_port(key: str, port: int, replica: int) -> int:
+    if port + replica - 1 > 65535:
+        raise ValueError(f"{key}: port {port + replica - 1} is over 65535")
+    return port + replica - 1
 
 
 def _is_ollama(settings: SwarmSettings, key: str) -> bool:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from router.settings import RouterSettings
-from schemas.config import ConfigError, RouterConfig, load_settings
+from schemas.config import ConfigError, RouterConfig, WrapperConfig, load_settings
+from services.modelhost.settings import ModelHostSettings
 from services.wrapper.settings import WrapperSettings
 from tests.conftest import BACKEND, DATA, REPO, process_env, read, sent_json
 
@@ -320,3 +321,121 @@ def test_a_daemon_with_a_bad_value_stops_with_one_line(tmp_path, env, expected):
     assert len(lines) == 1, result.stderr
     assert expected in lines[0]
     assert Path(lines[0].split("config ", 1)[1].split(":", 1)[0]).name == "swarm.yaml"
+
+
+# --- replicas: N copies of a wrapper (and of its embedded host), ports counted up ------------
+
+REPLICAS = """
+backends:
+  host: {kind: embedded, port: 9100, model: "smollm2:135m"}
+  ollama: {kind: ollama, port: 9200}
+wrappers:
+  reasoner:
+    {agent_id: r, name: R, port: 9000, model: "smollm2:135m", backend: host, replicas: 3,
+     capabilities: [reasoning], role: reasoner, cost_per_1k_tokens: 0.5}
+  chained:
+    {agent_id: c, name: C, port: 9010, model: "smollm2:135m", backend: reasoner, replicas: 4,
+     capabilities: [classification], role: classifier}
+  remote:
+    {agent_id: o, name: O, port: 9020, model: "llama3.1:8b", backend: ollama, replicas: 2,
+     capabilities: [reasoning], role: reasoner}
+"""
+
+
+def replicas_profile(tmp_path, text: str = REPLICAS):
+    profile = tmp_path / "p.yaml"
+    profile.write_text(text)
+    return load_settings(profile)
+
+
+def test_each_replica_has_its_port_agent_id_and_backend_and_the_same_model(tmp_path):
+    settings = replicas_profile(tmp_path)
+
+    def replicas(name: str) -> list[tuple[int, str, str]]:
+        found = []
+        for replica in range(1, settings.wrappers[name].replicas + 1):
+            wrapper = WrapperSettings.from_swarm(settings, name, replica)
+            assert wrapper.replica == replica
+            assert wrapper.endpoint == f"http://127.0.0.1:{wrapper.port}"
+            same = (wrapper.model, wrapper.capabilities, wrapper.cost_per_1k_tokens)
+            config = settings.wrappers[name]
+            assert same == (config.model, config.capabilities, config.cost_per_1k_tokens)
+            found.append((wrapper.port, wrapper.agent_id, wrapper.backend_url.rsplit(":", 1)[1]))
+        return found
+
+    # An embedded backend: one model host per replica, replica i on the backend's port + i - 1.
+    assert settings.backend_replicas("host") == 3
+    assert replicas("reasoner") == [
+        (9000, "r", "9100"),
+        (9001, "r-2", "9101"),
+        (9002, "r-3", "9102"),
+    ]
+    # A wrapper backend: its replica of the same number, its first when it has fewer.
+    assert replicas("chained") == [
+        (9010, "c", "9000"),
+        (9011, "c-2", "9001"),
+        (9012, "c-3", "9002"),
+        (9013, "c-4", "9000"),
+    ]
+    # An Ollama backend: the one server, shared (it queues itself).
+    assert settings.backend_replicas("ollama") == 1
+    assert replicas("remote") == [(9020, "o", "9200"), (9021, "o-2", "9200")]
+
+
+def test_a_replica_the_entry_does_not_have_is_refused_in_one_line(tmp_path):
+    settings = replicas_profile(tmp_path)
+    with pytest.raises(ConfigError, match=r"^wrappers.remote.replicas: there is no replica 3 "):
+        WrapperSettings.from_swarm(settings, "remote", 3)
+    with pytest.raises(ConfigError, match=r"^backends.host: there is no replica 4 "):
+        ModelHostSettings.from_swarm(settings, backend="host", replica=4)
+    assert ModelHostSettings.from_swarm(settings, backend="host", replica=3).port == 9102
+
+
+def test_replicas_are_bounded_and_say_their_rules():
+    field = WrapperConfig.model_fields["replicas"]
+    assert field.default == 1
+    for rule in ("port + i - 1", "agent_id-i", "Ollama backend is shared", "its first"):
+        assert rule in field.description
+
+
+WRAPPER = "{{agent_id: {0}, name: {0}, port: {1}, model: m, backend: {2}, capabilities: [c], \
+role: r, replicas: {3}}}"
+
+
+@pytest.mark.parametrize(
+    ("profile", "expected"),
+    [
+        (
+            "backends: {a: {kind: embedded, port: 9100, model: m}}\n"
+            f"wrappers: {{x: {WRAPPER.format('x', 9000, 'a', 2)}, "
+            f"y: {WRAPPER.format('y', 9010, 'a', 1)}}}\n",
+            "backends.a: its wrappers give different replicas (x: 2, y: 1): it runs one model "
+            "host per replica, so give them the same",
+        ),
+        (
+            "backends: {a: {kind: ollama, port: 9100}}\n"
+            f"wrappers: {{x: {WRAPPER.format('x', 9000, 'a', 3)}, "
+            f"y: {WRAPPER.format('y', 9002, 'a', 1)}}}\n",
+            "wrappers.y.port: port 9002 is already used by wrappers.x.port (replica 3)",
+        ),
+        (
+            "backends: {a: {kind: embedded, port: 9100, model: m}}\n"
+            f"wrappers: {{x: {WRAPPER.format('x', 9101, 'a', 2)}}}\n",
+            "wrappers.x.port: port 9101 is already used by backends.a.port (replica 2)",
+        ),
+        (
+            "backends: {a: {kind: ollama, port: 9100}}\n"
+            f"wrappers: {{x: {WRAPPER.format('x', 65535, 'a', 2)}}}\n",
+            "wrappers.x.port (replica 2): port 65536 is over 65535",
+        ),
+        (
+            "backends: {a: {kind: ollama, port: 9100}}\n"
+            f"wrappers: {{x: {WRAPPER.format('x', 9000, 'a', 17)}}}\n",
+            "wrappers.x.replicas: Input should be less than or equal to 16 (got 17)",
+        ),
+    ],
+)
+def test_replicas_that_cannot_run_are_refused_in_one_line(monkeypatch, tmp_path, profile, expected):
+    assert (
+        refusal(monkeypatch, tmp_path, {}, profile) == f"config {tmp_path / 'p.yaml'}: {expected}"
+    )

@@ -97,6 +97,75 @@ def test_supervisor_config_has_one_restarting_program_per_daemon(tmp_path):
     assert (tmp_path / "logs").is_dir()
 
 
+REPLICAS = """
+backends: {smollm2: {kind: embedded, port: 9100, model: "smollm2:135m"}}
+wrappers:
+  reasoner:
+    {agent_id: r, name: R, port: 9000, model: "smollm2:135m", backend: smollm2, replicas: 2,
+     capabilities: [reasoning], role: reasoner}
+  tlc:
+    {agent_id: t, name: T, port: 9010, model: "smollm2:135m", backend: reasoner,
+     capabilities: [domain_classification], role: classifier}
+"""
+
+
+def test_each_replica_is_its_own_daemon_started_with_its_number_not_its_config(tmp_path):
+    profile = tmp_path / "p.yaml"
+    profile.write_text(REPLICAS)
+    settings = load_settings(profile)
+    found = {d.name: d for d in daemons(settings, python="py")}
+    assert list(found) == [
+        "modelhost-smollm2",
+        "modelhost-smollm2-2",
+        "registry",
+        "wrapper-reasoner",
+        "wrapper-reasoner-2",
+        "wrapper-tlc",
+        "router",
+    ]
+    assert found["modelhost-smollm2"].argv[1:] == (
+        "-m",
+        "services.modelhost",
+        "--backend",
+        "smollm2",
+    )
+    assert found["modelhost-smollm2-2"].argv[1:] == (
+        "-m", "services.modelhost", "--backend", "smollm2", "--replica", "2",
+    )  # fmt: skip
+    assert found["wrapper-reasoner-2"].argv[1:] == ("-m", "services", "reasoner", "--replica", "2")
+    health = {name: d.health_url for name, d in found.items() if name != "registry"}
+    assert health == {
+        "modelhost-smollm2": "http://127.0.0.1:9100/health",
+        "modelhost-smollm2-2": "http://127.0.0.1:9101/health",
+        "wrapper-reasoner": "http://127.0.0.1:9000/health",
+        "wrapper-reasoner-2": "http://127.0.0.1:9001/health",
+        "wrapper-tlc": "http://127.0.0.1:9010/health",
+        "router": "http://127.0.0.1:6103/health",
+    }
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(render_config(settings, daemons(settings)))
+    commands = {
+        s.removeprefix("program:"): parser[s]["command"] for s in parser if s.startswith("program:")
+    }
+    assert commands["wrapper-reasoner-2"].endswith(" -m services reasoner --replica 2")
+    assert commands["modelhost-smollm2-2"].endswith(" --backend smollm2 --replica 2")
+    assert commands["wrapper-reasoner"].endswith(" -m services reasoner")
+
+
+def test_status_shows_each_replica_as_its_own_daemon(profile, capsys):
+    ports = {name: free_port() for name in ("host", "reasoner")}
+    profile(
+        REPLICAS.replace("9100", str(ports["host"]))
+        .replace("9000", str(ports["reasoner"]))
+        .replace("port: 9010", f"port: {free_port()}")
+    )
+    assert cli.main(["status", "--json"]) == 1
+    statuses = {s["name"]: s["url"] for s in json.loads(capsys.readouterr().out)}
+    assert statuses["modelhost-smollm2-2"] == f"http://127.0.0.1:{ports['host'] + 1}/health"
+    assert statuses["wrapper-reasoner-2"] == f"http://127.0.0.1:{ports['reasoner'] + 1}/health"
+    assert "wrapper-reasoner" in statuses
+
+
 @pytest.mark.process
 def test_wait_names_the_daemon_that_did_not_come_up(tmp_path):
     log_dir = tmp_path / "state" / "logs"

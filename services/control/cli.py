@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from schemas.config import ConfigError, SwarmSettings, load_settings
+from schemas.config import ConfigError, SwarmSettings, load_settings, replica_name
 from services.control import swarm
 from services.control.token_file import token_path
 
@@ -48,8 +48,9 @@ def urls(settings: SwarmSettings) -> list[tuple[str, str, str]]:
         ("registry", settings.registry_url, f"agents; docs at {settings.registry_url}/docs"),
     ]
     for name, wrapper in settings.wrappers.items():
-        url = settings.local_url(wrapper.host, wrapper.port)
-        found.append((name, f"{url}/v1", f"model {wrapper.model}"))
+        for replica in range(1, wrapper.replicas + 1):
+            url = settings.local_url(wrapper.host, wrapper.port + replica - 1)
+            found.append((replica_name(name, replica), f"{url}/v1", f"model {wrapper.model}"))
     return found
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from schemas.config import SwarmSettings
+from schemas.config import SwarmSettings, replica_name
 
 
 @dataclass(frozen=True)
@@ -18,22 +18,32 @@ class Daemon:
 
 
 def daemons(settings: SwarmSettings, python: str = sys.executable) -> list[Daemon]:
-    """Every process the profile runs; a real Ollama backend is the user's, not ours."""
+    """Every process the profile runs, each replica its own (``wrapper-reasoner-2``, started
+    with ``--replica 2``); a real Ollama backend is the user's, not ours."""
     found = []
     for name, backend in settings.backends.items():
         if backend.kind == "embedded":
-            url = settings.local_url(backend.host, backend.port)
-            argv = (python, "-m", "services.modelhost", "--backend", name)
-            found.append(Daemon(f"modelhost-{name}", argv, f"{url}/health", 10))
+            for replica in range(1, settings.backend_replicas(name) + 1):
+                url = settings.local_url(backend.host, backend.port + replica - 1)
+                argv = (python, "-m", "services.modelhost", "--backend", name, *_flag(replica))
+                daemon = replica_name(f"modelhost-{name}", replica)
+                found.append(Daemon(daemon, argv, f"{url}/health", 10))
     registry = (python, "-m", "registry")
     found.append(Daemon("registry", registry, f"{settings.registry_url}/health", 20))
     for name, wrapper in settings.wrappers.items():
-        url = settings.local_url(wrapper.host, wrapper.port)
-        argv = (python, "-m", "services", name)
-        found.append(Daemon(f"wrapper-{name}", argv, f"{url}/health", 30))
+        for replica in range(1, wrapper.replicas + 1):
+            url = settings.local_url(wrapper.host, wrapper.port + replica - 1)
+            argv = (python, "-m", "services", name, *_flag(replica))
+            daemon = replica_name(f"wrapper-{name}", replica)
+            found.append(Daemon(daemon, argv, f"{url}/health", 30))
     router = (python, "-m", "router")
     found.append(Daemon("router", router, f"{settings.router_url}/health", 40))
     return found
+
+
+def _flag(replica: int) -> tuple[str, ...]:
+    # The replica's number, never a copy of its config: the profile stays the one source.
+    return () if replica == 1 else ("--replica", str(replica))
 
 
 def external_backends(settings: SwarmSettings) -> dict[str, str]:

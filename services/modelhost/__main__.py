@@ -1,4 +1,5 @@
-"""``python -m services.modelhost (--model NAME | --backend NAME) [--host H] [--port P] [--check]``
+"""``python -m services.modelhost (--model NAME | --backend NAME [--replica N]) [--host H]
+[--port P] [--check]``
 
 ``--check`` loads the model, runs the warm-up decode and exits: 0 and one line of speeds
 when the engine works on this machine (``scripts/engine.py check`` runs it).
@@ -37,6 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m services.modelhost", description=__doc__)
     parser.add_argument("--model", help=f"a packaged model: {', '.join(sorted(CATALOG))}")
     parser.add_argument("--backend", help="take model, host, port, ... from backends.NAME")
+    parser.add_argument(
+        "--replica",
+        type=int,
+        default=1,
+        help="with --backend: which of its model hosts (1..its wrappers' replicas; default 1), "
+        "on the backend's port + N - 1",
+    )
     parser.add_argument("--host", help="address to bind (default from the profile: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (default 11434)")
     parser.add_argument("--context-length", type=int, help="context to load (default 2048)")
@@ -64,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = ModelHostSettings.from_swarm(
             swarm,
             backend=args.backend,
+            replica=args.replica,
             model=args.model,
             host=args.host,
             port=args.port,

@@ -52,10 +52,13 @@ class ModelHostSettings(BaseModel):
 
     @classmethod
     def from_swarm(
-        cls, swarm: SwarmSettings, *, backend: str | None = None, **overrides
+        cls, swarm: SwarmSettings, *, backend: str | None = None, replica: int = 1, **overrides
     ) -> ModelHostSettings:
-        """Settings from the profile: a ``backends`` entry when named, then ``overrides``."""
+        """Settings from the profile: a ``backends`` entry when named (its model host of
+        number ``replica``, on the entry's port + replica - 1), then ``overrides``."""
         values: dict = {"host": swarm.host, "models_dir": swarm.state_dir / "models"}
+        if backend is None and replica != 1:
+            raise ConfigError("modelhost: --replica is a replica of a --backend NAME")
         if backend is not None:
             entry = swarm.backends.get(backend)
             if entry is None:
@@ -63,10 +66,16 @@ class ModelHostSettings(BaseModel):
                 raise ConfigError(f"backends.{backend}: no such backend (the profile has {known})")
             if entry.kind != "embedded":
                 raise ConfigError(f"backends.{backend}.kind: {entry.kind!r} is not 'embedded'")
+            replicas = swarm.backend_replicas(backend)
+            if not 1 <= replica <= replicas:
+                raise ConfigError(
+                    f"backends.{backend}: there is no replica {replica} (its wrappers give "
+                    f"replicas: {replicas})"
+                )
             values |= {
                 "model": entry.model,
                 "host": entry.host or swarm.host,
-                "port": entry.port,
+                "port": entry.port + replica - 1,
                 "context_length": entry.context_length,
                 "threads": entry.threads,
                 "max_pending": entry.max_pending,

@@ -6,10 +6,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from schemas.agents import Identifier
-from schemas.config import SwarmSettings, WrapperConfig
+from schemas.config import ConfigError, SwarmSettings, WrapperConfig, replica_name
 from schemas.tmd import Taxonomy
 from services.wrapper.taxonomy import load_taxonomy
 from services.wrapper.translate import CompletionTemplate
@@ -23,6 +23,7 @@ class WrapperSettings(WrapperConfig):
     usage_url: str | None = None  # the router, where model calls are reported; None: not
     registry_token: SecretStr | None = None
     endpoint: str
+    replica: int = Field(default=1, ge=1, description="Which of the entry's replicas this is.")
 
     @field_validator("prompts")
     @classmethod
@@ -46,15 +47,28 @@ class WrapperSettings(WrapperConfig):
         return CompletionTemplate.from_prompts(self.prompts)
 
     @classmethod
-    def from_swarm(cls, swarm: SwarmSettings, name: str, **overrides) -> WrapperSettings:
+    def from_swarm(
+        cls, swarm: SwarmSettings, name: str, replica: int = 1, **overrides
+    ) -> WrapperSettings:
+        """``wrappers.<name>``'s replica ``replica`` (1..replicas): its own port and agent_id,
+        the backend of its number (``SwarmSettings.backend_url``), then ``overrides``."""
         config = swarm.wrappers[name]
+        if not 1 <= replica <= config.replicas:
+            raise ConfigError(
+                f"wrappers.{name}.replicas: there is no replica {replica} (it has "
+                f"{config.replicas})"
+            )
         given = {k: v for k, v in overrides.items() if v is not None}
         host = given.get("host") or config.host or swarm.host
-        port = given.get("port") or config.port
+        port = given.get("port") or config.port + replica - 1
         values = config.model_dump() | {
+            "agent_id": replica_name(config.agent_id, replica),
+            "name": config.name if replica == 1 else f"{config.name} (replica {replica})",
+            "replica": replica,
             "service": name,
             "host": host,
-            "backend_url": swarm.backend_url(name),
+            "port": port,
+            "backend_url": swarm.backend_url(name, replica),
             "registry_url": swarm.registry_url,
             # A wrapper in front of another wrapper (the TLC classifier) makes no model call
             # of its own: the one behind it reports the call, once.
