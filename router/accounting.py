@@ -30,6 +30,9 @@ class Outcome:
     tried: list[tuple[Candidate, UpstreamFailed]]
     stream: bool
     began: float
+    # Served by another candidate because the first-ranked one, expected to wait this
+    # long (ms), was over the call's wait budget: the call spilled.
+    spilled_from: tuple[Candidate, float] | None = None
 
 
 @dataclass
@@ -49,6 +52,9 @@ class Accounting:
         self.metrics.calls.labels(outcome.capability, outcome.candidate.name, "ok").inc()
         if outcome.tried:
             self.metrics.fallbacks.labels(outcome.capability).inc()
+        if outcome.spilled_from is not None:
+            first = outcome.spilled_from[0].name
+            self.metrics.spills.labels(outcome.capability, first, outcome.candidate.name).inc()
 
     def unserved(self, outcome: Outcome) -> None:
         """No candidate could serve the call."""
@@ -85,6 +91,8 @@ class Accounting:
             stream=outcome.stream,
             status=status,
             fallback_from=outcome.tried[0][0].name if outcome.tried else None,
+            reason="spill" if outcome.spilled_from else None,
+            spill_wait_ms=outcome.spilled_from[1] if outcome.spilled_from else None,
         )
         self.usage.add(route)
         if candidate is None:
@@ -108,5 +116,6 @@ class Accounting:
         self.metrics.tokens.labels(name, "output").inc(completion)
         self.metrics.cost.labels(name).inc(cost)
         update = {"record_id": uuid.uuid4().hex, "kind": "call", "fallback_from": None}
+        update |= {"reason": None, "spill_wait_ms": None}
         update |= {"prompt_tokens": prompt, "completion_tokens": completion, "cost": cost}
         self.usage.add(route.model_copy(update=update))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from schemas.agents import AgentRecord
+from schemas.agents import AgentLoad, AgentRecord
 from schemas.config import ProviderConfig
 from schemas.routing import RouteCandidate
 
@@ -21,6 +21,8 @@ class Candidate:
     cost_per_1k_tokens: float
     capability: str  # the capability it serves the call with
     fallback: bool  # served through a capability fallback of the profile
+    # An agent's load as the registry last had it (None: unknown, or stale).
+    reported_load: AgentLoad | None = field(default=None, compare=False)
 
     @property
     def local(self) -> bool:
@@ -56,6 +58,7 @@ def agent_candidate(agent: AgentRecord, capability: str, fallback: bool) -> Cand
         cost_per_1k_tokens=agent.cost_per_1k_tokens,
         capability=capability,
         fallback=fallback,
+        reported_load=agent.load,
     )
 
 
@@ -91,8 +94,7 @@ def rank(
     providers: Mapping[str, ProviderConfig],
     prefer_local: bool,
     usable: Callable[[str], bool],
-    latency_ms: Callable[[Candidate], float | None],
-    in_flight: Callable[[Candidate], int],
+    expected_wait_ms: Callable[[Candidate], float | None],
 ) -> list[Candidate]:
     """Every candidate for ``capability``, best first.
 
@@ -100,8 +102,8 @@ def rank(
     capability, then agents with one of its fallback
     capabilities, then keyed cloud providers with either. Order: local first when
     ``prefer_local``, the capability itself before a fallback, then cost, then the
-    latency and load the router measured. Endpoints whose circuit is open (``usable``
-    says no) are left out.
+    lowest expected wait (router.load.expected_wait_ms; unknown after known), then the
+    name. Endpoints whose circuit is open (``usable`` says no) are left out.
     """
     found: dict[str, Candidate] = {}  # by endpoint: one agent, once, at its best
     for index, wanted in enumerate([capability, *fallbacks.get(capability, [])]):
@@ -115,14 +117,41 @@ def rank(
                 found.setdefault(f"{name}:{candidate.model}", candidate)
 
     def order(candidate: Candidate) -> tuple:
-        measured = latency_ms(candidate)
+        wait = expected_wait_ms(candidate)
         return (
             prefer_local and not candidate.local,
             candidate.fallback,
             candidate.cost_per_1k_tokens,
-            measured if measured is not None else 0.0,  # unmeasured: worth a try
-            in_flight(candidate),
+            wait is None,
+            wait or 0.0,
             candidate.name,
         )
 
     return sorted((c for c in found.values() if usable(c.endpoint)), key=order)
+
+
+def within_budget(
+    ranked: list[Candidate],
+    expected_wait_ms: Callable[[Candidate], float | None],
+    budget_ms: float | None,
+) -> tuple[list[Candidate], float | None]:
+    """The order a call with a wait budget tries ``ranked`` in: first the candidates whose
+    expected wait is within ``budget_ms`` (unknown counts as within), in rank order, then
+    the others by expected wait; a budget never leaves a candidate out. Also the expected
+    wait of the first-ranked candidate when it is over the budget (a call served by
+    another candidate then *spilled*), else None. No budget: ``ranked`` as it is."""
+    if budget_ms is None or not ranked:
+        return ranked, None
+    within: list[Candidate] = []
+    over: list[tuple[float, int, Candidate]] = []
+    for index, candidate in enumerate(ranked):
+        wait = expected_wait_ms(candidate)
+        if wait is None or wait <= budget_ms:
+            within.append(candidate)
+        else:
+            over.append((wait, index, candidate))
+    if not over:
+        return ranked, None
+    first_wait = over[0][0] if over[0][1] == 0 else None
+    over.sort(key=lambda waiting: waiting[:2])
+    return within + [candidate for *_, candidate in over], first_wait

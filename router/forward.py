@@ -23,7 +23,7 @@ from starlette.responses import Response
 
 from router.accounting import Accounting, Outcome
 from router.breaker import Breaker, Breakers
-from router.candidates import Candidate
+from router.candidates import Candidate, within_budget
 from router.errors import UpstreamFailed
 from router.load import Load, Loads
 from router.upstream import Answer, Upstream
@@ -48,9 +48,15 @@ class Walk:
     tried: Tried = field(default_factory=list)  # the failed attempts, in order
     counted: set[str] = field(default_factory=set)  # endpoints whose circuit it charged
     spent: set[str] = field(default_factory=set)  # endpoints that failed it itself (500)
+    # The first-ranked candidate and its expected wait, when that is over the call's wait
+    # budget (of the latest round over the candidates): another candidate serving spilled.
+    over_budget: tuple[Candidate, float] | None = None
 
     def outcome(self, candidate: Candidate | None) -> Outcome:
-        return Outcome(self.capability, candidate, self.tried, self.stream, self.began)
+        spill = self.over_budget
+        if candidate is None or spill is None or spill[0] == candidate:
+            spill = None
+        return Outcome(self.capability, candidate, self.tried, self.stream, self.began, spill)
 
 
 @dataclass
@@ -58,6 +64,7 @@ class Forwarder:
     """Forwards chat calls; one :class:`Walk` each."""
 
     candidates: Callable[..., list[Candidate]]  # Router.candidates: who may serve, best first
+    expected_wait_ms: Callable[[Candidate], float | None]  # Router.expected_wait_ms
     breakers: Breakers
     loads: Loads
     upstream: Upstream
@@ -68,12 +75,18 @@ class Forwarder:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     random: Callable[[], float] = random_module.random
 
-    async def chat(self, body: bytes, capability: str, stream: bool) -> Response:
-        """Forward an OpenAI chat call to the first candidate that serves it."""
+    async def chat(
+        self, body: bytes, capability: str, stream: bool, budget_ms: float | None = None
+    ) -> Response:
+        """Forward an OpenAI chat call to the first candidate that serves it; with a wait
+        budget, to those expected to wait within it first (router.candidates.within_budget)."""
         walk = Walk(capability, stream, self.clock())
         for retry in itertools.count():
             failures_before = len(walk.tried)
-            for candidate in self.candidates(capability):
+            ranked = self.candidates(capability)
+            order, first_wait = within_budget(ranked, self.expected_wait_ms, budget_ms)
+            walk.over_budget = None if first_wait is None else (ranked[0], first_wait)
+            for candidate in order:
                 if len(walk.tried) >= self.max_attempts:
                     break
                 if candidate.endpoint in walk.spent:

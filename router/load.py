@@ -1,4 +1,5 @@
-"""What the router measures of each upstream endpoint: its latency and the calls open to it.
+"""What the router measures of each upstream endpoint: its latency and the calls open to it,
+and a candidate's expected wait made of those and the load its agent reports.
 
 Ranking reads it (router.candidates) and the walk over the candidates writes it
 (router.forward).
@@ -7,6 +8,9 @@ Ranking reads it (router.candidates) and the walk over the candidates writes it
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from router.candidates import Candidate
+from schemas import agents
 
 LATENCY_WEIGHT = 0.2  # of the newest call in an endpoint's moving latency average
 
@@ -35,3 +39,39 @@ class Loads(dict[str, Load]):
     def in_flight(self) -> int:
         """Calls open to every upstream now (``router_active_requests``)."""
         return sum(load.in_flight for load in self.values())
+
+
+def expected_wait_ms(candidate: Candidate, load: Load) -> float | None:
+    """How long a new call to ``candidate`` would wait for a slot (ms); None: unknown.
+
+    For a registry agent, the larger of two estimates (each None when it cannot be told)::
+
+        own      = floor(load.in_flight / parallel) x service_ms      (agents.expected_wait_ms:
+                   0 while a slot is free; None when busy and service_ms is unknown)
+        reported = the agent's last reported expected_wait_ms
+        wait     = max(own, reported); the one that is known; None when neither is
+
+    ``load.in_flight`` is the router's own calls open to the agent; ``parallel`` the
+    agent's reported slots (unreported: 1, the embedded host's); ``service_ms`` the time
+    a call holds a slot as the agent reports it, else the router's own latency average
+    of whole calls. The report counts every caller's calls, the router's among them: the
+    larger of the two, not the sum, so that the router's calls are not counted twice; the
+    router's own count is the fresher of the two (a report is up to a heartbeat old).
+    A keyed cloud provider: 0 (no queue the router knows of). Arithmetic only: it runs
+    for every candidate of every call.
+    """
+    if not candidate.is_agent:
+        return 0.0
+    reported = candidate.reported_load
+    if reported is None:
+        return agents.expected_wait_ms(load.in_flight, 1, load.latency_ms)
+    service_ms = reported.service_ms_per_call
+    own = agents.expected_wait_ms(
+        load.in_flight,
+        reported.parallel or 1,
+        service_ms if service_ms is not None else load.latency_ms,
+    )
+    theirs = reported.expected_wait_ms
+    if own is None or theirs is None:
+        return theirs if own is None else own
+    return max(own, theirs)

@@ -1,4 +1,4 @@
-"""The router's Prometheus metrics: routing outcomes, fallbacks, failed attempts and the
+"""The router's Prometheus metrics: routing outcomes, fallbacks, spills, failed attempts and the
 state of every circuit (read from the breakers at scrape time)."""
 
 from __future__ import annotations
@@ -27,6 +27,13 @@ class RouterMetrics:
             "router_fallbacks_total",
             "Calls served by a later candidate after an earlier one failed.",
             ["capability"],
+            registry=registry,
+        )
+        self.spills = Counter(
+            "router_spills_total",
+            "Calls served by another candidate because the first-ranked one's expected wait "
+            "was over the call's wait budget (from: that one; to: who served).",
+            ["capability", "from", "to"],
             registry=registry,
         )
         self.failed_attempts = Counter(

@@ -50,7 +50,9 @@ def router_of(request: Request) -> Router:
     "/route", response_model=RouteDecision, responses=ROUTED, summary="Where a call would go"
 )
 async def route(body: RouteRequest, request: Request) -> Response:
-    return json_response(router_of(request).decide(body.capability, body.prefer_local))
+    asked_wait_ms = max_wait_ms(request)
+    decision = router_of(request).decide(body.capability, body.prefer_local, asked_wait_ms)
+    return json_response(decision)
 
 
 @router.post(
@@ -64,7 +66,29 @@ async def route(body: RouteRequest, request: Request) -> Response:
 async def chat_completions(body: openai.ChatCompletionRequest, request: Request) -> Response:
     routing = router_of(request)
     capability = routing.capability_of(body.model, request.headers.get("X-Capability"))
-    return await routing.chat(await request.body(), capability, body.stream)
+    asked_wait_ms = max_wait_ms(request)
+    return await routing.chat(await request.body(), capability, body.stream, asked_wait_ms)
+
+
+MAX_WAIT_HEADER = "X-Max-Wait-Ms"
+_MAX_WAIT_PATTERN = re.compile(r"[0-9]{1,8}")  # at most a day: 86,400,000 ms
+MAX_WAIT_MS = 86_400_000
+
+
+def max_wait_ms(request: Request) -> int | None:
+    """The caller's wait budget (``X-Max-Wait-Ms``: a positive integer of milliseconds, at
+    most a day); None when it sent none."""
+    value = request.headers.get(MAX_WAIT_HEADER)
+    if value is None:
+        return None
+    value = value.strip()
+    if _MAX_WAIT_PATTERN.fullmatch(value) and 0 < int(value) <= MAX_WAIT_MS:
+        return int(value)
+    raise ValidationFailed(
+        f"{MAX_WAIT_HEADER} must be a positive integer of milliseconds, at most "
+        f"{MAX_WAIT_MS:,}; got {value[:40]!r}",
+        param=MAX_WAIT_HEADER,
+    )
 
 
 @router.get("/v1/models", response_model=openai.ModelList, summary="What can be routed")

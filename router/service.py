@@ -18,10 +18,10 @@ from starlette.responses import Response
 
 from router.accounting import Accounting
 from router.breaker import Breakers
-from router.candidates import Candidate, rank
+from router.candidates import Candidate, rank, within_budget
 from router.directory import Directory
 from router.forward import Forwarder, no_candidate
-from router.load import Loads
+from router.load import Loads, expected_wait_ms
 from router.metrics import RouterMetrics
 from router.settings import RouterSettings
 from router.upstream import Upstream
@@ -53,6 +53,7 @@ class Router:
         )
         self.forwarder = Forwarder(
             candidates=self.candidates,
+            expected_wait_ms=self.expected_wait_ms,
             breakers=self.breakers,
             loads=self.loads,
             upstream=self.upstream,
@@ -88,8 +89,7 @@ class Router:
             providers=self.settings.keyed_providers,
             prefer_local=prefer_local,
             usable=lambda endpoint: open_circuits or self.breakers[endpoint].allows(),
-            latency_ms=lambda c: self.loads[c.endpoint].latency_ms,
-            in_flight=lambda c: self.loads[c.endpoint].in_flight,
+            expected_wait_ms=self.expected_wait_ms,
         )
         if not ranked and capability not in (served := self.capabilities()):
             raise NotFound(
@@ -100,11 +100,26 @@ class Router:
             )
         return ranked
 
-    def decide(self, capability: str, prefer_local: bool = True) -> RouteDecision:
+    def expected_wait_ms(self, candidate: Candidate) -> float | None:
+        """How long a new call to ``candidate`` would wait (router.load.expected_wait_ms)."""
+        return expected_wait_ms(candidate, self.loads[candidate.endpoint])
+
+    def wait_budget_ms(self, capability: str, asked_ms: int | None) -> int | None:
+        """A call's wait budget: the caller's ``X-Max-Wait-Ms``, else the profile's
+        ``max_local_wait_ms`` of the capability; None: no budget (nothing spills)."""
+        if asked_ms is not None:
+            return asked_ms
+        return self.settings.max_local_wait_ms.get(capability)
+
+    def decide(
+        self, capability: str, prefer_local: bool = True, asked_wait_ms: int | None = None
+    ) -> RouteDecision:
         ranked = self.candidates(capability, prefer_local)
         if not ranked:
             raise no_candidate(capability, [], self.breakers, self.candidates)
-        best, rest = ranked[0], ranked[1:]
+        budget = self.wait_budget_ms(capability, asked_wait_ms)
+        order, first_wait = within_budget(ranked, self.expected_wait_ms, budget)
+        best, rest = order[0], order[1:]
         where = "local agent" if best.local else "cloud provider"
         reason = (
             f"{where} {best.name} serves {best.capability}"
@@ -112,6 +127,11 @@ class Router:
             f"{best.cost_per_1k_tokens:g}/1k tokens; best of {len(ranked)} candidates"
             f"{' with local first' if prefer_local else ''}"
         )
+        if first_wait is not None and best != ranked[0]:
+            reason += (
+                f"; spilled: {ranked[0].name} expects a wait of {first_wait:g} ms, over "
+                f"the wait budget of {budget} ms"
+            )
         fallbacks = [candidate.public() for candidate in rest]
         return RouteDecision(**best.public().model_dump(), fallbacks=fallbacks, reason=reason)
 
@@ -132,6 +152,10 @@ class Router:
             param="model",
         )
 
-    async def chat(self, body: bytes, capability: str, stream: bool) -> Response:
-        """Forward an OpenAI chat call to the first candidate that serves it (router.forward)."""
-        return await self.forwarder.chat(body, capability, stream)
+    async def chat(
+        self, body: bytes, capability: str, stream: bool, asked_wait_ms: int | None = None
+    ) -> Response:
+        """Forward an OpenAI chat call to the first candidate that serves it, within the
+        call's wait budget when it has one (router.forward)."""
+        budget = self.wait_budget_ms(capability, asked_wait_ms)
+        return await self.forwarder.chat(body, capability, stream, budget)

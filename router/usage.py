@@ -27,7 +27,9 @@ from sqlalchemy import (
     cast,
     delete,
     func,
+    inspect,
     select,
+    text,
 )
 
 from schemas.usage import (
@@ -71,6 +73,9 @@ T = Table(
     Column("status", String(16), nullable=False),
     Column("fallback_from", String(128)),
     Column("cost", Float, nullable=False),
+    # Added by issue 14; a database made before has them added at start (add_missing_columns).
+    Column("reason", String(16)),
+    Column("spill_wait_ms", Float),
     # The dashboard reads a time window of one kind, or of one agent.
     Index("ix_usage_kind_time", "kind", "time"),
     Index("ix_usage_agent_time", "agent_id", "time"),
@@ -85,6 +90,7 @@ class UsageStore:
         self.clock = clock
         self.reference_price_per_1k = reference_price_per_1k
         METADATA.create_all(engine)
+        add_missing_columns(engine, T)
         self._insert = _insert_or_ignore(engine.dialect.name)
 
     def add(self, records: Sequence[UsageRecord]) -> int:
@@ -136,10 +142,11 @@ class UsageStore:
         routes = select(
             func.count(),
             func.coalesce(func.sum(case((T.c.fallback_from.is_not(None), 1), else_=0)), 0),
+            func.coalesce(func.sum(case((T.c.reason == "spill", 1), else_=0)), 0),
         ).where(T.c.kind == "route", T.c.time >= since)
         with self.engine.connect() as conn:
             n, n_local, prompt, completion, local_tokens, cost, errors = conn.execute(calls).one()
-            routed, fallbacks = conn.execute(routes).one()
+            routed, fallbacks, spills = conn.execute(routes).one()
         all_tokens = prompt + completion
         would = all_tokens / 1000 * self.reference_price_per_1k
         return UsageSummary(
@@ -160,6 +167,7 @@ class UsageStore:
             routed=routed,
             fallbacks=fallbacks,
             fallback_rate=_share(fallbacks, routed),
+            spills=spills,
         )
 
     def timeseries(self, window: float, buckets: int) -> UsageTimeseries:
@@ -299,6 +307,26 @@ class UsageLog:
         while True:
             await sleep(self.interval)
             await self.flush()
+
+
+def add_missing_columns(engine: Engine, table: Table) -> list[str]:
+    """Add the nullable columns ``table`` has and the database's table lacks (made by an
+    older router): ``create_all`` makes missing tables only, and a ledger is never
+    dropped to be made again. ``ALTER TABLE ... ADD COLUMN``, as SQLite and PostgreSQL
+    both have it. Returns the names added."""
+    present = {column["name"] for column in inspect(engine).get_columns(table.name)}
+    missing = [column for column in table.columns if column.name not in present]
+    quote = engine.dialect.identifier_preparer.quote
+    with engine.begin() as conn:
+        for column in missing:
+            if not column.nullable:  # a row already stored would have no value for it
+                raise RuntimeError(f"the {table.name} table lacks the column {column.name}")
+            kind = column.type.compile(dialect=engine.dialect)
+            conn.execute(
+                text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
+            )
+            log.info("the %s table had no column %s: added", table.name, column.name)
+    return [column.name for column in missing]
 
 
 def _insert_or_ignore(dialect: str):

@@ -6,7 +6,8 @@ Two kinds of record share one table and join on the request id:
   (batched to ``POST /usage``), the router for a cloud provider. Tokens, cost and
   local-versus-cloud come from calls.
 - a **route** is the router's outcome for one request: which candidate served, after
-  which fallbacks, with the caller's end-to-end latency and time to first token.
+  which fallbacks (or whether it spilled over a wait budget), with the caller's end-to-end
+  latency and time to first token.
 """
 
 from __future__ import annotations
@@ -60,6 +61,18 @@ class UsageRecord(Strict):
     stream: bool = False
     status: Status = "ok"
     fallback_from: str | None = Field(default=None, max_length=128)
+    reason: Literal["spill"] | None = Field(
+        default=None,
+        description='A route\'s: "spill" when another candidate served because the first-'
+        "ranked one's expected wait was over the call's wait budget; else null.",
+    )
+    spill_wait_ms: float | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LATENCY_MS,
+        allow_inf_nan=False,
+        description="Of a spill: the first-ranked candidate's expected wait that caused it.",
+    )
     cost: float = Field(default=0.0, ge=0, le=MAX_COST_PER_CALL, allow_inf_nan=False)
 
 
@@ -141,6 +154,10 @@ class UsageSummary(BaseModel):
     routed: int = Field(description="Requests the router forwarded.")
     fallbacks: int
     fallback_rate: float | None
+    spills: int = Field(
+        description="Routed requests that spilled: served by another candidate because the "
+        "first-ranked one's expected wait was over the call's wait budget."
+    )
 
 
 class UsageBucket(BaseModel):

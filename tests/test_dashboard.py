@@ -194,6 +194,7 @@ def expected_cards(summary: dict) -> dict[str, str]:
         "fallback-rate": shown_share(summary.get("fallback_rate")),
         "fallbacks": shown_count(summary["fallbacks"]),
         "routed": shown_count(summary["routed"]),
+        "spills": shown_count(summary["spills"]),
         "error-rate": shown_share(summary.get("error_rate")),
         "errors": shown_count(summary["errors"]),
     }

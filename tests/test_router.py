@@ -11,13 +11,14 @@ import httpx
 import pytest
 import respx
 from aiohttp import web
-from sqlalchemy import event
+from sqlalchemy import Column, MetaData, Table, event, inspect
 
 from router.breaker import Breaker
-from router.candidates import by_capability, rank
+from router.candidates import agent_candidate, by_capability, provider_candidate, rank
+from router.load import Load, expected_wait_ms
 from router.ratelimit import RateLimiter
-from router.usage import METADATA, UsageLog, UsageStore
-from schemas.agents import AgentRecord
+from router.usage import METADATA, T, UsageLog, UsageStore, add_missing_columns
+from schemas.agents import AgentLoad, AgentRecord
 from schemas.config import ProviderConfig
 from schemas.usage import MAX_BATCH, UsageRecord
 from services.common.database import create_db_engine, db_runner
@@ -70,13 +71,13 @@ def ranked(
     capability: str,
     agents,
     *,
-    latency=None,
+    waits=None,
     prefer_local=True,
     providers=None,
     fallbacks=None,
     open_circuits=(),
 ):
-    latency = latency or {}
+    waits = waits or {}
     return [
         c.agent_id or c.provider
         for c in rank(
@@ -86,8 +87,7 @@ def ranked(
             providers=providers or {},
             prefer_local=prefer_local,
             usable=lambda e: e not in open_circuits,
-            latency_ms=lambda c: latency.get(c.agent_id),
-            in_flight=lambda c: 0,
+            expected_wait_ms=lambda c: waits.get(c.agent_id),
         )
     ]
 
@@ -95,21 +95,29 @@ def ranked(
 # --- candidate order ---------------------------------------------------------------------
 
 
-def test_local_and_cheap_first_then_measured_latency():
+def test_local_and_cheap_first_then_the_lowest_expected_wait():
     agents = [
         agent("cloud-ish", "reasoning", cost=0.5, locality="cloud"),
-        agent("slow", "reasoning"),
-        agent("fast", "reasoning"),
+        agent("busy", "reasoning"),
+        agent("idle", "reasoning"),
+        agent("unknown", "reasoning"),
         agent("pricey", "reasoning", cost=0.1),
         agent("other", "classification"),
         agent("down", "reasoning", status="critical"),
     ]
-    latency = {"slow": 900.0, "fast": 40.0}
-    assert ranked("reasoning", agents, latency=latency) == ["fast", "slow", "pricey", "cloud-ish"]
+    waits = {"busy": 900.0, "idle": 0.0, "pricey": 0.0}
+    assert ranked("reasoning", agents, waits=waits) == [
+        "idle",
+        "busy",
+        "unknown",  # an unknown wait comes after the known ones
+        "pricey",
+        "cloud-ish",
+    ]
     # without local preference, cost alone leads
-    assert ranked("reasoning", agents, latency=latency, prefer_local=False)[:3] == [
-        "fast",
-        "slow",
+    assert ranked("reasoning", agents, waits=waits, prefer_local=False)[:4] == [
+        "idle",
+        "busy",
+        "unknown",
         "pricey",
     ]
 
@@ -203,11 +211,14 @@ def test_a_circuit_opens_on_the_failure_rate_of_a_window():
 class Upstream:
     """A fake OpenAI-compatible server on a loopback port. ``mode``: ok, refuse (400),
     error (500, as for any body that holds "poison"), down (503), busy (429), slow
-    (answers after the router's read timeout), stall (streams one chunk, then nothing),
-    long (streams a chunk every 0.1 s for 10 s)."""
+    (answers after the router's read timeout), sluggish (answers after 0.2 s, within it),
+    hold (answers once the test sets ``release``), stall (streams one chunk, then
+    nothing), long (streams a chunk every 0.1 s for 10 s)."""
 
     def __init__(self) -> None:
         self.mode = "ok"
+        self.arrived = asyncio.Event()  # a held call has come
+        self.release = asyncio.Event()
         self.calls: list[dict] = []
         self.dropped = 0  # streams whose caller went away
 
@@ -247,6 +258,11 @@ class Upstream:
             )
         if self.mode == "slow":
             await asyncio.sleep(1.5)
+        if self.mode == "sluggish":
+            await asyncio.sleep(0.2)
+        if self.mode == "hold":
+            self.arrived.set()
+            await self.release.wait()
         if not body.get("stream"):
             return web.json_response(COMPLETION)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -1013,3 +1029,235 @@ async def test_usage_older_than_the_retention_is_deleted(tmp_path):
     await log.flush()
     assert store.summary(3 * 86_400).calls == 0
     engine.dispose()
+
+
+# --- expected wait and spill-over --------------------------------------------------------
+
+
+def test_the_expected_wait_is_the_larger_of_the_routers_count_and_the_reported_wait():
+    def wait(load: Load, **reported) -> float | None:
+        record = agent("a", "reasoning")
+        if reported:
+            record = record.model_copy(update={"load": AgentLoad(**reported)})
+        return expected_wait_ms(agent_candidate(record, "reasoning", False), load)
+
+    assert wait(Load()) == 0.0  # nothing open: a slot is free
+    assert wait(Load(in_flight=2)) is None  # busy, and nothing says how long a call takes
+    assert wait(Load(in_flight=2, latency_ms=300.0)) == 600.0  # the router's own average
+    # the agent's service time and slots: 3 open on 2 slots, one wave ahead
+    assert wait(Load(in_flight=3, latency_ms=300.0), parallel=2, service_ms_per_call=500.0) == 500
+    # the report counts other callers' calls too: the larger, never the sum
+    reported = {"parallel": 1, "service_ms_per_call": 500.0, "expected_wait_ms": 2_000.0}
+    assert wait(Load(in_flight=1), **reported) == 2_000.0
+    assert wait(Load(in_flight=6), **reported) == 3_000.0
+    assert wait(Load(in_flight=1), expected_wait_ms=700.0) == 700.0  # own unknown: theirs
+    cloud = provider_candidate("openai", OPENAI, "reasoning", False)
+    assert expected_wait_ms(cloud, Load(in_flight=50)) == 0.0  # no queue the router knows of
+
+
+async def heartbeat(registry_http, agent_id: str, **load) -> None:
+    """A heartbeat with the load a wrapper reports (schemas.agents.Heartbeat)."""
+    body = {"status": "passing", "load": load} if load else {"status": "passing"}
+    (await registry_http.post(f"/heartbeat/{agent_id}", json=body)).raise_for_status()
+
+
+async def routed_to(router, headers=None) -> str:
+    decision = await router.post("/route", json={"capability": "reasoning"}, headers=headers)
+    assert decision.status_code == 200, decision.text
+    return decision.json()["agent_id"] or decision.json()["provider"]
+
+
+async def test_among_equals_the_lowest_expected_wait_goes_first(
+    start_router, registry_http, upstreams
+):
+    first, first_url = await upstreams()
+    _, second_url = await upstreams()
+    await register(registry_http, "a-first", first_url)
+    await register(registry_http, "b-second", second_url)
+    clock = FakeClock(0.0)
+    router = await start_router(clock=clock)
+    routing = router.app.state.router
+    assert await routed_to(router) == "a-first"  # nothing known of either: by name
+
+    async def held_call() -> asyncio.Task:
+        """A call that a-first holds open until the test releases it."""
+        first.mode, first.arrived, first.release = "hold", asyncio.Event(), asyncio.Event()
+        call = asyncio.create_task(router.post("/v1/chat/completions", json=CHAT))
+        await asyncio.wait_for(first.arrived.wait(), 5)
+        return call
+
+    # a-first holds the router's one call: busy, and how long a call takes is unknown
+    call = await held_call()
+    assert await routed_to(router) == "b-second"
+    clock.advance(0.6)  # the call takes 600 ms by the router's clock
+    first.release.set()
+    assert (await call).headers["X-Routed-To"] == "a-first"
+    assert routing.loads[first_url].latency_ms == 600.0
+    # a-first holds a call again: a wait of 600 ms by the router's own measure
+    call = await held_call()
+    assert routing.expected_wait_ms(routing.candidates("reasoning")[-1]) == 600.0
+    assert await routed_to(router) == "b-second"
+    # b-second reports others' calls queued at it: longer than a-first's
+    await heartbeat(registry_http, "b-second", in_flight=3, queued=2, parallel=1,
+                    service_ms_per_call=450.0, expected_wait_ms=900.0)  # fmt: skip
+    await routing.directory.refresh()
+    assert await routed_to(router) == "a-first"
+    # a-first reports two slots: the router's one call leaves a slot free
+    await heartbeat(registry_http, "a-first", in_flight=1, queued=0, parallel=2,
+                    service_ms_per_call=400.0, expected_wait_ms=0.0)  # fmt: skip
+    await heartbeat(registry_http, "b-second", expected_wait_ms=300.0)
+    await routing.directory.refresh()
+    assert [c.name for c in routing.candidates("reasoning")] == ["a-first", "b-second"]
+    assert [routing.expected_wait_ms(c) for c in routing.candidates("reasoning")] == [0.0, 300.0]
+    first.release.set()
+    assert (await call).status_code == 200
+
+
+async def test_a_call_spills_only_when_every_local_candidate_is_over_its_budget(
+    start_router, registry_http, upstreams, monkeypatch
+):
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-123")
+    first, first_url = await upstreams()
+    second, second_url = await upstreams()
+    await register(registry_http, "a-first", first_url)
+    await register(registry_http, "b-second", second_url)
+    await heartbeat(registry_http, "a-first", parallel=1, expected_wait_ms=3_000.0)
+    await heartbeat(registry_http, "b-second", parallel=1, expected_wait_ms=1_500.0)
+    router = await start_router(providers={"openai": OPENAI})
+
+    async def chat(request_id: str, budget: str | None) -> httpx.Response:
+        headers = {"X-Request-ID": request_id} | ({"X-Max-Wait-Ms": budget} if budget else {})
+        answer = await router.post("/v1/chat/completions", json=CHAT, headers=headers)
+        assert answer.status_code == 200, answer.text
+        return answer
+
+    with respx.mock(assert_all_called=False) as cloud:
+        route = cloud.post("https://api.openai.com/v1/chat/completions").respond(
+            json=data("openai/chat_completion.json")
+        )
+        # no budget: local first, however long the wait (nothing spills)
+        assert (await chat("no-budget", None)).headers["X-Routed-To"] == "b-second"
+        # a budget one local agent is within: the lowest wait serves, as ranked
+        assert (await chat("within", "2000")).headers["X-Routed-To"] == "b-second"
+        # every local agent over the budget: the call spills to the cloud
+        assert (await chat("over", "1000")).headers["X-Routed-To"] == "openai"
+        decision = (
+            await router.post(
+                "/route", json={"capability": "reasoning"}, headers={"X-Max-Wait-Ms": "1000"}
+            )
+        ).json()
+    assert route.call_count == 1
+    assert (len(first.calls), len(second.calls)) == (0, 2)
+    assert decision["provider"] == "openai"
+    assert "spilled: b-second expects a wait of 1500 ms" in decision["reason"]
+    assert [c["agent_id"] for c in decision["fallbacks"]] == ["b-second", "a-first"]
+    await router.app.state.router.usage.flush()
+
+    async def route_record(request_id: str) -> dict:
+        records = (await router.get(f"/api/usage/requests/{request_id}")).json()["records"]
+        return next(record for record in records if record["kind"] == "route")
+
+    spilled = await route_record("over")
+    assert (spilled["provider"], spilled["reason"], spilled["spill_wait_ms"]) == (
+        "openai",
+        "spill",
+        1_500.0,
+    )
+    assert spilled.get("fallback_from") is None  # nothing failed
+    for request_id in ("no-budget", "within"):
+        record = await route_record(request_id)
+        assert (record.get("reason"), record.get("spill_wait_ms")) == (None, None)
+    metrics = (await router.get("/metrics")).text
+    assert 'router_spills_total{capability="reasoning",from="b-second",to="openai"} 1.0' in metrics
+    summary = (await router.get("/api/usage/summary", params={"window": "15m"})).json()
+    assert (summary["routed"], summary["spills"], summary["fallbacks"]) == (3, 1, 0)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "1.5", "", "86400001", "9" * 5_000])
+async def test_a_bad_wait_budget_header_is_a_422_naming_it(start_router, registry_http, value):
+    await register(registry_http, "llm_reasoner", "http://127.0.0.1:8050", "reasoning")
+    router = await start_router()
+    headers = {"X-Max-Wait-Ms": value}
+    for path, body in (("/route", {"capability": "reasoning"}), ("/v1/chat/completions", CHAT)):
+        response = await router.post(path, json=body, headers=headers)
+        assert response.status_code == 422, path
+        error = response.json()["error"]
+        assert (error["type"], error["param"]) == ("invalid_request_error", "X-Max-Wait-Ms")
+        assert "X-Max-Wait-Ms" in error["message"]
+
+
+@pytest.mark.parametrize("spill_to", ["fallback-agent", "cloud"])
+async def test_with_a_slow_local_agent_and_a_budget_a_burst_spills_and_nothing_fails(
+    start_router, registry_http, upstreams, monkeypatch, spill_to
+):
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-123")
+    slow, slow_url = await upstreams()
+    slow.mode = "sluggish"  # 0.2 s a call, one at a time as it reports
+    await register(registry_http, "classifier", slow_url, "classification")
+    await heartbeat(registry_http, "classifier", parallel=1, service_ms_per_call=200.0)
+    providers = {}
+    if spill_to == "fallback-agent":  # classification falls back to reasoning (the profile)
+        _, other_url = await upstreams()
+        await register(registry_http, "reasoner", other_url, "reasoning")
+    else:
+        providers = {"openai": OPENAI}
+    # the profile's budget: less than one call ahead of a new one
+    router = await start_router(providers=providers, max_local_wait_ms={"classification": 100})
+    burst = CHAT | {"model": "capability:classification"}
+    with respx.mock(assert_all_called=False) as cloud:
+        cloud.post("https://api.openai.com/v1/chat/completions").respond(
+            json=data("openai/chat_completion.json")
+        )
+        answers = await asyncio.gather(
+            *(router.post("/v1/chat/completions", json=burst) for _ in range(8))
+        )
+    assert [answer.status_code for answer in answers] == [200] * 8
+    served = [answer.headers["X-Routed-To"] for answer in answers]
+    target = "reasoner" if spill_to == "fallback-agent" else "openai"
+    assert set(served) == {"classifier", target}
+    spills = served.count(target)
+    assert 1 <= served.count("classifier") == len(slow.calls)
+    await router.app.state.router.usage.flush()
+    summary = (await router.get("/api/usage/summary", params={"window": "15m"})).json()
+    assert (summary["routed"], summary["spills"], summary["fallbacks"]) == (8, spills, 0)
+    metrics = (await router.get("/metrics")).text
+    counted = f'router_spills_total{{capability="classification",from="classifier",to="{target}"}}'
+    assert f"{counted} {spills:.1f}" in metrics
+
+
+def test_a_usage_table_made_before_spills_gets_their_columns_and_keeps_its_rows(database_url):
+    engine = create_db_engine(database_url)
+    old = MetaData()
+    Table(
+        "usage",
+        old,
+        *(
+            Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable, unique=c.unique)
+            for c in T.columns
+            if c.name not in ("reason", "spill_wait_ms")
+        ),
+    )
+    old.create_all(engine)
+    try:
+        before = UsageRecord.model_validate(call_record(1, "llm_a", "local", 10, 5, 100.0))
+        row = before.model_dump(exclude={"reason", "spill_wait_ms"})
+        with engine.begin() as conn:
+            conn.execute(old.tables["usage"].insert(), [row | {"time": before.time.timestamp()}])
+        store = UsageStore(engine, clock=FakeClock(NOW.timestamp()), reference_price_per_1k=0.0)
+        names = {column["name"] for column in inspect(engine).get_columns("usage")}
+        assert {"reason", "spill_wait_ms"} <= names
+        assert store.for_request("req-1") == [before]  # the row is still there, unchanged
+        spilled = before.model_copy(
+            update={
+                "record_id": "route-2",
+                "kind": "route",
+                "reason": "spill",
+                "spill_wait_ms": 9.5,
+            }
+        )
+        assert store.add([spilled]) == 1
+        assert store.summary(3_600).spills == 1
+        assert add_missing_columns(engine, T) == []  # a second start adds nothing
+    finally:
+        METADATA.drop_all(engine)
+        engine.dispose()

@@ -147,6 +147,7 @@
     setField("fallback-rate", fmt.share(s.fallback_rate));
     setField("fallbacks", fmt.count(s.fallbacks));
     setField("routed", fmt.count(s.routed));
+    setField("spills", fmt.count(s.spills));
     setField("error-rate", fmt.share(s.error_rate));
     setField("errors", fmt.count(s.errors));
     const split = document.getElementById("tokens-split");
