@@ -42,12 +42,35 @@ _STREAMED = "JSON, or the candidate's SSE events passed through when `stream` is
 _STREAMED += "failure after the first event is an event of the error envelope."
 
 
+MAX_WAIT_HEADER = "X-Max-Wait-Ms"
+_MAX_WAIT_PATTERN = re.compile(r"[0-9]{1,8}")  # at most a day: 86,400,000 ms
+MAX_WAIT_MS = 86_400_000
+# Read by hand (the chat route is served lean, without FastAPI's parameters); declared here.
+WAIT_BUDGET = {
+    "parameters": [
+        {
+            "name": MAX_WAIT_HEADER,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_WAIT_MS},
+            "description": "A wait budget (ms): candidates expected to wait longer come "
+            "after the others (the call may spill past local-first); else the profile's "
+            "router.max_local_wait_ms of the capability.",
+        }
+    ]
+}
+
+
 def router_of(request: Request) -> Router:
     return request.app.state.router
 
 
 @router.post(
-    "/route", response_model=RouteDecision, responses=ROUTED, summary="Where a call would go"
+    "/route",
+    response_model=RouteDecision,
+    responses=ROUTED,
+    summary="Where a call would go",
+    openapi_extra=WAIT_BUDGET,
 )
 async def route(body: RouteRequest, request: Request) -> Response:
     asked_wait_ms = max_wait_ms(request)
@@ -61,6 +84,7 @@ async def route(body: RouteRequest, request: Request) -> Response:
     responses=ROUTED
     | streaming(SSE, openai.ChatCompletionChunk, ErrorEnvelope, description=_STREAMED),
     summary="OpenAI chat, routed by capability with fallback",
+    openapi_extra=WAIT_BUDGET,
 )
 @router.post("/chat/completions", response_model=openai.ChatCompletion, include_in_schema=False)
 async def chat_completions(body: openai.ChatCompletionRequest, request: Request) -> Response:
@@ -68,11 +92,6 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
     capability = routing.capability_of(body.model, request.headers.get("X-Capability"))
     asked_wait_ms = max_wait_ms(request)
     return await routing.chat(await request.body(), capability, body.stream, asked_wait_ms)
-
-
-MAX_WAIT_HEADER = "X-Max-Wait-Ms"
-_MAX_WAIT_PATTERN = re.compile(r"[0-9]{1,8}")  # at most a day: 86,400,000 ms
-MAX_WAIT_MS = 86_400_000
 
 
 def max_wait_ms(request: Request) -> int | None:
