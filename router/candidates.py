@@ -23,6 +23,7 @@ class Candidate:
     fallback: bool  # served through a capability fallback of the profile
     # An agent's load as the registry last had it (None: unknown, or stale).
     reported_load: AgentLoad | None = field(default=None, compare=False)
+    reported_at: float | None = field(default=None, compare=False)  # epoch s, registry clock
 
     @property
     def local(self) -> bool:
@@ -59,6 +60,7 @@ def agent_candidate(agent: AgentRecord, capability: str, fallback: bool) -> Cand
         capability=capability,
         fallback=fallback,
         reported_load=agent.load,
+        reported_at=agent.load_reported_at.timestamp() if agent.load_reported_at else None,
     )
 
 

@@ -41,14 +41,15 @@ class Loads(dict[str, Load]):
         return sum(load.in_flight for load in self.values())
 
 
-def expected_wait_ms(candidate: Candidate, load: Load) -> float | None:
+def expected_wait_ms(candidate: Candidate, load: Load, now: float) -> float | None:
     """How long a new call to ``candidate`` would wait for a slot (ms); None: unknown.
 
     For a registry agent, the larger of two estimates (each None when it cannot be told)::
 
         own      = floor(load.in_flight / parallel) x service_ms      (agents.expected_wait_ms:
                    0 while a slot is free; None when busy and service_ms is unknown)
-        reported = the agent's last reported expected_wait_ms
+        reported = the agent's last reported expected_wait_ms, less the time since it
+                   was reported (``now``, wall clock): its queue has drained meanwhile
         wait     = max(own, reported); the one that is known; None when neither is
 
     ``load.in_flight`` is the router's own calls open to the agent; ``parallel`` the
@@ -72,6 +73,9 @@ def expected_wait_ms(candidate: Candidate, load: Load) -> float | None:
         service_ms if service_ms is not None else load.latency_ms,
     )
     theirs = reported.expected_wait_ms
+    if theirs is not None and candidate.reported_at is not None:
+        # A clock behind the registry's gives a negative age: no discount, the safe side.
+        theirs = max(0.0, theirs - max(0.0, now - candidate.reported_at) * 1000)
     if own is None or theirs is None:
         return theirs if own is None else own
     return max(own, theirs)

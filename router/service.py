@@ -102,7 +102,7 @@ class Router:
 
     def expected_wait_ms(self, candidate: Candidate) -> float | None:
         """How long a new call to ``candidate`` would wait (router.load.expected_wait_ms)."""
-        return expected_wait_ms(candidate, self.loads[candidate.endpoint])
+        return expected_wait_ms(candidate, self.loads[candidate.endpoint], self.wall_clock())
 
     def wait_budget_ms(self, capability: str, asked_ms: int | None) -> int | None:
         """A call's wait budget: the caller's ``X-Max-Wait-Ms``, else the profile's

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -1033,13 +1034,15 @@ async def test_usage_older_than_the_retention_is_deleted(tmp_path):
 
 # --- expected wait and spill-over --------------------------------------------------------
 
+NOW_S = NOW.timestamp()
+
 
 def test_the_expected_wait_is_the_larger_of_the_routers_count_and_the_reported_wait():
     def wait(load: Load, **reported) -> float | None:
         record = agent("a", "reasoning")
         if reported:
             record = record.model_copy(update={"load": AgentLoad(**reported)})
-        return expected_wait_ms(agent_candidate(record, "reasoning", False), load)
+        return expected_wait_ms(agent_candidate(record, "reasoning", False), load, NOW_S)
 
     assert wait(Load()) == 0.0  # nothing open: a slot is free
     assert wait(Load(in_flight=2)) is None  # busy, and nothing says how long a call takes
@@ -1052,7 +1055,20 @@ def test_the_expected_wait_is_the_larger_of_the_routers_count_and_the_reported_w
     assert wait(Load(in_flight=6), **reported) == 3_000.0
     assert wait(Load(in_flight=1), expected_wait_ms=700.0) == 700.0  # own unknown: theirs
     cloud = provider_candidate("openai", OPENAI, "reasoning", False)
-    assert expected_wait_ms(cloud, Load(in_flight=50)) == 0.0  # no queue the router knows of
+    assert expected_wait_ms(cloud, Load(in_flight=50), NOW_S) == 0.0  # no queue known of
+
+
+def test_a_reported_wait_drains_with_the_time_since_it_was_reported():
+    reported = AgentLoad(parallel=1, service_ms_per_call=500.0, expected_wait_ms=4_000.0)
+    record = agent("a", "reasoning").model_copy(
+        update={"load": reported, "load_reported_at": datetime.fromtimestamp(NOW_S, UTC)}
+    )
+    candidate = agent_candidate(record, "reasoning", False)
+    assert expected_wait_ms(candidate, Load(), NOW_S) == 4_000.0
+    assert expected_wait_ms(candidate, Load(), NOW_S + 2.5) == 1_500.0  # its queue drained
+    assert expected_wait_ms(candidate, Load(), NOW_S + 9.0) == 0.0  # never below nothing
+    # a router clock behind the registry's: no discount, rather than a negative age
+    assert expected_wait_ms(candidate, Load(), NOW_S - 3.0) == 4_000.0
 
 
 async def heartbeat(registry_http, agent_id: str, **load) -> None:
