@@ -17,6 +17,7 @@ from schemas.health import ServiceHealth
 from schemas.routing import RouteDecision, RouteRequest
 from schemas.usage import (
     MAX_CLOCK_SKEW_SECONDS,
+    REFUSALS_LOGGED,
     RequestUsage,
     UsageAccepted,
     UsageBatch,
@@ -33,8 +34,6 @@ from services.common.strict_json import StrictJSONRoute
 
 log = logging.getLogger(__name__)
 
-# A batch may hold a thousand bad records; a few lines say enough.
-MAX_REFUSALS_LOGGED = 3
 router = APIRouter(route_class=StrictJSONRoute)
 # The calls the rate limit applies to (router.app); 404 names the capabilities that exist.
 ROUTED = errors(404, 429, 503)
@@ -194,7 +193,7 @@ async def report_usage(body: UsageBatch, request: Request) -> Response:
     routing = router_of(request)
     now, retention = routing.wall_clock(), routing.usage.retention
     valid, refused = body.split(lambda record: time_out_of_range(record, now, retention))
-    for refusal in refused[:MAX_REFUSALS_LOGGED]:
+    for refusal in refused[:REFUSALS_LOGGED]:
         log.warning("usage record %d refused: %s", refusal.index, refusal.reason)
     accepted = await routing.usage.run(routing.usage.store.add, valid) if valid else 0
     return json_response(UsageAccepted(accepted=accepted, refused=refused), exclude_none=False)

@@ -76,6 +76,10 @@ class UsageRecord(Strict):
     cost: float = Field(default=0.0, ge=0, le=MAX_COST_PER_CALL, allow_inf_nan=False)
 
 
+# How many of a batch's refusals a daemon logs: a batch may hold a thousand bad records.
+REFUSALS_LOGGED = 3
+
+
 class Refusal(BaseModel):
     """Why one record of a batch was not stored; the rest of the batch is."""
 

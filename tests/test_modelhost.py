@@ -749,14 +749,15 @@ def test_with_parallel_slots_the_wait_is_shared_between_them(clock) -> None:
     async def run() -> None:
         first, _ = queue.enter(), queue.enter()
         assert (queue.running, queue.queued) == (2, 0)
-        assert queue.expected_wait() == 1 * DEFAULT_SERVICE_SECONDS / 2  # the first to end
+        # both slots busy: a new one waits one wave of service (a running call counts whole)
+        assert queue.expected_wait() == 1 * DEFAULT_SERVICE_SECONDS
         async with first.turn():
             clock.advance(4.0)
         assert queue.expected_wait() == 0  # a slot is free
         for _ in range(3):
             queue.enter()
         assert (queue.running, queue.queued) == (2, 2)
-        assert queue.expected_wait() == 3 * 4.0 / 2
+        assert queue.expected_wait() == 2 * 4.0  # 4 held on 2 slots: two waves ahead
 
     asyncio.run(run())
 

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from schemas.agents import expected_wait_ms
 from services.common.errors import ServiceUnavailable
 from services.common.metrics import LLM_DURATION_BUCKETS
 
@@ -164,18 +165,15 @@ class ModelQueue:
         return sum(self._durations) / len(self._durations)
 
     def expected_wait(self) -> float:
-        """Seconds a generation admitted now would wait for the model.
-
-        Each generation ahead holds a slot for the measured service time, ``slots`` of them
-        at once: the wait is (those ahead that keep every slot busy) x service time / slots.
-        A running generation is counted whole, not less its elapsed part: the estimate errs
-        long, which is the safe side for a caller deciding whether to wait.
-        """
-        ahead = self.queued + self.running - self.slots + 1
-        if ahead <= 0:
-            return 0.0
+        """Seconds a generation admitted now would wait for the model: the swarm's one
+        formula (``schemas.agents.expected_wait_ms``, which wrappers report and the router
+        ranks by) over the generations held, with the measured service time (before any,
+        ``DEFAULT_SERVICE_SECONDS``). It errs long, the safe side for a caller deciding
+        whether to wait."""
         service = self.service_time
-        return ahead * (DEFAULT_SERVICE_SECONDS if service is None else service) / self.slots
+        seconds = DEFAULT_SERVICE_SECONDS if service is None else service
+        wait_ms = expected_wait_ms(self.queued + self.running, self.slots, seconds * 1e3)
+        return (wait_ms or 0.0) / 1e3
 
     def enter(self) -> Ticket:
         """Admit a generation at the back of the queue; ``QueueFull`` when it holds ``limit``."""

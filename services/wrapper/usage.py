@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 from pydantic import SecretStr
 
-from schemas.usage import MAX_BATCH, UsageBatch, UsageRecord
+from schemas.usage import MAX_BATCH, REFUSALS_LOGGED, UsageBatch, UsageRecord
 from services.common.backoff import backoff_delay
 from services.common.pending import Pending
 
@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 BUFFER_LIMIT = 10_000
 FLUSH_INTERVAL_SECONDS = 2.0
-MAX_REFUSALS_LOGGED = 3  # of a batch: a few lines say enough
 
 
 class UsageReporter:
@@ -76,7 +75,7 @@ class UsageReporter:
                 response.text[:200],
             )
             return
-        for refusal in response.json().get("refused", [])[:MAX_REFUSALS_LOGGED]:
+        for refusal in response.json().get("refused", [])[:REFUSALS_LOGGED]:
             log.error(
                 "usage record %s refused, dropped: %s", refusal["record_id"], refusal["reason"]
             )
