@@ -18,7 +18,7 @@ from schemas import ollama as api
 from services.common.errors import BadRequest, ServiceUnavailable
 from services.wrapper.aiohttp_client import ollama_client
 from services.wrapper.app import create_app
-from services.wrapper.backend import Backend
+from services.wrapper.backend import RETRY_AFTER_CAP, RETRY_AFTER_SECONDS, Backend
 from services.wrapper.translate import estimate_tokens
 from tests.conftest import (
     BACKEND,
@@ -40,6 +40,10 @@ PROMPT = [{"role": "user", "content": "why is the sky blue?"}]
 
 def ndjson(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line]
+
+
+async def read_all(parts):
+    return [part async for part in parts]
 
 
 def without_none(data):
@@ -170,6 +174,34 @@ async def test_a_busy_backend_is_a_503_ollama_error(wrapper, backend):
         await wrapper.ollama.generate(MODEL, "Why?")
     assert failed.value.status_code == 503
     assert "server busy" in failed.value.error
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_busy_backends_retry_after_is_passed_on(wrapper, backend, stream):
+    busy = read("error_busy.json")
+    route = backend.post("/api/chat").respond(503, json=busy, headers={"Retry-After": "7"})
+    body = {"model": MODEL, "messages": PROMPT, "stream": stream}
+    response = await wrapper.http.post("/api/chat", json=body)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "7"
+    assert response.json() == {"error": response.json()["error"]}
+    assert busy["error"] in response.json()["error"]
+    route.respond(503, json=busy)  # Ollama's own 503 says nothing: the wrapper's constant
+    response = await wrapper.http.post("/api/chat", json=body)
+    assert response.headers["retry-after"] == RETRY_AFTER_SECONDS
+
+
+@pytest.mark.parametrize(
+    ("asked", "passed"),
+    [("12", "12"), (" 0 ", "0"), ("99999", str(RETRY_AFTER_CAP)), ("-3", None), ("soon", None)],
+)
+async def test_only_a_whole_number_of_seconds_is_passed_on_capped(wrapper, backend, asked, passed):
+    backend.post("/api/generate").respond(
+        503, json={"error": "busy"}, headers={"Retry-After": asked}
+    )
+    response = await wrapper.http.post("/api/generate", json={"model": MODEL, "prompt": "Why?"})
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == (passed or RETRY_AFTER_SECONDS)
 
 
 async def test_a_missing_model_is_a_503_naming_it(wrapper, backend):
@@ -481,6 +513,7 @@ class OllamaServer:
         self.pace = False
         self.close_after_answer = False
         self.silent = False
+        self.busy_retry_after: str | None = None  # /api/chat answers 503 with it when set
         self.stream_lines = read_lines("chat_stream.ndjson")
         self.handlers: set[asyncio.Task] = set()
 
@@ -529,6 +562,9 @@ class OllamaServer:
             return self.send_json(writer, read("show.json"))
         if path != "/api/chat":
             return self.send_json(writer, {"error": "not found"}, status=404)
+        if self.busy_retry_after is not None:
+            headers = {"Retry-After": self.busy_retry_after}
+            return self.send_json(writer, read("error_busy.json"), status=503, headers=headers)
         if not body.get("stream", True):
             return self.send_json(writer, read("chat_response.json"))
         writer.write(
@@ -545,12 +581,13 @@ class OllamaServer:
         await writer.drain()
 
     @staticmethod
-    def send_json(writer, data: dict, status: int = 200) -> None:
+    def send_json(writer, data: dict, status: int = 200, headers: dict | None = None) -> None:
         body = json.dumps(data).encode()
         reason = b"OK" if status == 200 else b"Not Found"
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()).encode()
         writer.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (status, reason, len(body), body)
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (status, reason, len(body), extra, body)
         )
 
 
@@ -658,6 +695,20 @@ async def test_the_backend_client_fails_as_httpx_does():
     assert refused.value.code == "backend_unavailable"
     assert (await down.probe()).reachable is False
     await down.client.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_backend_client_keeps_a_busy_answers_retry_after(stream):
+    async with OllamaServer() as server:
+        server.busy_retry_after = "7"
+        busy = Backend(backend_client(server.url), url=server.url, model=MODEL)
+        request = api.ChatRequest(model=MODEL, messages=PROMPT, stream=stream)
+        call = read_all(busy.chat_stream(request)) if stream else busy.chat(request)
+        with pytest.raises(ServiceUnavailable) as refused:
+            await call
+        await busy.client.close()
+    assert refused.value.code == "backend_busy"
+    assert refused.value.headers["Retry-After"] == "7"
 
 
 async def test_the_wrapper_on_its_own_client_end_to_end(registry_http):

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from schemas.ollama import Message
+from services.wrapper.backend import RETRY_AFTER_SECONDS
 from services.wrapper.translate import (
     CompletionTemplate,
     estimate_tokens,
@@ -527,6 +528,22 @@ async def test_a_busy_backend_is_a_503_to_retry(wrapper, backend):
     assert failed.value.body["code"] == "backend_busy"
     assert busy["error"] in failed.value.body["message"]
     assert failed.value.response.headers["retry-after"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_busy_backends_retry_after_is_passed_on(wrapper, backend, stream):
+    busy = read("error_busy.json")
+    route = backend.post("/api/chat").respond(503, json=busy, headers={"Retry-After": "7"})
+    with pytest.raises(openai.APIStatusError) as failed:
+        await wrapper.openai.chat.completions.create(model="any", messages=MESSAGES, stream=stream)
+    assert failed.value.status_code == 503
+    assert failed.value.response.headers["retry-after"] == "7"
+    assert failed.value.body["code"] == "backend_busy"
+    route.respond(503, json=busy)  # Ollama's own 503 says nothing: the wrapper's constant
+    with pytest.raises(openai.APIStatusError) as failed:
+        await wrapper.openai.chat.completions.create(model="any", messages=MESSAGES, stream=stream)
+    assert failed.value.response.headers["retry-after"] == RETRY_AFTER_SECONDS
 
 
 @pytest.mark.anyio

@@ -59,14 +59,14 @@ class AiohttpClient:
         with _as_httpx_errors():
             answer = await self._send(method, url, json)
             async with answer:
-                return Response(answer.status, await answer.read())
+                return Response(answer.status, await answer.read(), headers=answer.headers)
 
     @contextlib.asynccontextmanager
     async def stream(self, method: str, url: str, *, json: Any = None) -> AsyncIterator[Response]:
         with _as_httpx_errors():
             answer = await self._send(method, url, json)
         try:
-            yield Response(answer.status, None, answer)
+            yield Response(answer.status, None, answer, headers=answer.headers)
         finally:
             # A stream left before its end drops the connection: the backend sees the
             # client gone and stops generating. A finished one goes back to the pool.
@@ -94,11 +94,17 @@ class Response:
     """An answer as ``ollama.AsyncClient`` reads it: whole (``content``) or streamed."""
 
     def __init__(
-        self, status_code: int, content: bytes | None, stream: aiohttp.ClientResponse | None = None
+        self,
+        status_code: int,
+        content: bytes | None,
+        stream: aiohttp.ClientResponse | None = None,
+        *,
+        headers: Mapping[str, str],
     ) -> None:
         self.status_code = status_code
         self.content = content
         self._stream = stream
+        self.headers = headers  # read for a busy backend's Retry-After
 
     @property
     def text(self) -> str:

@@ -34,7 +34,9 @@ _CLIENT_REQUESTS = {"ChatRequest", "GenerateRequest"}  # the client's models of 
 # exceed context window of m"; the embedded host says the same in its words.
 _CONTEXT_OVERFLOW = re.compile(r"exceed.*context|context.*(exceed|too (long|large|small))", re.I)
 _MODEL_MISSING = re.compile(r"\bmodel\b.*\bnot found\b", re.I)
-RETRY_AFTER_SECONDS = "5"
+RETRY_AFTER_SECONDS = "5"  # when the backend gives none (Ollama never does)
+RETRY_AFTER_CAP = 600  # seconds: a longer wait asked by a backend is not worth the caller's
+_WHOLE_SECONDS = re.compile(r"[0-9]{1,9}")
 
 T = TypeVar("T")
 
@@ -229,7 +231,7 @@ class Backend:
                 return ServiceUnavailable(
                     f"{where} is busy: {message}",
                     code="backend_busy",
-                    headers={"Retry-After": RETRY_AFTER_SECONDS},
+                    headers={"Retry-After": backend_retry_after(exc)},
                 )
             return ServiceUnavailable(f"{where} failed: {message}", code="backend_error")
         # A connection that cannot be made, or not in time, is a backend that is not there.
@@ -256,6 +258,20 @@ class Backend:
         return ServiceUnavailable(
             f"{where} sent an answer that is not the Ollama API: {exc}", code="backend_bad_answer"
         )
+
+
+def backend_retry_after(exc: ollama.ResponseError) -> str:
+    """The busy backend's own ``Retry-After`` (the embedded host computes it from its
+    service time), when it is whole seconds; capped; else the wrapper's constant.
+
+    ollama-python drops the answer's headers, but raises its error while handling the
+    transport's ``HTTPStatusError``, which keeps the answer: it is the error's context.
+    """
+    answer = getattr(exc.__context__, "response", None)
+    value = getattr(answer, "headers", {}).get("retry-after")
+    if value is None or not _WHOLE_SECONDS.fullmatch(value.strip()):
+        return RETRY_AFTER_SECONDS
+    return str(min(int(value), RETRY_AFTER_CAP))
 
 
 def canonical_model_name(name: str) -> str:
