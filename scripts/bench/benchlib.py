@@ -36,6 +36,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports_in_a_row(count: int) -> int:
+    """The first of ``count`` consecutive free ports: a wrapper's replicas listen on
+    port, port + 1, ... (free when looked at; another process may still take one)."""
+    while True:
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first + 1, first + count):
+                    held.enter_context(socket.socket()).bind((HOST, port))
+            except OSError:
+                continue
+        return first
+
+
 def start(argv: list[str], env: dict[str, str], log: Path, **popen) -> subprocess.Popen:
     """A daemon from the repository, its output in ``log``."""
     with log.open("wb") as out:
@@ -95,6 +109,30 @@ def memory_mb(pid: int) -> dict[str, float]:
 def load_average() -> str:
     """Other work on the machine skews every figure; the reader should see it."""
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def scrape_metrics(port: int, path: str = "/metrics") -> dict[str, float]:
+    """A daemon's Prometheus samples: ``name{labels}`` (as the exposition writes it) to value."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        text = response.read().decode()
+        if response.status != 200:
+            raise RuntimeError(f"{path} on port {port}: HTTP {response.status}")
+    finally:
+        conn.close()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def metric_total(samples: dict[str, float], name: str) -> float:
+    """The sum of metric ``name`` over all its label sets (0 when it has none yet)."""
+    return sum(value for key, value in samples.items() if key.partition("{")[0] == name)
 
 
 def percentile(values: list[float], fraction: float) -> float:
