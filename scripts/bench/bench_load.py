@@ -365,10 +365,21 @@ def _queue(wait: dict) -> str:
     return f"{wait['mean_s'] * 1000:,.0f} ms (p95 ≤ {wait['p95_at_most_s']:g} s)"
 
 
+def source() -> str:
+    """The code measured: the commit, and whether the tree differs from it."""
+    described = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return described.stdout.strip() or "not a git checkout"
+
+
 def table(results: dict, command: str) -> str:
     args = results["arguments"]
     lines = [
-        machine_line(results, command),
+        f"{machine_line(results, command)}; code: {results['source']}",
         "",
         f"Each cell: {args['seconds']:g} s of closed-loop callers (calls started in it, all "
         f"finished), `capability:{CAPABILITY}`, max_tokens {args['max_tokens']}, temperature "
@@ -420,7 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     # A SIGTERM tears the swarm down as Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
-    results: dict = {"arguments": vars(args), "loadavg_start": load_average()}
+    results: dict = {
+        "arguments": vars(args),
+        "source": source(),
+        "loadavg_start": load_average(),
+    }
     state = Path(tempfile.mkdtemp(prefix="bench-load-"))
     models = load_settings().state_dir / "models"
     if models.is_dir():  # an assembled model is reused, not assembled again
