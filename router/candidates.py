@@ -88,6 +88,11 @@ def by_capability(agents: Iterable[AgentRecord]) -> dict[str, list[AgentRecord]]
     return index
 
 
+# A candidate's expected wait (ms; None: unknown, router.load.expected_wait_ms) and the
+# router's own calls open to it: what ranking reads of its load.
+Waiting = Callable[[Candidate], tuple[float | None, int]]
+
+
 def rank(
     capability: str,
     agents: Mapping[str, Sequence[AgentRecord]],
@@ -96,7 +101,7 @@ def rank(
     providers: Mapping[str, ProviderConfig],
     prefer_local: bool,
     usable: Callable[[str], bool],
-    expected_wait_ms: Callable[[Candidate], float | None],
+    waiting: Waiting,
 ) -> list[Candidate]:
     """Every candidate for ``capability``, best first.
 
@@ -104,8 +109,9 @@ def rank(
     capability, then agents with one of its fallback
     capabilities, then keyed cloud providers with either. Order: local first when
     ``prefer_local``, the capability itself before a fallback, then cost, then the
-    lowest expected wait (router.load.expected_wait_ms; unknown after known), then the
-    name. Endpoints whose circuit is open (``usable`` says no) are left out.
+    lowest expected wait (unknown after known), then the fewest of the router's calls
+    open (so that equal replicas both serve), then the name. Endpoints whose circuit is
+    open (``usable`` says no) are left out.
     """
     found: dict[str, Candidate] = {}  # by endpoint: one agent, once, at its best
     for index, wanted in enumerate([capability, *fallbacks.get(capability, [])]):
@@ -119,13 +125,14 @@ def rank(
                 found.setdefault(f"{name}:{candidate.model}", candidate)
 
     def order(candidate: Candidate) -> tuple:
-        wait = expected_wait_ms(candidate)
+        wait, in_flight = waiting(candidate)
         return (
             prefer_local and not candidate.local,
             candidate.fallback,
             candidate.cost_per_1k_tokens,
             wait is None,
             wait or 0.0,
+            in_flight,
             candidate.name,
         )
 
@@ -133,27 +140,33 @@ def rank(
 
 
 def within_budget(
-    ranked: list[Candidate],
-    expected_wait_ms: Callable[[Candidate], float | None],
-    budget_ms: float | None,
-) -> tuple[list[Candidate], float | None]:
-    """The order a call with a wait budget tries ``ranked`` in: first the candidates whose
-    expected wait is within ``budget_ms`` (unknown counts as within), in rank order, then
-    the others by expected wait; a budget never leaves a candidate out. Also the expected
-    wait of the first-ranked candidate when it is over the budget (a call served by
-    another candidate then *spilled*), else None. No budget: ``ranked`` as it is."""
+    ranked: list[Candidate], waiting: Waiting, budget_ms: float | None
+) -> tuple[list[Candidate], tuple[Candidate, float | None] | None]:
+    """The order a call with a wait budget tries ``ranked`` in, and whom it spills from.
+
+    Three groups, each tried before the next (a budget never leaves a candidate out):
+    those expected to wait within ``budget_ms``, in rank order (an idle agent is, known
+    or not: a slot is free); those whose wait is unknown (the router's calls fill their
+    slots and nothing says yet how long a call takes), the fewest of the router's calls
+    first, so that a burst spreads over them rather than queueing behind the first call
+    at one of them; those over the budget, the shortest wait first. The spill: the
+    first-ranked candidate and its wait (None: unknown) when it is not within the budget
+    (a call another candidate serves then spilled), else None. No budget: ``ranked`` as
+    it is, and nothing spills."""
     if budget_ms is None or not ranked:
         return ranked, None
     within: list[Candidate] = []
-    over: list[tuple[float, int, Candidate]] = []
+    others: list[tuple[bool, float, int, Candidate]] = []  # unknown first, then over
+    spill: tuple[Candidate, float | None] | None = None
     for index, candidate in enumerate(ranked):
-        wait = expected_wait_ms(candidate)
-        if wait is None or wait <= budget_ms:
+        wait, in_flight = waiting(candidate)
+        if wait is not None and wait <= budget_ms:
             within.append(candidate)
-        else:
-            over.append((wait, index, candidate))
-    if not over:
+            continue
+        if index == 0:
+            spill = (candidate, wait)
+        others.append((wait is not None, in_flight if wait is None else wait, index, candidate))
+    if not others:
         return ranked, None
-    first_wait = over[0][0] if over[0][1] == 0 else None
-    over.sort(key=lambda waiting: waiting[:2])
-    return within + [candidate for *_, candidate in over], first_wait
+    others.sort(key=lambda other: other[:3])
+    return within + [candidate for *_, candidate in others], spill

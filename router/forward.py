@@ -23,7 +23,7 @@ from starlette.responses import Response
 
 from router.accounting import Accounting, Outcome
 from router.breaker import Breaker, Breakers
-from router.candidates import Candidate, within_budget
+from router.candidates import Candidate, Waiting, within_budget
 from router.errors import UpstreamFailed
 from router.load import Load, Loads
 from router.upstream import Answer, Upstream
@@ -48,9 +48,10 @@ class Walk:
     tried: Tried = field(default_factory=list)  # the failed attempts, in order
     counted: set[str] = field(default_factory=set)  # endpoints whose circuit it charged
     spent: set[str] = field(default_factory=set)  # endpoints that failed it itself (500)
-    # The first-ranked candidate and its expected wait, when that is over the call's wait
-    # budget (of the latest round over the candidates): another candidate serving spilled.
-    over_budget: tuple[Candidate, float] | None = None
+    # The first-ranked candidate and its expected wait (None: unknown), when that is not
+    # within the call's wait budget (of the latest round over the candidates): another
+    # candidate serving spilled.
+    over_budget: tuple[Candidate, float | None] | None = None
 
     def outcome(self, candidate: Candidate | None) -> Outcome:
         spill = self.over_budget
@@ -64,7 +65,7 @@ class Forwarder:
     """Forwards chat calls; one :class:`Walk` each."""
 
     candidates: Callable[..., list[Candidate]]  # Router.candidates: who may serve, best first
-    expected_wait_ms: Callable[[Candidate], float | None]  # Router.expected_wait_ms
+    waiting: Waiting  # Router.waiting: a candidate's expected wait and calls open
     breakers: Breakers
     loads: Loads
     upstream: Upstream
@@ -84,8 +85,7 @@ class Forwarder:
         for retry in itertools.count():
             failures_before = len(walk.tried)
             ranked = self.candidates(capability)
-            order, first_wait = within_budget(ranked, self.expected_wait_ms, budget_ms)
-            walk.over_budget = None if first_wait is None else (ranked[0], first_wait)
+            order, walk.over_budget = within_budget(ranked, self.waiting, budget_ms)
             for candidate in order:
                 if len(walk.tried) >= self.max_attempts:
                     break

@@ -44,13 +44,13 @@ class Loads(dict[str, Load]):
 def expected_wait_ms(candidate: Candidate, load: Load, now: float) -> float | None:
     """How long a new call to ``candidate`` would wait for a slot (ms); None: unknown.
 
-    For a registry agent, the larger of two estimates (each None when it cannot be told)::
+    For a registry agent, two estimates::
 
         own      = floor(load.in_flight / parallel) x service_ms      (agents.expected_wait_ms:
                    0 while a slot is free; None when busy and service_ms is unknown)
         reported = the agent's last reported expected_wait_ms, less the time since it
                    was reported (``now``, wall clock): its queue has drained meanwhile
-        wait     = max(own, reported); the one that is known; None when neither is
+        wait     = max(own, reported); own when nothing is reported; None when own is None
 
     ``load.in_flight`` is the router's own calls open to the agent; ``parallel`` the
     agent's reported slots (unreported: 1, the embedded host's); ``service_ms`` the time
@@ -58,6 +58,9 @@ def expected_wait_ms(candidate: Candidate, load: Load, now: float) -> float | No
     of whole calls. The report counts every caller's calls, the router's among them: the
     larger of the two, not the sum, so that the router's calls are not counted twice; the
     router's own count is the fresher of the two (a report is up to a heartbeat old).
+    When the router's calls fill the agent's slots and nothing says how long a call takes,
+    the wait is unknown whatever the report says: a report of an idle agent from before a
+    burst would otherwise call it free while the burst queues there.
     A keyed cloud provider: 0 (no queue the router knows of). Arithmetic only: it runs
     for every candidate of every call.
     """
@@ -73,9 +76,9 @@ def expected_wait_ms(candidate: Candidate, load: Load, now: float) -> float | No
         service_ms if service_ms is not None else load.latency_ms,
     )
     theirs = reported.expected_wait_ms
-    if theirs is not None and candidate.reported_at is not None:
-        # A clock behind the registry's gives a negative age: no discount, the safe side.
-        theirs = max(0.0, theirs - max(0.0, now - candidate.reported_at) * 1000)
     if own is None or theirs is None:
-        return theirs if own is None else own
+        return own
+    if candidate.reported_at is not None:
+        # A clock behind the registry's gives a negative age: no discount, the safe side.
+        theirs -= max(0.0, now - candidate.reported_at) * 1000
     return max(own, theirs)

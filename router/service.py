@@ -53,7 +53,7 @@ class Router:
         )
         self.forwarder = Forwarder(
             candidates=self.candidates,
-            expected_wait_ms=self.expected_wait_ms,
+            waiting=self.waiting,
             breakers=self.breakers,
             loads=self.loads,
             upstream=self.upstream,
@@ -89,7 +89,7 @@ class Router:
             providers=self.settings.keyed_providers,
             prefer_local=prefer_local,
             usable=lambda endpoint: open_circuits or self.breakers[endpoint].allows(),
-            expected_wait_ms=self.expected_wait_ms,
+            waiting=self.waiting,
         )
         if not ranked and capability not in (served := self.capabilities()):
             raise NotFound(
@@ -100,9 +100,11 @@ class Router:
             )
         return ranked
 
-    def expected_wait_ms(self, candidate: Candidate) -> float | None:
-        """How long a new call to ``candidate`` would wait (router.load.expected_wait_ms)."""
-        return expected_wait_ms(candidate, self.loads[candidate.endpoint], self.wall_clock())
+    def waiting(self, candidate: Candidate) -> tuple[float | None, int]:
+        """How long a new call to ``candidate`` would wait (router.load.expected_wait_ms;
+        None: unknown), and the router's calls open to it."""
+        load = self.loads[candidate.endpoint]
+        return expected_wait_ms(candidate, load, self.wall_clock()), load.in_flight
 
     def wait_budget_ms(self, capability: str, asked_ms: int | None) -> int | None:
         """A call's wait budget: the caller's ``X-Max-Wait-Ms``, else the profile's
@@ -118,7 +120,7 @@ class Router:
         if not ranked:
             raise no_candidate(capability, [], self.breakers, self.candidates)
         budget = self.wait_budget_ms(capability, asked_wait_ms)
-        order, first_wait = within_budget(ranked, self.expected_wait_ms, budget)
+        order, spill = within_budget(ranked, self.waiting, budget)
         best, rest = order[0], order[1:]
         where = "local agent" if best.local else "cloud provider"
         reason = (
@@ -127,10 +129,12 @@ class Router:
             f"{best.cost_per_1k_tokens:g}/1k tokens; best of {len(ranked)} candidates"
             f"{' with local first' if prefer_local else ''}"
         )
-        if first_wait is not None and best != ranked[0]:
+        if spill is not None and best != spill[0]:
+            first, wait = spill
+            expects = "a wait not known yet" if wait is None else f"a wait of {wait:g} ms"
             reason += (
-                f"; spilled: {ranked[0].name} expects a wait of {first_wait:g} ms, over "
-                f"the wait budget of {budget} ms"
+                f"; spilled: {first.name} expects {expects}, not within the wait budget "
+                f"of {budget} ms"
             )
         fallbacks = [candidate.public() for candidate in rest]
         return RouteDecision(**best.public().model_dump(), fallbacks=fallbacks, reason=reason)

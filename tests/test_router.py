@@ -15,7 +15,13 @@ from aiohttp import web
 from sqlalchemy import Column, MetaData, Table, event, inspect
 
 from router.breaker import Breaker
-from router.candidates import agent_candidate, by_capability, provider_candidate, rank
+from router.candidates import (
+    agent_candidate,
+    by_capability,
+    provider_candidate,
+    rank,
+    within_budget,
+)
 from router.load import Load, expected_wait_ms
 from router.ratelimit import RateLimiter
 from router.usage import METADATA, T, UsageLog, UsageStore, add_missing_columns
@@ -73,12 +79,13 @@ def ranked(
     agents,
     *,
     waits=None,
+    calls=None,
     prefer_local=True,
     providers=None,
     fallbacks=None,
     open_circuits=(),
 ):
-    waits = waits or {}
+    waits, calls = waits or {}, calls or {}
     return [
         c.agent_id or c.provider
         for c in rank(
@@ -88,7 +95,7 @@ def ranked(
             providers=providers or {},
             prefer_local=prefer_local,
             usable=lambda e: e not in open_circuits,
-            expected_wait_ms=lambda c: waits.get(c.agent_id),
+            waiting=lambda c: (waits.get(c.agent_id), calls.get(c.agent_id, 0)),
         )
     ]
 
@@ -121,6 +128,23 @@ def test_local_and_cheap_first_then_the_lowest_expected_wait():
         "unknown",
         "pricey",
     ]
+
+
+def test_equal_candidates_of_equal_waits_go_to_the_one_with_fewer_calls_open():
+    replicas = [agent("a-first", "reasoning"), agent("b-second", "reasoning")]
+    assert ranked("reasoning", replicas) == ["a-first", "b-second"]  # nothing open: by name
+    # two slots each, one taken at a-first: both free, b-second has fewer calls open
+    idle = {"a-first": 0.0, "b-second": 0.0}
+    assert ranked("reasoning", replicas, waits=idle, calls={"a-first": 1}) == [
+        "b-second",
+        "a-first",
+    ]
+    # both busy and never measured (unknown): the fewer calls open first
+    calls = {"a-first": 2, "b-second": 1}
+    assert ranked("reasoning", replicas, calls=calls) == ["b-second", "a-first"]
+    # a known wait still beats fewer calls
+    waits = {"a-first": 100.0, "b-second": 200.0}
+    assert ranked("reasoning", replicas, waits=waits, calls=calls) == ["a-first", "b-second"]
 
 
 def test_fallback_capabilities_and_keyed_providers_come_after():
@@ -222,6 +246,7 @@ class Upstream:
         self.release = asyncio.Event()
         self.calls: list[dict] = []
         self.dropped = 0  # streams whose caller went away
+        self.arrivals: asyncio.Queue | None = None  # told of each call as it comes
 
     async def start(self) -> str:
         app = web.Application()
@@ -235,6 +260,8 @@ class Upstream:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        if self.arrivals is not None:
+            self.arrivals.put_nowait(self)
         self.calls.append(
             {
                 "body": body,
@@ -1053,7 +1080,12 @@ def test_the_expected_wait_is_the_larger_of_the_routers_count_and_the_reported_w
     reported = {"parallel": 1, "service_ms_per_call": 500.0, "expected_wait_ms": 2_000.0}
     assert wait(Load(in_flight=1), **reported) == 2_000.0
     assert wait(Load(in_flight=6), **reported) == 3_000.0
-    assert wait(Load(in_flight=1), expected_wait_ms=700.0) == 700.0  # own unknown: theirs
+    assert wait(Load(), expected_wait_ms=700.0) == 700.0  # none of the router's: theirs
+    # the router's calls fill its slot and no service time is known: unknown, whatever
+    # the report (from before them) says; an idle report must not hide a burst
+    assert wait(Load(in_flight=1), parallel=1, expected_wait_ms=0.0) is None
+    assert wait(Load(in_flight=1), expected_wait_ms=700.0) is None
+    assert wait(Load(in_flight=1), parallel=2, expected_wait_ms=0.0) == 0.0  # a slot free
     cloud = provider_candidate("openai", OPENAI, "reasoning", False)
     assert expected_wait_ms(cloud, Load(in_flight=50), NOW_S) == 0.0  # no queue known of
 
@@ -1069,6 +1101,49 @@ def test_a_reported_wait_drains_with_the_time_since_it_was_reported():
     assert expected_wait_ms(candidate, Load(), NOW_S + 9.0) == 0.0  # never below nothing
     # a router clock behind the registry's: no discount, rather than a negative age
     assert expected_wait_ms(candidate, Load(), NOW_S - 3.0) == 4_000.0
+
+
+def test_a_budget_tries_waits_within_it_then_unknown_ones_then_those_over_it():
+    def budgeted(agents, budget, waits, calls=None):
+        calls = calls or {}
+
+        def waiting(c):
+            return waits.get(c.agent_id), calls.get(c.agent_id, 0)
+
+        index = by_capability(agents)
+        options = {"fallbacks": {"classification": ["reasoning"]}, "providers": {}}
+        found = rank("classification", index, **options, prefer_local=True,
+                     usable=lambda e: True, waiting=waiting)  # fmt: skip
+        order, spill = within_budget(found, waiting, budget)
+        return [c.name for c in order], spill and (spill[0].name, spill[1])
+
+    classifier, reasoner = agent("classifier", "classification"), agent("reasoner", "reasoning")
+    # unknown and idle is a free slot (0): within, and tried first (local first)
+    assert budgeted([classifier, reasoner], 2_000, {"classifier": 0.0, "reasoner": 0.0}) == (
+        ["classifier", "reasoner"],
+        None,
+    )
+    # busy with the router's call and never measured: the idle fallback first, a spill
+    assert budgeted([classifier, reasoner], 2_000, {"reasoner": 0.0}, {"classifier": 1}) == (
+        ["reasoner", "classifier"],
+        ("classifier", None),
+    )
+    # both unknown: the fewer calls open first, not the one ranked first
+    assert budgeted([classifier, reasoner], 2_000, {}, {"classifier": 2, "reasoner": 1}) == (
+        ["reasoner", "classifier"],
+        ("classifier", None),
+    )
+    # within, then unknown (fewer calls first), then over (shorter first); no budget: as ranked
+    fleet = [agent(name, "classification") for name in ("a", "b", "c", "d")] + [reasoner]
+    waits = {"a": 3_000.0, "b": 2_500.0, "reasoner": 0.0}
+    calls = {"c": 2, "d": 1}
+    assert budgeted(fleet, 2_000, waits, calls) == (
+        ["reasoner", "d", "c", "b", "a"],
+        ("b", 2_500.0),
+    )
+    assert budgeted(fleet, None, waits, calls) == (["b", "a", "d", "c", "reasoner"], None)
+    # a budget all known waits are within: the unknown ones still after them
+    assert budgeted(fleet, 5_000, waits, calls) == (["b", "a", "reasoner", "d", "c"], None)
 
 
 async def heartbeat(registry_http, agent_id: str, **load) -> None:
@@ -1111,7 +1186,7 @@ async def test_among_equals_the_lowest_expected_wait_goes_first(
     assert routing.loads[first_url].latency_ms == 600.0
     # a-first holds a call again: a wait of 600 ms by the router's own measure
     call = await held_call()
-    assert routing.expected_wait_ms(routing.candidates("reasoning")[-1]) == 600.0
+    assert routing.waiting(routing.candidates("reasoning")[-1]) == (600.0, 1)
     assert await routed_to(router) == "b-second"
     # b-second reports others' calls queued at it: longer than a-first's
     await heartbeat(registry_http, "b-second", in_flight=3, queued=2, parallel=1,
@@ -1124,7 +1199,7 @@ async def test_among_equals_the_lowest_expected_wait_goes_first(
     await heartbeat(registry_http, "b-second", expected_wait_ms=300.0)
     await routing.directory.refresh()
     assert [c.name for c in routing.candidates("reasoning")] == ["a-first", "b-second"]
-    assert [routing.expected_wait_ms(c) for c in routing.candidates("reasoning")] == [0.0, 300.0]
+    assert [routing.waiting(c) for c in routing.candidates("reasoning")] == [(0.0, 1), (300.0, 0)]
     first.release.set()
     assert (await call).status_code == 200
 
@@ -1239,6 +1314,90 @@ async def test_with_a_slow_local_agent_and_a_budget_a_burst_spills_and_nothing_f
     metrics = (await router.get("/metrics")).text
     counted = f'router_spills_total{{capability="classification",from="classifier",to="{target}"}}'
     assert f"{counted} {spills:.1f}" in metrics
+
+
+@pytest.mark.parametrize(
+    ("second", "budget", "served"),
+    [
+        ("fallback-agent", "2000", {"classifier": 4, "reasoner": 4}),
+        ("cloud", "2000", {"classifier": 1, "openai": 7}),
+        ("fallback-agent", None, {"classifier": 8}),  # no budget: local first, no spill
+        ("replica", None, {"classifier": 4, "classifier-2": 4}),  # equals are balanced
+    ],
+)
+async def test_a_burst_spreads_before_the_local_agents_wait_is_known(
+    start_router, registry_http, upstreams, monkeypatch, second, budget, served
+):
+    """8 concurrent callers against a local agent never measured (its heartbeat: one slot,
+    idle, no service time; start_all's classifier before its first call). It takes the
+    first call; with a budget the others do not queue behind that call of unknown length:
+    they go where the wait is known within the budget, else spread over the unknown ones
+    by the calls open (a spill, of unknown wait)."""
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-123")
+    arrivals: asyncio.Queue = asyncio.Queue()  # every call, as it reaches whoever serves it
+    idle = {"in_flight": 0, "queued": 0, "parallel": 1, "expected_wait_ms": 0.0}
+    held: list[Upstream] = []
+    local = [("classifier", "classification")]
+    if second == "fallback-agent":
+        local.append(("reasoner", "reasoning"))
+    elif second == "replica":
+        local.append(("classifier-2", "classification"))
+    for agent_id, capability in local:
+        upstream, url = await upstreams()
+        upstream.mode, upstream.arrivals = "hold", arrivals
+        held.append(upstream)
+        await register(registry_http, agent_id, url, capability)
+        await heartbeat(registry_http, agent_id, **idle)
+    providers = {"openai": OPENAI} if second == "cloud" else {}
+    router = await start_router(clock=FakeClock(0.0), providers=providers)
+    headers = {"X-Max-Wait-Ms": budget} if budget else {}
+    decision = await router.post("/route", json={"capability": "classification"}, headers=headers)
+    assert decision.json()["agent_id"] == "classifier"  # unknown and idle: local first
+
+    def cloud_answer(request: httpx.Request) -> httpx.Response:
+        arrivals.put_nowait("openai")
+        return httpx.Response(200, json=data("openai/chat_completion.json"))
+
+    burst = CHAT | {"model": "capability:classification"}
+    with respx.mock(assert_all_called=False) as cloud:
+        cloud.post("https://api.openai.com/v1/chat/completions").mock(side_effect=cloud_answer)
+        calls = [
+            asyncio.create_task(
+                router.post(
+                    "/v1/chat/completions",
+                    json=burst,
+                    headers=headers | {"X-Request-ID": f"burst-{n}"},
+                )
+            )
+            for n in range(8)
+        ]
+        for _ in calls:  # every call routed before any ends: nothing was measured
+            await asyncio.wait_for(arrivals.get(), 5)
+        for upstream in held:
+            upstream.release.set()
+        answers = await asyncio.gather(*calls)
+    assert [answer.status_code for answer in answers] == [200] * 8
+    names = [answer.headers["X-Routed-To"] for answer in answers]
+    assert {name: names.count(name) for name in set(names)} == served
+    assert len(held[0].calls) == served["classifier"]
+    spills = 8 - served["classifier"] if budget else 0
+    routing = router.app.state.router
+    await routing.usage.flush()
+    summary = (await router.get("/api/usage/summary", params={"window": "15m"})).json()
+    assert (summary["routed"], summary["spills"], summary["fallbacks"]) == (8, spills, 0)
+    records = [
+        record
+        for n in range(8)
+        for record in (await router.get(f"/api/usage/requests/burst-{n}")).json()["records"]
+        if record["kind"] == "route"
+    ]
+    spilled = [record for record in records if record.get("reason") == "spill"]
+    assert len(spilled) == spills
+    assert all(record.get("spill_wait_ms") is None for record in spilled)  # unknown
+    if spills:
+        to = "reasoner" if second == "fallback-agent" else "openai"
+        counted = f'router_spills_total{{capability="classification",from="classifier",to="{to}"}}'
+        assert f"{counted} {spills:.1f}" in (await router.get("/metrics")).text
 
 
 def test_a_usage_table_made_before_spills_gets_their_columns_and_keeps_its_rows(database_url):
