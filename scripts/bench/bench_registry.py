@@ -1,11 +1,13 @@
 """Benchmark the agent registry over real HTTP against its budgets.
 
 Starts ``python -m registry`` as a subprocess on a fresh SQLite data dir, fills it with
-``--agents`` agents, then measures ``/discover`` latency (concurrency 1, beside ``GET /health``
-as the framework floor), sustained heartbeats per second from several client processes, and
-the registry's memory. Prints a Markdown table (or ``--json``) of each figure against its
-budget. A benchmark, not a test: a missed budget is reported, not turned into an exit code;
-the exit code is non-zero only when the registry failed to start or requests errored.
+``--agents`` agents, gives most of them a load (a heartbeat with an expected wait), then
+measures ``/discover`` latency, each kind unsorted and sorted by expected wait (concurrency
+1, beside ``GET /health`` as the framework floor), sustained heartbeats per second (each
+with a load) from several client processes, and the registry's memory. Prints a Markdown
+table (or ``--json``) of each figure against its budget. A benchmark, not a test: a missed
+budget is reported, not turned into an exit code; the exit code is non-zero only when the
+registry failed to start or requests errored.
 
     .venv/bin/python scripts/bench/bench_registry.py [--agents 10000] [--duration 10] [--json]
 """
@@ -43,7 +45,7 @@ from benchlib import (
     wait_ready,
 )
 
-from schemas.agents import DISCOVER_DEFAULT_LIMIT
+from schemas.agents import DISCOVER_DEFAULT_LIMIT, expected_wait_ms
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -78,6 +80,13 @@ MODELS = [
     ("llama3.2:1b", "1B", 131_072), ("phi3:mini", "3.8B", 4_096),
 ]  # fmt: skip
 QUANTIZATIONS = ["Q4_K_M", "Q5_K_M", "Q8_0", "F16"]
+# Of the agents, the share that reports a load (the rest: wrappers from before issue 14,
+# unknown load); the parallel slots a load says, mostly one (the embedded host).
+LOAD_SHARE = 0.85
+PARALLEL_WEIGHTS = {1: 60, 2: 25, 4: 15}
+SORTED = {"sort": "expected_wait"}
+ALL_KINDS = "all kinds"
+ALL_KINDS_SORTED = "all kinds, sorted by wait"
 
 
 # ---------------------------------------------------------------------------- data
@@ -128,13 +137,35 @@ def make_agents(count: int, seed: int) -> list[dict]:
     return agents
 
 
+def make_load(rng: random.Random) -> dict:
+    """A load as a wrapper reports it: idle to three calls a slot, 0.2-5 s a call."""
+    parallel = rng.choices(list(PARALLEL_WEIGHTS), list(PARALLEL_WEIGHTS.values()))[0]
+    in_flight = rng.randint(0, 3 * parallel)
+    per_call = round(rng.uniform(200, 5_000), 1)
+    return {
+        "in_flight": in_flight,
+        "queued": max(0, in_flight - parallel),
+        "parallel": parallel,
+        "service_ms_per_call": per_call,
+        "expected_wait_ms": expected_wait_ms(in_flight, parallel, per_call),
+    }
+
+
+def make_loads(agents: list[dict], seed: int) -> dict[str, dict]:
+    """The load each reporting agent sends once after the fill, by agent id."""
+    rng = random.Random(seed + 1)
+    return {a["agent_id"]: make_load(rng) for a in agents if rng.random() < LOAD_SHARE}
+
+
 @dataclass(frozen=True)
 class Query:
-    """One kind of discovery request and the client-side truth of how many agents match."""
+    """One kind of discovery request and the client-side truth of how many agents match
+    (and, sorted by expected wait, of which agents in which order)."""
 
     kind: str
     body: dict
     matching: int
+    expected_ids: list[str] | None = None
 
     @property
     def expected(self) -> int:
@@ -142,20 +173,33 @@ class Query:
         return min(self.matching, self.body.get("limit", DISCOVER_DEFAULT_LIMIT))
 
 
-def count_matches(agents: list[dict], body: dict) -> int:
-    """How many agents match, from our own data: all are alive, given the one-hour TTL."""
+def matches(agents: list[dict], body: dict) -> list[dict]:
+    """The agents that match, from our own data: all are alive, given the one-hour TTL."""
     wanted = set(body.get("capabilities", []))
-    matching = 0
+    found = []
     for agent in agents:
         have = set(agent["capabilities"])
         hit = wanted <= have if body.get("match", "all") == "all" else bool(wanted & have)
         if hit and body.get("role") in (None, agent["role"]):
-            matching += 1
-    return matching
+            found.append(agent)
+    return found
 
 
-def make_queries(agents: list[dict], limit: int | None = None) -> list[Query]:
-    """Realistic discovery mix; the rare capability is the least used one actually present."""
+def by_expected_wait(found: list[dict], loads: dict[str, dict], limit: int) -> list[str]:
+    """The ids the registry must answer sorted: lowest wait first, unknown last, by id."""
+
+    def key(agent: dict) -> tuple:
+        wait = loads.get(agent["agent_id"], {}).get("expected_wait_ms")
+        return (wait is None, wait or 0.0, agent["agent_id"])
+
+    return [agent["agent_id"] for agent in sorted(found, key=key)[:limit]]
+
+
+def make_queries(
+    agents: list[dict], loads: dict[str, dict], limit: int | None = None
+) -> list[Query]:
+    """Realistic discovery mix, each kind unsorted and then sorted by expected wait; the
+    rare capability is the least used one actually present."""
     usage = Counter(cap for agent in agents for cap in agent["capabilities"])
     rarest = min(usage, key=lambda cap: (usage[cap], cap))
     bodies = {
@@ -170,7 +214,13 @@ def make_queries(agents: list[dict], limit: int | None = None) -> list[Query]:
     }
     if limit is not None:
         bodies = {kind: body | {"limit": limit} for kind, body in bodies.items()}
-    return [Query(kind, body, count_matches(agents, body)) for kind, body in bodies.items()]
+    queries = []
+    for kind, body in bodies.items():
+        found = matches(agents, body)
+        queries.append(Query(kind, body, len(found)))
+        order = by_expected_wait(found, loads, body.get("limit", DISCOVER_DEFAULT_LIMIT))
+        queries.append(Query(f"{kind}, sorted by wait", body | SORTED, len(found), order))
+    return queries
 
 
 # ---------------------------------------------------------------------------- HTTP client
@@ -235,38 +285,38 @@ def error_log_lines(log_path: Path) -> list[str]:
 # ---------------------------------------------------------------------------- fill
 
 
-def register_batch(port: int, bodies: list[bytes]) -> tuple[int, list[str]]:
-    """Pool worker: register each agent on one connection; return (ok count, failures)."""
+def post_batch(port: int, posts: list[tuple[str, bytes]]) -> tuple[int, list[str]]:
+    """Pool worker: POST each (path, body) on one connection; return (ok count, failures)."""
     conn = connect(port)
     ok, failures = 0, []
     try:
-        for body in bodies:
-            status, payload = request(conn, "POST", "/register", body)
+        for path, body in posts:
+            status, payload = request(conn, "POST", path, body)
             if status == 200:
                 ok += 1
             else:  # the body of the first few only: one cause usually explains them all
                 detail = f" {payload[:200]!r}" if len(failures) < 5 else ""
-                failures.append(f"register: HTTP {status}{detail}")
+                failures.append(f"{path}: HTTP {status}{detail}")
     finally:
         conn.close()
     return ok, failures
 
 
-def fill(ctx, port: int, pid: int, agents: list[dict], workers: int) -> dict:
-    """Register every agent from ``workers`` client processes; return rate and errors."""
-    bodies = [json.dumps(agent).encode() for agent in agents]
-    slices = [bodies[i::workers] for i in range(workers)]
+def fill(ctx, port: int, pid: int, posts: list[tuple[str, bytes]], workers: int) -> dict:
+    """Send every POST (the registrations, then the loads' heartbeats) from ``workers``
+    client processes; return rate and errors."""
+    slices = [posts[i::workers] for i in range(workers)]
     with ctx.Pool(workers, initializer=ignore_sigint) as pool:
         pool.apply(time.sleep, (0,))  # most of the pool's start-up, before the clock starts
         cpu_started, started = cpu_seconds(pid), time.perf_counter_ns()
-        results = pool.starmap(register_batch, [(port, chunk) for chunk in slices])
+        results = pool.starmap(post_batch, [(port, chunk) for chunk in slices])
         elapsed_s = (time.perf_counter_ns() - started) / 1e9
         registry_cores = (cpu_seconds(pid) - cpu_started) / elapsed_s
     ok = sum(count for count, _ in results)
     errors = [error for _, batch in results for error in batch]
     return {
         "workers": workers,
-        "registered": ok,
+        "ok": ok,
         "seconds": elapsed_s,
         "errors": errors,
         "per_s": ok / elapsed_s,
@@ -298,6 +348,8 @@ class Probe:
     expected_agents: int | None = None
     matching_agents: int | None = None
     returned_agents: int | None = None
+    expected_ids: list[str] | None = None  # sorted: the answer, in its order
+    order_wrong: bool = False
     samples_ns: list[int] = field(default_factory=list)
 
 
@@ -305,7 +357,10 @@ def check_probe_response(probe: Probe, status: int, payload: bytes) -> None:
     if status != 200:
         raise RuntimeError(f"{probe.kind}: HTTP {status} {payload[:300]!r}")
     if probe.expected_agents is not None:
-        probe.returned_agents = len(json.loads(payload)["agents"])
+        returned = [agent["agent_id"] for agent in json.loads(payload)["agents"]]
+        probe.returned_agents = len(returned)
+        if probe.expected_ids is not None and returned != probe.expected_ids:
+            probe.order_wrong = True
 
 
 def measure_sequential(port: int, probes: list[Probe], requests: int, warmup: int) -> None:
@@ -335,6 +390,7 @@ def discover_probes(queries: list[Query]) -> list[Probe]:
             body=json.dumps(query.body).encode(),
             expected_agents=query.expected,
             matching_agents=query.matching,
+            expected_ids=query.expected_ids,
         )
         for query in queries
     ]
@@ -343,7 +399,13 @@ def discover_probes(queries: list[Query]) -> list[Probe]:
 # ---------------------------------------------------------------------------- heartbeats
 
 
-HEARTBEAT_BODY = json.dumps({"status": "passing", "in_flight": 0, "latency_ms": 12.5}).encode()
+def heartbeat_bodies(seed: int, count: int = 64) -> list[bytes]:
+    """Heartbeats as wrappers send them, each with a load drawn at random per beat: an
+    agent's expected wait changes from one beat to the next (the costly case)."""
+    rng = random.Random(seed)
+    return [
+        json.dumps({"status": "passing", "load": make_load(rng)}).encode() for _ in range(count)
+    ]
 
 
 def heartbeat_worker(
@@ -354,8 +416,9 @@ def heartbeat_worker(
     ``time.monotonic`` is system-wide on Linux, so all workers share one window.
     """
     rng = random.Random(seed)
+    bodies = heartbeat_bodies(seed)
     conn = connect(port)
-    request(conn, "POST", f"/heartbeat/{agent_ids[0]}", HEARTBEAT_BODY)  # warm the connection
+    request(conn, "POST", f"/heartbeat/{agent_ids[0]}", bodies[0])  # warm the connection
     latencies: list[int] = []
     bad: Counter[str] = Counter()
     time.sleep(max(0.0, start_at - time.monotonic()))
@@ -364,7 +427,7 @@ def heartbeat_worker(
     while time.monotonic() < end_at:
         path = f"/heartbeat/{rng.choice(agent_ids)}"
         try:
-            status, _, elapsed = timed_request(conn, "POST", path, HEARTBEAT_BODY)
+            status, _, elapsed = timed_request(conn, "POST", path, rng.choice(bodies))
         except (OSError, http.client.HTTPException) as exc:
             bad[type(exc).__name__] += 1
             conn.close()
@@ -441,22 +504,26 @@ def latency_row(probe: Probe, stats: dict, budgeted: bool) -> list[str]:
 
 def build_rows(results: dict) -> list[list[str]]:
     """One row per measured figure: what, figure, budget, PASS/FAIL (or info)."""
-    fill_ = results["fill"]
-    rows = [
-        [
-            f"fill: POST /register, {fill_['registered']:,} ({fill_['workers']} clients)",
-            f"{fill_['per_s']:,.0f} registrations/s ({fill_['seconds']:.1f} s, "
-            f"registry at {fill_['registry_cores']:.2f} cores)",
-            "—",
-            "info",
-        ]
-    ]
+    rows = []
+    for what, unit in (("fill", "registrations"), ("loads", "heartbeats")):
+        sent = results[what]
+        path = "/register" if what == "fill" else "/heartbeat/{id} with a load"
+        rows.append(
+            [
+                f"{what}: POST {path}, {sent['ok']:,} ({sent['workers']} clients)",
+                f"{sent['per_s']:,.0f} {unit}/s ({sent['seconds']:.1f} s, "
+                f"registry at {sent['registry_cores']:.2f} cores)",
+                "—",
+                "info",
+            ]
+        )
     for probe in results["_probes"]:
         rows.append(
             latency_row(probe, results["latency"][probe.kind], probe.expected_agents is not None)
         )
-    overall = results["latency"]["discover (all kinds)"]
-    rows.append(latency_row(Probe("POST /discover, all kinds", "", ""), overall, True))
+    for kind in (ALL_KINDS, ALL_KINDS_SORTED):
+        overall = results["latency"][kind]
+        rows.append(latency_row(Probe(f"POST /discover, {kind}", "", ""), overall, True))
     beats = results["heartbeats"]
     rows.append(
         [
@@ -512,7 +579,8 @@ def print_markdown(results: dict) -> None:
         f"load average {machine['loadavg_start']} at start, {machine['loadavg_end']} at end"
     )
     print(
-        f"agents: {results['agents']:,}; discovery requests per kind: {results['requests']} "
+        f"agents: {results['agents']:,} ({results['loads']['ok']:,} with a load); "
+        f"discovery requests per kind: {results['requests']} "
         f"(after {results['warmup']} warm-up), concurrency 1, keep-alive\n"
     )
     rows = [["Measure", "Figure", "Budget", "Result"], *build_rows(results)]
@@ -568,7 +636,7 @@ def check_discovery_counts(probes: list[Probe]) -> list[str]:
         f"{p.kind}: returned {p.returned_agents} agents, expected {p.expected_agents}"
         for p in probes
         if p.expected_agents is not None and p.returned_agents != p.expected_agents
-    ]
+    ] + [f"{p.kind}: not the lowest expected waits in order" for p in probes if p.order_wrong]
 
 
 def run(args: argparse.Namespace, process: subprocess.Popen, port: int) -> dict:
@@ -580,10 +648,14 @@ def run(args: argparse.Namespace, process: subprocess.Popen, port: int) -> dict:
     measure_sequential(port, [floor], args.requests, args.warmup)
 
     agents = make_agents(args.agents, args.seed)
-    fill_result = fill(ctx, port, process.pid, agents, args.fill_workers)
+    registrations = [("/register", json.dumps(agent).encode()) for agent in agents]
+    fill_result = fill(ctx, port, process.pid, registrations, args.fill_workers)
+    loads = make_loads(agents, args.seed)
+    beats = [(f"/heartbeat/{i}", json.dumps({"load": load}).encode()) for i, load in loads.items()]
+    loads_result = fill(ctx, port, process.pid, beats, args.fill_workers)
     memory_after_fill = memory_mb(process.pid)
 
-    probes = discover_probes(make_queries(agents, args.limit))
+    probes = discover_probes(make_queries(agents, loads, args.limit))
     # /health counts agents by status (a table scan), so beside it a single-row read.
     health_full = Probe(f"GET /health, {args.agents:,} agents", "GET", "/health")
     one_id = agents[len(agents) // 2]["agent_id"]
@@ -593,12 +665,17 @@ def run(args: argparse.Namespace, process: subprocess.Popen, port: int) -> dict:
     heartbeats = heartbeat_load(ctx, port, process.pid, [a["agent_id"] for a in agents], args)
     all_probes = [floor, *probes, health_full, point]
     latency = {probe.kind: summarize_ns(probe.samples_ns) for probe in all_probes}
-    latency["discover (all kinds)"] = summarize_ns([ns for p in probes for ns in p.samples_ns])
+    for kind, sorted_ in ((ALL_KINDS, False), (ALL_KINDS_SORTED, True)):
+        samples = [
+            ns for p in probes if (p.expected_ids is not None) == sorted_ for ns in p.samples_ns
+        ]
+        latency[kind] = summarize_ns(samples)
     return {
         "agents": args.agents,
         "requests": args.requests,
         "warmup": args.warmup,
         "fill": fill_result,
+        "loads": loads_result,
         "latency": latency,
         "heartbeats": heartbeats,
         "memory": {
@@ -648,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(json_report(results), indent=2))
     else:
         print_markdown(results)
-    failures = results["fill"]["errors"] + results["discovery_mismatches"]
+    failures = results["fill"]["errors"] + results["loads"]["errors"]
+    failures += results["discovery_mismatches"]
     failures += [f"heartbeat {k}: {v}" for k, v in results["heartbeats"]["non_200"].items()]
     for failure in failures[:10]:
         print(f"bench_registry: error: {failure}", file=sys.stderr)
