@@ -19,8 +19,8 @@ class Candidate:
     endpoint: str  # the base URL: an agent's endpoint, or a provider's base_url
     agent_id: str | None
     cost_per_1k_tokens: float
-    capability: str  # the capability it serves the call with
-    fallback: bool  # served through a capability fallback of the profile
+    # The capability it serves a call with: the one asked for, or a fallback of it.
+    capability: str
     # An agent's load as the registry last had it (None: unknown, or stale).
     reported_load: AgentLoad | None = field(default=None, compare=False)
     reported_at: float | None = field(default=None, compare=False)  # epoch s, registry clock
@@ -50,7 +50,7 @@ class Candidate:
         )
 
 
-def agent_candidate(agent: AgentRecord, capability: str, fallback: bool) -> Candidate:
+def agent_candidate(agent: AgentRecord, capability: str) -> Candidate:
     return Candidate(
         provider=agent.locality,  # LOCAL, or "cloud" for an agent in front of a cloud
         model=str(agent.metadata.get("model") or agent.agent_id),
@@ -58,15 +58,12 @@ def agent_candidate(agent: AgentRecord, capability: str, fallback: bool) -> Cand
         agent_id=agent.agent_id,
         cost_per_1k_tokens=agent.cost_per_1k_tokens,
         capability=capability,
-        fallback=fallback,
         reported_load=agent.load,
         reported_at=agent.load_reported_at.timestamp() if agent.load_reported_at else None,
     )
 
 
-def provider_candidate(
-    name: str, provider: ProviderConfig, capability: str, fallback: bool
-) -> Candidate:
+def provider_candidate(name: str, provider: ProviderConfig, capability: str) -> Candidate:
     return Candidate(
         provider=name,
         model=provider.models[capability],
@@ -74,17 +71,18 @@ def provider_candidate(
         agent_id=None,
         cost_per_1k_tokens=(provider.price_per_1k_input + provider.price_per_1k_output) / 2,
         capability=capability,
-        fallback=fallback,
     )
 
 
-def by_capability(agents: Iterable[AgentRecord]) -> dict[str, list[AgentRecord]]:
-    """Agents indexed by capability: built once per registry read, so that ranking reads
-    only the agents with the capability asked for, however many the registry has."""
-    index: dict[str, list[AgentRecord]] = {}
+def by_capability(agents: Iterable[AgentRecord]) -> dict[str, list[Candidate]]:
+    """The passing agents' candidates by the capability they serve: made once per registry
+    read, so that ranking reads only the agents with the capability asked for, however
+    many the registry has, and makes none of them per call."""
+    index: dict[str, list[Candidate]] = {}
     for agent in agents:
-        for capability in agent.capabilities:
-            index.setdefault(capability, []).append(agent)
+        if agent.status == "passing":
+            for capability in agent.capabilities:
+                index.setdefault(capability, []).append(agent_candidate(agent, capability))
     return index
 
 
@@ -95,7 +93,7 @@ Waiting = Callable[[Candidate], tuple[float | None, int]]
 
 def rank(
     capability: str,
-    agents: Mapping[str, Sequence[AgentRecord]],
+    agents: Mapping[str, Sequence[Candidate]],
     *,
     fallbacks: Mapping[str, list[str]],
     providers: Mapping[str, ProviderConfig],
@@ -114,21 +112,19 @@ def rank(
     open (``usable`` says no) are left out.
     """
     found: dict[str, Candidate] = {}  # by endpoint: one agent, once, at its best
-    for index, wanted in enumerate([capability, *fallbacks.get(capability, [])]):
-        fallback = index > 0
-        for agent in agents.get(wanted, ()):
-            if agent.status == "passing":
-                found.setdefault(agent.endpoint, agent_candidate(agent, wanted, fallback))
+    for wanted in (capability, *fallbacks.get(capability, ())):
+        for candidate in agents.get(wanted, ()):
+            found.setdefault(candidate.endpoint, candidate)
         for name, provider in providers.items():
             if wanted in provider.models:
-                candidate = provider_candidate(name, provider, wanted, fallback)
+                candidate = provider_candidate(name, provider, wanted)
                 found.setdefault(f"{name}:{candidate.model}", candidate)
 
     def order(candidate: Candidate) -> tuple:
         wait, in_flight = waiting(candidate)
         return (
             prefer_local and not candidate.local,
-            candidate.fallback,
+            candidate.capability != capability,  # a fallback
             candidate.cost_per_1k_tokens,
             wait is None,
             wait or 0.0,

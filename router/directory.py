@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 from pydantic import ValidationError
 
-from router.candidates import by_capability
+from router.candidates import Candidate, by_capability
 from schemas.agents import AgentList, AgentRecord
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class Directory:
         self.clock = clock
         self.sleep = sleep
         self.agents: list[AgentRecord] = []
-        self.by_capability: dict[str, list[AgentRecord]] = {}
+        self.by_capability: dict[str, list[Candidate]] = {}  # router.candidates.by_capability
         self.by_model: dict[str, AgentRecord] = {}  # the first agent serving each model
         self.read_at: float | None = None
         self.error: str | None = None

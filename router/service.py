@@ -125,7 +125,7 @@ class Router:
         where = "local agent" if best.local else "cloud provider"
         reason = (
             f"{where} {best.name} serves {best.capability}"
-            f"{' (a fallback capability)' if best.fallback else ''} at "
+            f"{' (a fallback capability)' if best.capability != capability else ''} at "
             f"{best.cost_per_1k_tokens:g}/1k tokens; best of {len(ranked)} candidates"
             f"{' with local first' if prefer_local else ''}"
         )

@@ -1069,7 +1069,7 @@ def test_the_expected_wait_is_the_larger_of_the_routers_count_and_the_reported_w
         record = agent("a", "reasoning")
         if reported:
             record = record.model_copy(update={"load": AgentLoad(**reported)})
-        return expected_wait_ms(agent_candidate(record, "reasoning", False), load, NOW_S)
+        return expected_wait_ms(agent_candidate(record, "reasoning"), load, NOW_S)
 
     assert wait(Load()) == 0.0  # nothing open: a slot is free
     assert wait(Load(in_flight=2)) is None  # busy, and nothing says how long a call takes
@@ -1086,7 +1086,7 @@ def test_the_expected_wait_is_the_larger_of_the_routers_count_and_the_reported_w
     assert wait(Load(in_flight=1), parallel=1, expected_wait_ms=0.0) is None
     assert wait(Load(in_flight=1), expected_wait_ms=700.0) is None
     assert wait(Load(in_flight=1), parallel=2, expected_wait_ms=0.0) == 0.0  # a slot free
-    cloud = provider_candidate("openai", OPENAI, "reasoning", False)
+    cloud = provider_candidate("openai", OPENAI, "reasoning")
     assert expected_wait_ms(cloud, Load(in_flight=50), NOW_S) == 0.0  # no queue known of
 
 
@@ -1095,7 +1095,7 @@ def test_a_reported_wait_drains_with_the_time_since_it_was_reported():
     record = agent("a", "reasoning").model_copy(
         update={"load": reported, "load_reported_at": datetime.fromtimestamp(NOW_S, UTC)}
     )
-    candidate = agent_candidate(record, "reasoning", False)
+    candidate = agent_candidate(record, "reasoning")
     assert expected_wait_ms(candidate, Load(), NOW_S) == 4_000.0
     assert expected_wait_ms(candidate, Load(), NOW_S + 2.5) == 1_500.0  # its queue drained
     assert expected_wait_ms(candidate, Load(), NOW_S + 9.0) == 0.0  # never below nothing
