@@ -34,7 +34,6 @@ from sqlalchemy import (
 
 from schemas.usage import (
     LATENCY_BUCKETS_MS,
-    MAX_BATCH,
     AgentUsage,
     UsageBucket,
     UsageByAgent,
@@ -48,6 +47,9 @@ log = logging.getLogger(__name__)
 
 MAX_LATENCIES = 100_000  # rows read for the percentiles and histograms of one by-agent answer
 PRUNE_EVERY_SECONDS = 3_600
+# Rows per transaction of the ledger's writer: what one batch allocates stays in its
+# thread's malloc arena for good, and 1,000 rows kept the router 4 MB over its budget.
+WRITE_BATCH = 200
 
 
 # SQLAlchemy Core, not SQLModel: the router reads and writes rows in bulk, never as
@@ -291,10 +293,10 @@ class UsageLog:
         self.pending.add(record)
 
     async def flush(self) -> None:
-        # In bounded batches: a backlog (the database was away) must not hold the event
-        # loop, or the memory, in one statement.
+        # In bounded batches (WRITE_BATCH): a backlog (the database was away) must not
+        # hold the memory in one statement.
         try:
-            await self.pending.deliver(partial(self.run, self.store.add), MAX_BATCH)
+            await self.pending.deliver(partial(self.run, self.store.add), WRITE_BATCH)
         except Exception:
             log.exception("usage records not stored; keeping them for the next flush")
             return

@@ -24,10 +24,10 @@ from router.candidates import (
 )
 from router.load import Load, expected_wait_ms
 from router.ratelimit import RateLimiter
-from router.usage import METADATA, T, UsageLog, UsageStore, add_missing_columns
+from router.usage import METADATA, WRITE_BATCH, T, UsageLog, UsageStore, add_missing_columns
 from schemas.agents import AgentLoad, AgentRecord
 from schemas.config import ProviderConfig
-from schemas.usage import MAX_BATCH, UsageRecord
+from schemas.usage import UsageRecord
 from services.common.database import create_db_engine, db_runner
 from tests.conftest import DATA, NOW, FakeClock, call_record, free_port, post_and_leave
 
@@ -1037,11 +1037,11 @@ async def test_a_backlog_is_written_in_bounded_batches(tmp_path):
         return function(*args)
 
     log = UsageLog(store, run, retention=86_400)
-    for n in range(2 * MAX_BATCH + 5):
+    for n in range(2 * WRITE_BATCH + 5):
         log.add(UsageRecord.model_validate(call_record(n, "llm_a", "local", 1, 1, 1.0)))
     await log.flush()
-    assert batches == [MAX_BATCH, MAX_BATCH, 5]
-    assert (len(log.pending), store.summary(3_600).calls) == (0, 2 * MAX_BATCH + 5)
+    assert batches == [WRITE_BATCH, WRITE_BATCH, 5]
+    assert (len(log.pending), store.summary(3_600).calls) == (0, 2 * WRITE_BATCH + 5)
     engine.dispose()
 
 

@@ -96,10 +96,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes")
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(scope["path"], too_large)(scope, receive, send)
+            await error_response(scope["path"], self.too_large())(scope, receive, send)
             return
 
         received = 0
@@ -115,11 +114,14 @@ class BodyLimitMiddleware:
                 if received > self.max_bytes and not answer.app_started:
                     # Answer 413 here: an error raised would reach the app's body parser,
                     # which turns any read error into a generic 400.
-                    await answer.give(error_response(scope["path"], too_large))
+                    await answer.give(error_response(scope["path"], self.too_large()))
             return message
 
         with contextlib.suppress(AnsweredEarly):
             await self.app(scope, counting_receive, answer.app_send)
+
+    def too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes")
 
 
 class BodyTimeoutMiddleware:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import http
 import logging
 import sys
@@ -162,13 +163,28 @@ def server_config(
     )
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, whose start leaves the collector only what requests make.
+
+    A full collection walks every object the process holds, and most of a daemon's are
+    made at start (its modules, its app, its caches) and live as long as it does: in the
+    router under load, full collections came every few hundred calls and held every call
+    for 55-90 ms (its p99). Frozen once started, they are never walked again.
+    """
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        gc.collect()
+        gc.freeze()
+
+
 def serve(app: Any, swarm: SwarmSettings, *, host: str, port: int) -> None:
     """Run ``app`` on ``host:port`` with the profile's log level and server limits."""
     configure_logging(swarm.log_level)
     config = server_config(
         app, host=host, port=port, log_level=swarm.log_level, limits=swarm.server
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
     server.run()
     if not server.started:  # e.g. the port is taken: as uvicorn.run does
         raise SystemExit(STARTUP_FAILURE)
