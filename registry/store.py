@@ -7,6 +7,8 @@ reaper removes it. Nothing here sleeps: time comes from the injected clock.
 Each heartbeat replaces the agent's load (schemas.agents.AgentLoad; none reported: unknown).
 A load is answered while it is younger than the agent's TTL, as null past it: a stale report
 is unknown, not zero. Both are decided by the database at read time, like the status.
+A load is reported with a heartbeat and stale one TTL later, when the agent expires: only an
+expired agent has a stale load.
 
 Queries use SQLAlchemy Core over the SQLModel tables: these are the hot paths, and the
 ORM's identity map and session bookkeeping cost more than the queries themselves.
@@ -98,39 +100,56 @@ _HEARTBEAT = (
         output=bindparam("output"),
         load=bindparam("load"),
         load_reported_at=bindparam("load_reported_at"),
-        expected_wait_ms=bindparam("expected_wait_ms"),
+        expected_wait_ms=bindparam("wait"),
     )
     .returning(AGENTS.c.expires_at, AGENTS.c.fingerprint)
+)
+# The copy of the wait that discovery sorts by (CapabilityRow), written only when it changed:
+# an idle agent's heartbeats repeat it.
+_HEARTBEAT_WAIT = (
+    update(CAPABILITIES)
+    .where(
+        CAPABILITIES.c.agent_id == bindparam("target"),
+        CAPABILITIES.c.expected_wait_ms.is_distinct_from(bindparam("wait")),
+    )
+    .values(expected_wait_ms=bindparam("wait"))
 )
 _GET = select(*record_columns(bindparam("now"))).where(AGENTS.c.agent_id == bindparam("target"))
 
 
 class Prepared:
-    """A statement compiled once for the engine's dialect and run on the driver's cursor.
+    """Statements compiled once for the engine's dialect and run on the driver's cursor.
 
     Heartbeats are the registry's hottest write: SQLAlchemy's per-execution bookkeeping
     costs more than SQLite's update itself. Compiling per dialect keeps it portable.
     """
 
-    def __init__(self, engine: Engine, statement) -> None:
-        compiled = statement.compile(dialect=engine.dialect)
+    def __init__(self, engine: Engine, *statements) -> None:
         self.engine = engine
-        self.sql = str(compiled)
-        self.positions = compiled.positiontup if compiled.positional else None
+        self.statements = []
+        for statement in statements:
+            compiled = statement.compile(dialect=engine.dialect)
+            positions = compiled.positiontup if compiled.positional else None
+            self.statements.append((str(compiled), positions))
 
     def run(self, params: dict[str, Any]) -> tuple | None:
-        """Execute in its own transaction; return the first row, if any."""
-        values = params if self.positions is None else [params[n] for n in self.positions]
+        """Execute in one transaction; return the first statement's first row. Without one
+        (nothing matched), the statements after it are not run."""
         connection = self.engine.raw_connection()
         try:
             cursor = connection.cursor()
-            cursor.execute(self.sql, values)
-            row = cursor.fetchone()
+            first = None
+            for index, (sql, positions) in enumerate(self.statements):
+                cursor.execute(sql, params if positions is None else [params[n] for n in positions])
+                if index == 0:
+                    first = cursor.fetchone()
+                    if first is None:
+                        break
             cursor.close()
             connection.commit()
         finally:
             connection.close()  # back to the pool, rolled back if not committed
-        return row
+        return first
 
 
 class AgentStore:
@@ -138,7 +157,7 @@ class AgentStore:
         self, engine: Engine, clock: Clock, *, default_ttl: float, reap_after: float
     ) -> None:
         self.engine = engine
-        self._heartbeat = Prepared(engine, _HEARTBEAT)
+        self._heartbeat = Prepared(engine, _HEARTBEAT, _HEARTBEAT_WAIT)
         self.clock = clock
         self.default_ttl = default_ttl
         self.reap_after = reap_after
@@ -150,14 +169,18 @@ class AgentStore:
         (the registry answers 404), so starting empty loses nothing an agent cannot resend.
         """
         found = inspect(self.engine)
-        if found.has_table(AGENTS.name):
-            stored = {column["name"] for column in found.get_columns(AGENTS.name)}
-            if stored != {column.name for column in AGENTS.columns}:
+        for table in TABLES:
+            if not found.has_table(table.name):
+                continue
+            stored = {column["name"] for column in found.get_columns(table.name)}
+            if stored != {column.name for column in table.columns}:
                 log.warning(
-                    "the agents table is from another version of the registry: replacing it; "
-                    "agents register again on their next heartbeat"
+                    "the %s table is from another version of the registry: replacing the "
+                    "tables; agents register again on their next heartbeat",
+                    table.name,
                 )
                 AgentRow.metadata.drop_all(self.engine, tables=TABLES)
+                break
         AgentRow.metadata.create_all(self.engine, tables=TABLES)
 
     def register(self, definition: AgentDefinition) -> AgentRecord:
@@ -212,7 +235,7 @@ class AgentStore:
             # Serialized here: the prepared statement bypasses SQLAlchemy's JSON type.
             "load": None if load is None else load.model_dump_json(exclude_none=True),
             "load_reported_at": None if load is None else now,
-            "expected_wait_ms": None if load is None else load.expected_wait_ms,
+            "wait": None if load is None else load.expected_wait_ms,
         }
         row = self._heartbeat.run(params)
         if row is None:
@@ -276,6 +299,10 @@ class AgentStore:
             params |= labels
             params["probe_limit"] = request.limit * len(capabilities)
             by_wait = request.sort == "expected_wait"
+            if by_wait and capabilities:
+                groups = [[c] for c in capabilities] if match_any else [capabilities]
+                filtered = frozenset(name for name, value in labels.items() if value is not None)
+                return _by_wait(conn, groups, filtered, not request.include_unhealthy, params)
             shape = (
                 match_any,
                 len(capabilities),
@@ -372,7 +399,8 @@ def _discover_query(
     filtered on and capability_0.. (rarest first for match all).
 
     ``by_wait`` orders every match by expected wait (unknown last) before the limit: the
-    database then reads all the matches, where unordered it stops at the limit.
+    database then reads all the matches, where unordered it stops at the limit. Only
+    discovery without a capability takes this way; with one, see _by_wait.
     """
     now = bindparam("now")
     conditions = _labels(**{name: bindparam(name) for name in labels})
@@ -387,6 +415,60 @@ def _discover_query(
     if by_wait:
         query = query.order_by(_expected_wait_key(now).asc().nulls_last(), AGENTS.c.agent_id)
     return query.limit(bindparam("limit"))
+
+
+def _by_wait(
+    conn, groups: list[list[str]], labels: frozenset[str], healthy_only: bool, params: dict
+) -> list[AgentRecord]:
+    """Discovery sorted by expected wait: the agents of a known wait, lowest first, then
+    those of an unknown one; ties and the unknown ones by agent id.
+
+    Each walk reads a capability's agents from ix_agent_capabilities_wait in the order
+    wanted and stops at the limit. Match any (one group per capability) merges the walks:
+    an agent among the first ``limit`` of the union is among the first of each of its
+    capabilities. The unknown ones are read only when the known ones fall short.
+    """
+
+    def walk(known: bool, limit: int) -> list:
+        rows: dict[str, Any] = {}
+        for group in groups:
+            query = _wait_walk_query(len(group), labels, healthy_only, known)
+            for row in conn.execute(query, params | _numbered(group) | {"limit": limit}):
+                rows.setdefault(row.agent_id, row)
+        if known:
+            return sorted(rows.values(), key=lambda row: (row.wait_key, row.agent_id))[:limit]
+        return sorted(rows.values(), key=lambda row: row.agent_id)[:limit]
+
+    found = walk(True, params["limit"])
+    if len(found) < params["limit"]:
+        # On a network database a heartbeat may land between the walks: one answer each.
+        known = {row.agent_id for row in found}
+        unknown = walk(False, params["limit"] - len(found))
+        found += [row for row in unknown if row.agent_id not in known]
+    # The walks select the sort key after the record's columns.
+    return _records([row[:-1] for row in found])
+
+
+@functools.lru_cache(maxsize=512)
+def _wait_walk_query(count: int, labels: frozenset[str], healthy_only: bool, known: bool):
+    """The matches of capability_0.. (rarest first) of a known wait, by wait then agent id,
+    or of an unknown wait, by agent id; values bind as in _discover_query."""
+    now = bindparam("now")
+    conditions = _labels(**{name: bindparam(name) for name in labels})
+    if healthy_only:
+        conditions += [AGENTS.c.expires_at >= now, AGENTS.c.check_status != "critical"]
+    wait = CAPABILITIES.c.expected_wait_ms
+    if known:
+        conditions += [wait.is_not(None), _load_is_fresh(now)]
+        order = [wait, CAPABILITIES.c.agent_id]
+    else:
+        unknown = wait.is_(None)
+        if not healthy_only:  # only an expired agent has a stale load (module docstring)
+            unknown = or_(unknown, ~_load_is_fresh(now))
+        conditions.append(unknown)
+        order = [CAPABILITIES.c.agent_id]
+    query = _having_all(_capability_params(count), conditions, now)
+    return query.add_columns(wait.label("wait_key")).order_by(*order).limit(bindparam("limit"))
 
 
 def _having_all(capabilities: list, conditions: list, now: Any):

@@ -45,13 +45,23 @@ class AgentRow(SQLModel, table=True):
 
 
 class CapabilityRow(SQLModel, table=True):
-    """One row per (agent, capability): discovery is an indexed lookup, not a JSON scan."""
+    """One row per (agent, capability): discovery is an indexed lookup, not a JSON scan.
+
+    Each row repeats its agent's expected wait (``AgentRow.expected_wait_ms``), so that a
+    capability's agents are read in order of wait from an index and discovery sorted by
+    wait stops at its limit, as unsorted discovery does, instead of reading and sorting
+    every agent that has the capability.
+    """
 
     __tablename__ = "agent_capabilities"
-    __table_args__ = (Index("ix_agent_capabilities_capability", "capability", "agent_id"),)
+    __table_args__ = (
+        Index("ix_agent_capabilities_capability", "capability", "agent_id"),
+        Index("ix_agent_capabilities_wait", "capability", "expected_wait_ms", "agent_id"),
+    )
 
     agent_id: str = Field(foreign_key="agents.agent_id", primary_key=True, max_length=128)
     capability: str = Field(primary_key=True, max_length=64)
+    expected_wait_ms: float | None = None
 
 
 TABLES = [AgentRow.__table__, CapabilityRow.__table__]

@@ -9,9 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from sqlalchemy import create_engine
 
 from registry.app import create_app
 from registry.settings import RegistrySettings
+from registry.tables import AgentRow
 
 
 def register(client, agent: dict, **changes) -> httpx.Response:
@@ -77,6 +79,14 @@ INSERT INTO agents VALUES ('old', 'old', 'local', 'reasoner', 'http://127.0.0.1:
 """
 
 
+OLDER_CAPABILITIES_TABLE = """
+CREATE TABLE agent_capabilities (
+    agent_id VARCHAR(128) NOT NULL REFERENCES agents (agent_id),
+    capability VARCHAR(64) NOT NULL, PRIMARY KEY (agent_id, capability)
+);
+"""
+
+
 def test_a_database_from_an_older_version_is_replaced(make_registry, tmp_path, agent):
     """Registrations are soft state: the agents register again on their next heartbeat."""
     path = tmp_path / "older.db"
@@ -87,6 +97,22 @@ def test_a_database_from_an_older_version_is_replaced(make_registry, tmp_path, a
     assert register(client, agent).status_code == 200
     assert ids(client.get("/agents")) == [agent["agent_id"]]
     assert client.post("/heartbeat/old").status_code == 404  # so it registers again
+
+
+def test_a_capabilities_table_from_an_older_version_is_replaced(make_registry, tmp_path, agent):
+    """Before discovery sorted by wait from the capability index, the table had no wait."""
+    path = tmp_path / "older.db"
+    engine = create_engine(f"sqlite:///{path}")
+    AgentRow.__table__.create(engine)
+    engine.dispose()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(OLDER_CAPABILITIES_TABLE)
+    settings = RegistrySettings(database_url=f"sqlite:///{path}", reap_interval_seconds=86_400)
+    client = make_registry(settings)
+    assert register(client, agent).status_code == 200
+    beat(client, agent["agent_id"], load={"expected_wait_ms": 5.0})
+    query = {"capabilities": agent["capabilities"][:1], "sort": "expected_wait"}
+    assert ids(client.post("/discover", json=query)) == [agent["agent_id"]]
 
 
 def test_tier_and_locality_default_to_a_local_model_service(registry, agent):
@@ -373,6 +399,37 @@ def test_discover_sorts_by_expected_wait_unknown_last(fleet, clock):
     # Unsorted, discovery answers by agent id.
     unsorted = {"capabilities": ["reasoning"]}
     assert ids(fleet.post("/discover", json=unsorted)) == ["reasoner", "remote"]
+
+
+def test_discover_by_wait_follows_each_heartbeat_and_orders_the_unknown_by_id(fleet, clock):
+    """The wait discovery sorts by is the last heartbeat's; the agents of unknown wait come
+    after, by agent id, however they came to be unknown (no load now, or a stale one)."""
+    beat(fleet, "remote", load={"expected_wait_ms": 20.0})
+    beat(fleet, "tlc", load={"expected_wait_ms": 5.0})
+    clock.advance(20)
+    beat(fleet, "classifier", load={"expected_wait_ms": 1.0})
+    beat(fleet, "reasoner", load={"expected_wait_ms": 2.0})
+    both = {"capabilities": ["classification", "reasoning"], "match": "any"}
+
+    def found(**query) -> list[str]:
+        return ids(fleet.post("/discover", json=both | query | {"sort": "expected_wait"}))
+
+    # remote has both capabilities: it comes back once.
+    assert found() == ["classifier", "reasoner", "tlc", "remote"]
+    assert found(limit=3) == ["classifier", "reasoner", "tlc"]
+    beat(fleet, "classifier", load={"expected_wait_ms": 30.0})
+    assert found() == ["reasoner", "tlc", "remote", "classifier"]
+    beat(fleet, "reasoner")  # no load: unknown from now on
+    beat(fleet, "tlc", load={"in_flight": 2})  # a load without a wait
+    assert found() == ["remote", "classifier", "reasoner", "tlc"]
+    clock.advance(15)  # remote's report is 35 s old: stale, and remote expired
+    assert found() == ["classifier", "reasoner", "tlc"]
+    assert found(include_unhealthy=True) == ["classifier", "reasoner", "remote", "tlc"]
+    assert found(include_unhealthy=True, limit=3) == ["classifier", "reasoner", "remote"]
+    assert found(capabilities=["classification"], include_unhealthy=True, limit=2) == [
+        "classifier",
+        "remote",
+    ]
 
 
 @pytest.mark.parametrize(
