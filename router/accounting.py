@@ -7,7 +7,6 @@ A local model call's own record (with its tokens) comes from the agent that serv
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +17,7 @@ from router.metrics import RouterMetrics
 from router.usage import UsageLog
 from schemas.config import ProviderConfig
 from schemas.usage import Status, UsageRecord
-from services.common.context import current_request_id
+from services.common.context import current_request_id, new_id
 
 
 @dataclass(frozen=True)
@@ -74,9 +73,9 @@ class Accounting:
         now = self.clock()
         candidate = outcome.candidate
         latency_ms = (now - outcome.began) * 1000
-        request_id = current_request_id() or uuid.uuid4().hex
+        request_id = current_request_id() or new_id()
         route = UsageRecord(
-            record_id=uuid.uuid4().hex,
+            record_id=new_id(),
             kind="route",
             request_id=request_id,
             time=datetime.fromtimestamp(self.wall_clock(), UTC),
@@ -115,7 +114,7 @@ class Accounting:
         self.metrics.tokens.labels(name, "input").inc(prompt)
         self.metrics.tokens.labels(name, "output").inc(completion)
         self.metrics.cost.labels(name).inc(cost)
-        update = {"record_id": uuid.uuid4().hex, "kind": "call", "fallback_from": None}
+        update = {"record_id": new_id(), "kind": "call", "fallback_from": None}
         update |= {"reason": None, "spill_wait_ms": None}
         update |= {"prompt_tokens": prompt, "completion_tokens": completion, "cost": cost}
         self.usage.add(route.model_copy(update=update))

@@ -10,21 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import uuid
 
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common.context import REQUEST_ID_HEADER, reset_request_id, set_request_id
+from services.common.context import REQUEST_ID_HEADER, new_id, reset_request_id, set_request_id
 from services.common.errors import PayloadTooLarge, error_response, is_ollama_path
 
 _HEADER = REQUEST_ID_HEADER.lower().encode()
 _VALID_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
 
 
 class RequestIdMiddleware:
@@ -38,7 +33,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == _HEADER), None)
-        request_id = given.decode() if given and _VALID_ID.match(given) else new_request_id()
+        request_id = given.decode() if given and _VALID_ID.match(given) else new_id()
         scope.setdefault("state", {})["request_id"] = request_id
         encoded = request_id.encode()
 

@@ -15,9 +15,14 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from schemas.config import ConfigError, ServerConfig, SwarmSettings, load_settings
-from services.common.context import current_request_id, reset_request_id, set_request_id
+from services.common.context import (
+    current_request_id,
+    new_id,
+    reset_request_id,
+    set_request_id,
+)
 from services.common.errors import HeadersTooLarge, RequestTimeout, SwarmError, error_response
-from services.common.middleware import BodyTimeoutMiddleware, new_request_id
+from services.common.middleware import BodyTimeoutMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +129,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         request is still being written, as the two would interleave."""
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         # No request was read, so no id was given: a new one, as for any request without.
-        token = set_request_id(new_request_id())
+        token = set_request_id(new_id())
         try:
             log.info("closing the connection of %s: %s", client, error.message)
             if self.cycle is None or self.cycle.response_complete:

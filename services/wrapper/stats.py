@@ -7,7 +7,6 @@ import contextlib
 import logging
 import math
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from schemas.agents import MAX_MILLISECONDS, AgentLoad, expected_wait_ms
 from schemas.health import Performance, PromptCache
 from schemas.ollama import ChatResponse, GenerateResponse
 from schemas.usage import Status, UsageRecord
-from services.common.context import current_request_id
+from services.common.context import current_request_id, new_id
 from services.common.errors import SwarmError
 from services.common.metrics import LLM_DURATION_BUCKETS, TTFT_BUCKETS
 
@@ -349,7 +348,7 @@ class Call:
         stats = self.stats
         if stats.report is None:
             return
-        record_id = uuid.uuid4().hex
+        record_id = new_id()
         first = self.first_token_at
         stats.report(
             UsageRecord(
