@@ -99,19 +99,19 @@ CHUNKS = [
 ] + [CHUNK | {"model": MODEL, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
 
 
+EVENTS = [b"data: %s\n\n" % json.dumps(chunk).encode() for chunk in CHUNKS] + [b"data: [DONE]\n\n"]
+
+
 class FakeOpenAI(CannedHTTP):
-    """An OpenAI-compatible agent answering every chat call at once: one chunk of the
-    chunked encoding an SSE event."""
+    """An OpenAI-compatible agent answering every chat call at once (or paced: see
+    ``CannedHTTP``): one chunk of the chunked encoding an SSE event."""
 
     CANNED = {
         (b"POST", b"/v1/chat/completions", False): http_response(json.dumps(COMPLETION).encode()),
-        (b"POST", b"/v1/chat/completions", True): http_chunked(
-            [b"data: %s\n\n" % json.dumps(chunk).encode() for chunk in CHUNKS]
-            + [b"data: [DONE]\n\n"],
-            b"text/event-stream",
-        ),
+        (b"POST", b"/v1/chat/completions", True): http_chunked(EVENTS, b"text/event-stream"),
         (b"GET", b"/health", False): http_response(b'{"status":"healthy"}'),
     }
+    STREAMS = {(b"POST", b"/v1/chat/completions"): (b"text/event-stream", EVENTS)}
 
 
 # --- the registry, the agent and its heartbeats ----------------------------------------------

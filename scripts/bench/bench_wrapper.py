@@ -123,14 +123,17 @@ SHOW = {
 }
 
 
-class FakeOllama(CannedHTTP):
-    """The Ollama API calls the wrapper makes, answered at once."""
+LINES = [json.dumps(line).encode() + b"\n" for line in STREAM]
 
+
+class FakeOllama(CannedHTTP):
+    """The Ollama API calls the wrapper makes, answered at once (or paced: see
+    ``CannedHTTP``)."""
+
+    STREAMS = {(b"POST", b"/api/chat"): (b"application/x-ndjson", LINES)}
     CANNED = {
         (b"POST", b"/api/chat", False): http_response(json.dumps(ANSWER).encode()),
-        (b"POST", b"/api/chat", True): http_chunked(
-            [json.dumps(line).encode() + b"\n" for line in STREAM], b"application/x-ndjson"
-        ),
+        (b"POST", b"/api/chat", True): http_chunked(LINES, b"application/x-ndjson"),
         (b"GET", b"/api/tags", False): http_response(json.dumps(TAGS).encode()),
         (b"POST", b"/api/show", False): http_response(json.dumps(SHOW).encode()),
         (b"GET", b"/api/version", False): http_response(b'{"version":"0.0.0-fake"}'),

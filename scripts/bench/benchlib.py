@@ -12,6 +12,8 @@ import argparse
 import asyncio
 import contextlib
 import http.client
+import itertools
+import json
 import math
 import os
 import platform
@@ -196,16 +198,31 @@ def http_response(body: bytes, content_type: bytes = b"application/json") -> byt
 
 def http_chunked(chunks: list[bytes], content_type: bytes) -> bytes:
     """A whole answer in chunked transfer encoding, one chunk a piece."""
+    return b"".join(http_chunked_parts(chunks, content_type))
+
+
+def http_chunked_parts(chunks: list[bytes], content_type: bytes) -> list[bytes]:
+    """The head with the first chunk, each further chunk, and the end: an answer in
+    chunked transfer encoding as a paced stream writes it."""
     head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nTransfer-Encoding: chunked\r\n\r\n"
-    body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks)
-    return head % content_type + body + b"0\r\n\r\n"
+    parts = [b"%x\r\n%s\r\n" % (len(c), c) for c in chunks]
+    return [head % content_type + parts[0], *parts[1:], b"0\r\n\r\n"]
+
+
+# A paced stream: a chat whose last message says this, streamed, gets its chunks from the
+# fake this far apart (as a model writes its tokens), to see whether a hop buffers them.
+PACED = "paced"
+PACE_S = 0.04
 
 
 class CannedHTTP(asyncio.Protocol):
     """Just enough HTTP/1.1 (keep-alive, Content-Length bodies) to answer each call with
-    ``CANNED[(method, path, the body has "stream": true)]``, whole, at once."""
+    ``CANNED[(method, path, the body has "stream": true)]``, whole, at once; a streamed
+    call of :data:`PACED` gets the chunks of ``STREAMS[(method, path)]`` (a content type
+    and the chunks) :data:`PACE_S` apart."""
 
     CANNED: dict[tuple[bytes, bytes, bool], bytes] = {}
+    STREAMS: dict[tuple[bytes, bytes], tuple[bytes, list[bytes]]] = {}
     NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 
     def connection_made(self, transport) -> None:
@@ -230,7 +247,17 @@ class CannedHTTP(asyncio.Protocol):
             self.buffer = self.buffer[end + 4 + length :]
             method, path, _ = head[0].split(b" ", 2)
             stream = b'"stream":true' in body.replace(b" ", b"")
+            if stream and b'"%s"' % PACED.encode() in body and (method, path) in self.STREAMS:
+                self.write_paced(http_chunked_parts(*reversed(self.STREAMS[method, path])))
+                continue
             self.transport.write(self.CANNED.get((method, path, stream), self.NOT_FOUND))
+
+    def write_paced(self, parts: list[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        for index, part in enumerate(parts[:-1]):
+            loop.call_later(index * PACE_S, self.transport.write, part)
+        # The end right after the last chunk: the pauses are between the chunks.
+        loop.call_later((len(parts) - 2) * PACE_S, self.transport.write, parts[-1])
 
 
 def serve_canned(protocol: type[CannedHTTP], port: int) -> None:
@@ -318,6 +345,39 @@ def call(conn: http.client.HTTPConnection, path: str, body: bytes) -> tuple[floa
     while response.read1():
         pass
     return first_at - started, time.perf_counter_ns() - started
+
+
+def paced_body(body: bytes) -> bytes:
+    """A streamed chat ``body`` (OpenAI's or Ollama's) the fake answers paced."""
+    chat = json.loads(body)
+    chat["messages"] = [*chat["messages"][:-1], chat["messages"][-1] | {"content": PACED}]
+    return json.dumps(chat).encode()
+
+
+def measure_pacing(targets: dict[str, tuple[int, str, bytes]], calls: int) -> dict:
+    """Whether a hop passes a stream's chunks on as they come: ``calls`` paced streams
+    (``paced_body``) to each target, in turn; per target, the pauses kept (reads that came
+    at least half a pace after the one before: the direct call sees every pause the fake
+    made) and the median time from the first read to the last (about 0 when a hop sends
+    a stream on at once)."""
+    kept = {name: 0 for name in targets}
+    spans: dict[str, list[float]] = {name: [] for name in targets}
+    for _ in range(calls):
+        for name, (port, path, body) in targets.items():
+            conn = http.client.HTTPConnection(HOST, port, timeout=CALL_TIMEOUT_S)
+            conn.request("POST", path, paced_body(body), HEADERS)
+            response = conn.getresponse()
+            reads = []
+            while response.read1():
+                reads.append(time.perf_counter())
+            conn.close()
+            if response.status != 200:
+                raise RuntimeError(f"{path}: HTTP {response.status}")
+            kept[name] += sum(b - a >= PACE_S / 2 for a, b in itertools.pairwise(reads))
+            spans[name].append((reads[-1] - reads[0]) * 1000)
+    return {"calls": calls, "pace_ms": PACE_S * 1000, "kept": kept} | {
+        "span_ms": {name: statistics.median(values) for name, values in spans.items()}
+    }
 
 
 def run(
@@ -526,6 +586,10 @@ class HopBudgets:
     added_p99: float  # concurrency 16 and 64: added p99, at most
 
 
+# Chunks unbuffered: of the pauses a paced stream makes (as the direct call sees them), the
+# share a hop keeps; not all, as a busy machine may delay one read past the next chunk.
+UNBUFFERED = 95.0
+PACED_CALLS = 10  # paced streams per target
 MEMORY_BUDGET_MB = 100.0  # RSS per daemon without a model (DESIGN 7), judged on the peak
 # "Flat under sustained load": the RSS at the end of the run is at most 5% above the RSS
 # after the warm-up (DESIGN 7: no growth after warm-up; 5% is room for the allocator).
@@ -580,9 +644,11 @@ def verdict_rows(results: dict, budgets: HopBudgets, hop: str) -> list[dict]:
     label = f"{hop} hop, streaming, concurrency 1"
     added = _added(stream, "_ttfb", "p50")
     rows.append(_ratio_row(label, "added time to first byte p50 (ms)", *added, budgets.added_ttfb))
-    why = "the fake sends a whole stream at once"
+    pacing = results["pacing"]
+    kept = {name: 100 * n / max(1, pacing["kept"]["direct"]) for name, n in pacing["kept"].items()}
+    measure = "chunks unbuffered: the fake's pauses kept (%)"
     rows.append(
-        {"row": label, "measure": "chunks unbuffered", "verdict": "not measured", "why": why}
+        _row(label, measure, kept["reference"], kept["via"], kept["via"], UNBUFFERED, "%", True)
     )
     for concurrency in results["concurrency"]:
         for scenario, name in SCENARIOS.items():
@@ -795,6 +861,7 @@ def measure_hop(
         results[scenario] = run(
             targets(scenario), pids, args.requests, args.warmup, args.rounds, whole_rounds
         )
+    results["pacing"] = measure_pacing(targets("stream"), PACED_CALLS)
     for concurrency in results["concurrency"]:
         for scenario in SCENARIOS:
             results[f"{scenario}_c{concurrency}"] = run_concurrent(
