@@ -30,8 +30,8 @@ class Outcome:
     stream: bool
     began: float
     # Served by another candidate because the first-ranked one, expected to wait this
-    # long (ms), was over the call's wait budget: the call spilled.
-    spilled_from: tuple[Candidate, float] | None = None
+    # long (ms; None: not known), was not within the call's wait budget: the call spilled.
+    spilled_from: tuple[Candidate, float | None] | None = None
 
 
 @dataclass

@@ -71,7 +71,8 @@ class UsageRecord(Strict):
         ge=0,
         le=MAX_LATENCY_MS,
         allow_inf_nan=False,
-        description="Of a spill: the first-ranked candidate's expected wait that caused it.",
+        description="Of a spill: the first-ranked candidate's expected wait that caused it; "
+        "null when that wait was not known (its slots full of the router's calls).",
     )
     cost: float = Field(default=0.0, ge=0, le=MAX_COST_PER_CALL, allow_inf_nan=False)
 
