@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         SWARM_ROUTER__PORT=str(router_port),
         SWARM_ROUTER__RATE_LIMIT_PER_SECOND="0",
     )
-    fake, reference = start_helpers(__file__, env, state, fake_port, reference_port)
+    fake, reference = start_helpers(__file__, env, state, fake_port, reference_port, args.reference)
     registry = start([sys.executable, "-m", "registry"], env, state / "registry.log")
     router = None
     done, failures = threading.Event(), []

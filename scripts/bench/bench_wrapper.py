@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     fake_port, wrapper_port, reference_port = free_port(), free_port(), free_port()
     state = Path(tempfile.mkdtemp(prefix="bench-wrapper-"))
     env = wrapper_env(state, wrapper_port, fake_port)
-    fake, reference = start_helpers(__file__, env, state, fake_port, reference_port)
+    fake, reference = start_helpers(__file__, env, state, fake_port, reference_port, args.reference)
     wrapper = start([sys.executable, "-m", "services", WRAPPER], env, state / "wrapper.log")
     # spawn, not fork: clients start clean; Ctrl-C is the parent's to handle.
     pool = multiprocessing.get_context("spawn").Pool(args.clients, initializer=ignore_sigint)

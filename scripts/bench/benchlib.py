@@ -276,13 +276,20 @@ def serve_canned(protocol: type[CannedHTTP], port: int) -> None:
 
 
 def start_helpers(
-    script: str, env: dict[str, str], state: Path, fake_port: int, reference_port: int
+    script: str,
+    env: dict[str, str],
+    state: Path,
+    fake_port: int,
+    reference_port: int,
+    reference: str = "aiohttp",
 ) -> tuple[subprocess.Popen, subprocess.Popen]:
-    """(the fake, the bare pass-through in front of it), each ``script`` in its own process
-    (``--serve-fake``, ``--serve-passthrough``: see ``serve_helper``)."""
+    """(the fake, the bare pass-through of kind ``reference`` in front of it), each
+    ``script`` in its own process (``--serve-fake``, ``--serve-passthrough``: see
+    ``serve_helper``)."""
     fake_argv = [sys.executable, script, "--serve-fake", str(fake_port)]
     fake = start(fake_argv, env, state / "fake.log")
     reference_argv = [script, "--serve-passthrough", str(reference_port), str(fake_port)]
+    reference_argv += ["--reference", reference]
     return fake, start([sys.executable, *reference_argv], env, state / "reference.log")
 
 
@@ -291,7 +298,8 @@ def serve_helper(args: argparse.Namespace, fake: type[CannedHTTP]) -> bool:
     if args.serve_fake:
         serve_canned(fake, args.serve_fake)
     elif args.serve_passthrough:
-        serve_passthrough(*args.serve_passthrough)
+        serve = serve_asgi_passthrough if args.reference == "asgi" else serve_passthrough
+        serve(*args.serve_passthrough)
     else:
         return False
     return True
@@ -328,6 +336,51 @@ def serve_passthrough(port: int, backend_port: int) -> None:
     app.router.add_route("*", "/{path:.*}", forward)
     uvloop.install()
     web.run_app(app, host=HOST, port=port, access_log=None, print=None)
+
+
+def serve_asgi_passthrough(port: int, backend_port: int) -> None:
+    """The same pass-through as a bare ASGI app on uvicorn (httptools, uvloop), the server
+    the daemons run on (``--reference asgi``): not DESIGN 7's reference, but what that
+    server costs by itself, to tell it from what a daemon's app adds."""
+    import uvicorn
+    from aiohttp import ClientSession
+
+    backend = f"http://{HOST}:{backend_port}"
+    sessions: list[ClientSession] = []
+
+    async def lifespan(receive, send) -> None:
+        while (await receive())["type"] == "lifespan.startup":
+            sessions.append(ClientSession())
+            await send({"type": "lifespan.startup.complete"})
+        await sessions[0].close()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def forward(scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        url = backend + scope["path"]
+        async with sessions[0].request(scope["method"], url, data=body, headers=HEADERS) as answer:
+            content_type = answer.headers.get("Content-Type", "application/json").encode()
+            start = {"type": "http.response.start", "status": answer.status}
+            await send(start | {"headers": [(b"content-type", content_type)]})
+            async for chunk in answer.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+    uvicorn.run(
+        forward,
+        host=HOST,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
 
 
 # --- measuring a hop -------------------------------------------------------------------------
@@ -751,6 +804,15 @@ def machine_line(results: dict, command: str) -> str:
     )
 
 
+REFERENCES = {
+    "aiohttp": "The bare hop is the reference of DESIGN 7, a bare aiohttp pass-through in "
+    "front of the same fake.",
+    "asgi": "The bare hop here is NOT DESIGN 7's reference (`--reference asgi`): the same "
+    "pass-through as a bare ASGI app on uvicorn, the daemons' server, in front of the same "
+    "fake; the ratios tell what a daemon's app adds to its server.",
+}
+
+
 def hop_report(
     results: dict,
     command: str,
@@ -768,8 +830,7 @@ def hop_report(
     concurrencies = " and ".join(map(str, results["concurrency"]))
     method = (
         "Ratios are the hop's figure over the bare hop's, both measured in this run (added: "
-        "minus the direct call's). The bare hop is the reference of DESIGN 7, a bare aiohttp "
-        "pass-through in front of the same fake. Concurrency 1: "
+        f"minus the direct call's). {REFERENCES[results['reference']]} Concurrency 1: "
         f"{results['requests']} calls per scenario in {results['rounds']} rounds (median of "
         f"the rounds' p50; p99 of all), direct, bare-hop and {hopped} calls in turn. "
         f"Concurrency {concurrencies}: {shares} client processes sharing the threads, each "
@@ -821,6 +882,13 @@ def hop_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--warmup-seconds", type=float, default=8.0, help="memory: untimed load per scenario"
     )
+    parser.add_argument(
+        "--reference",
+        choices=["aiohttp", "asgi"],
+        default="aiohttp",
+        help="the bare hop: DESIGN 7's aiohttp pass-through, or the same as a bare ASGI app "
+        "on uvicorn (what the daemons' server costs by itself; not DESIGN 7's reference)",
+    )
 
 
 def output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -844,6 +912,7 @@ def measure_hop(
     ``whole_rounds`` as ``run`` takes them."""
     top = max(args.concurrency)
     results: dict = {
+        "reference": args.reference,
         "requests": args.requests,
         "rounds": args.rounds,
         "seconds": args.seconds,
