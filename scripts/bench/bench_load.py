@@ -206,7 +206,9 @@ class Cell:
     tokens: int = 0
     unavailable: int = 0  # 503s
     errors: list[str] = field(default_factory=list)  # any other failure, first words
-    served_by: dict[str, int] = field(default_factory=dict)  # X-Routed-To -> calls
+    # X-Routed-To -> [calls, completion tokens]: a spilled call runs on another model,
+    # which may end its answer before max_tokens.
+    served_by: dict[str, list[int]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -240,9 +242,13 @@ def caller(port: int, body: str, headers: dict, until: float, cell: Cell) -> Non
             with cell.lock:
                 if response.status == 200:
                     cell.latencies.append(took)
-                    cell.tokens += json.loads(data)["usage"]["completion_tokens"]
-                    served = response.headers.get("X-Routed-To", "?")
-                    cell.served_by[served] = cell.served_by.get(served, 0) + 1
+                    tokens = json.loads(data)["usage"]["completion_tokens"]
+                    cell.tokens += tokens
+                    served = cell.served_by.setdefault(
+                        response.headers.get("X-Routed-To", "?"), [0, 0]
+                    )
+                    served[0] += 1
+                    served[1] += tokens
                 elif response.status == 503:
                     cell.unavailable += 1
                 else:
@@ -314,7 +320,10 @@ def run_cell(swarm: Swarm, concurrency: int, args: argparse.Namespace, budget: b
         "other_errors": len(cell.errors),
         "error_examples": sorted(set(cell.errors))[:3],
         "spills": int(after["spills"] - before["spills"]),
-        "served_by": dict(sorted(cell.served_by.items())),
+        "served_by": {
+            agent: {"calls": calls, "completion_tokens": tokens}
+            for agent, (calls, tokens) in sorted(cell.served_by.items())
+        },
         "loadavg_end": load_average(),
     }
 
@@ -388,13 +397,16 @@ def table(results: dict, command: str) -> str:
         "generation of the cell, all hosts; p95 as the bucket bound of their histogram).",
         "",
         "| scenario | callers | calls | tok/s | p50 latency | p95 latency | queue wait "
-        "mean (p95) | 503s | other errors | spills (/metrics) | served by (X-Routed-To) "
+        "mean (p95) | 503s | other errors | spills (/metrics) | served by (X-Routed-To): calls "
         "| load at end |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["scenarios"]:
         for cell in run["cells"]:
-            served = ", ".join(f"{agent} {calls}" for agent, calls in cell["served_by"].items())
+            served = ", ".join(
+                f"{agent} {by['calls']} ({by['completion_tokens'] / by['calls']:.0f} tok/call)"
+                for agent, by in cell["served_by"].items()
+            )
             cells = [
                 run["scenario"],
                 str(cell["concurrency"]),
