@@ -1,9 +1,10 @@
 """Load through the router: the embedded SmolLM2 reasoner under closed-loop callers.
 
-Each scenario starts its own swarm from the default profile (config/swarm.yaml), reduced to
-what it needs and moved to free ports in a temporary state directory: a registry, a
+Each scenario has its own swarm from the default profile (config/swarm.yaml), reduced to
+what it needs and moved to free ports, its state in a temporary directory: a registry, a
 router, the SmolLM2 model host(s) and the ``reasoner`` wrapper(s), every model host on one
-llama.cpp thread (the 2-core machine's default):
+llama.cpp thread (the 2-core machine's default). The swarms run side by side, started and
+warmed up first, so that the scenarios can take turns at each concurrency:
 
 1. ``1 host``: one host and one wrapper (``replicas: 1``);
 2. ``2 replicas``: ``replicas: 2`` on the wrapper entry, two hosts and two wrappers;
@@ -118,18 +119,23 @@ def scenario_profile(scenario: str, ports: dict[str, int]) -> dict:
     return profile
 
 
-def start_swarm(scenario: str, state: Path) -> Swarm:
-    """Registry, router, model hosts, wrappers; each healthy, and every wrapper routed to."""
+def start_swarm(scenario: str, directory: Path) -> Swarm:
+    """Registry, router, model hosts, wrappers, their state in ``directory/scenario``;
+    each healthy, and every wrapper routed to."""
     replicas = 2 if scenario == "replicas" else 1
     ports = {"registry": free_port(), "router": free_port()}
     for name, backend in ((REASONER, "smollm2"), (CLASSIFIER, "gemma3")):
         ports[name], ports[backend] = free_ports_in_a_row(replicas), free_ports_in_a_row(replicas)
     profile = scenario_profile(scenario, ports)
-    path = state / f"{scenario}.yaml"
+    state = directory / scenario  # its own databases: the swarms run side by side
+    state.mkdir()
+    if (directory / "models").exists():
+        (state / "models").symlink_to(directory / "models", target_is_directory=True)
+    path = state / "profile.yaml"
     path.write_text(yaml.safe_dump(profile))
     env = swarm_env(state, SWARM_CONFIG=str(path))
     swarm = Swarm(ports["registry"], ports["router"], [], {}, "")
-    log = state / "logs"
+    log = directory / "logs"
     log.mkdir(exist_ok=True)
 
     def launch(name: str, argv: list[str], port: int, health: str, deadline: float) -> None:
@@ -342,23 +348,37 @@ def warm_up(swarm: Swarm, args: argparse.Namespace) -> None:
             raise RuntimeError(f"warm-up call through the router: HTTP {status} {answer}")
 
 
-def run_scenario(scenario: str, args: argparse.Namespace, state: Path) -> dict:
-    swarm = start_swarm(scenario, state)
+def run_scenarios(args: argparse.Namespace, state: Path) -> list[dict]:
+    """Every scenario's swarm up at once (an idle one costs next to no CPU), then the cells
+    by concurrency, the scenarios taking turns: work of others on this shared machine that
+    comes and goes hits every scenario at a concurrency alike, not one scenario at all."""
+    swarms: dict[str, Swarm] = {}
+    cells: dict[str, list[dict]] = {scenario: [] for scenario in args.scenarios}
     try:
-        warm_up(swarm, args)
-        budget = scenario == "spill"
-        cells = [run_cell(swarm, concurrency, args, budget) for concurrency in args.concurrency]
-        print(f"... {SCENARIOS[scenario]}: done, load average {load_average()}", file=sys.stderr)
+        for scenario in args.scenarios:
+            swarms[scenario] = start_swarm(scenario, state)
+            warm_up(swarms[scenario], args)
+        for turn, concurrency in enumerate(args.concurrency):
+            first = turn % len(args.scenarios)
+            for scenario in args.scenarios[first:] + args.scenarios[:first]:
+                budget = scenario == "spill"
+                cells[scenario].append(run_cell(swarms[scenario], concurrency, args, budget))
+                done = f"{SCENARIOS[scenario]} at {concurrency}"
+                print(f"... {done}: load average {load_average()}", file=sys.stderr)
     finally:
-        stop_swarm(swarm)
-    return {
-        "scenario": SCENARIOS[scenario],
-        "agents": sorted(swarm.wrappers),
-        "first_ranked": swarm.first_ranked,
-        "hosts": len(swarm.hosts),
-        "wait_budget_ms": args.max_wait_ms if scenario == "spill" else None,
-        "cells": cells,
-    }
+        for swarm in swarms.values():
+            stop_swarm(swarm)
+    return [
+        {
+            "scenario": SCENARIOS[scenario],
+            "agents": sorted(swarm.wrappers),
+            "first_ranked": swarm.first_ranked,
+            "hosts": len(swarm.hosts),
+            "wait_budget_ms": args.max_wait_ms if scenario == "spill" else None,
+            "cells": cells[scenario],
+        }
+        for scenario, swarm in swarms.items()
+    ]
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -453,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     if models.is_dir():  # an assembled model is reused, not assembled again
         (state / "models").symlink_to(models, target_is_directory=True)
     try:
-        results["scenarios"] = [run_scenario(name, args, state) for name in args.scenarios]
+        results["scenarios"] = run_scenarios(args, state)
     except BaseException:
         print(f"failed; logs in {state / 'logs'}", file=sys.stderr)
         raise
