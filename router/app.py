@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import aiohttp
@@ -80,10 +79,7 @@ def create_app(
                 reference_price_per_1k=settings.reference_price_per_1k_tokens,
             )
             retention = settings.usage_retention_days * 86_400
-            # One thread: SQLite takes one writer at a time, and the ledger's own order.
-            worker = ThreadPoolExecutor(1, thread_name_prefix="usage-store")
-            owned.callback(worker.shutdown)
-            usage = UsageLog(store, db_runner(engine, worker), retention=retention)
+            usage = UsageLog(store, db_runner(engine), retention=retention)
             owned.push_async_callback(usage.flush)  # at shutdown, after the last request
             router = Router(
                 settings=settings,

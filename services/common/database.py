@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
 import pydantic_core
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import StaticPool
 
 Runner = Callable[..., Awaitable[Any]]
 
@@ -24,8 +22,6 @@ def create_db_engine(url: str) -> Engine:
         return create_engine(url, pool_pre_ping=True, **options)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    else:  # one database in memory: one connection, whichever thread asks (db_runner)
-        options["poolclass"] = StaticPool
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 5}, **options)
 
     @event.listens_for(engine, "connect")
@@ -42,23 +38,13 @@ def create_db_engine(url: str) -> Engine:
     return engine
 
 
-def db_runner(engine: Engine, worker: Executor | None = None) -> Runner:
+def db_runner(engine: Engine) -> Runner:
     """How async endpoints call the blocking store.
 
-    SQLite answers a registry's queries in microseconds while holding the GIL, so a hop to
-    a worker thread costs more than the query; run on the event loop, writes also never
-    wait on each other's locks. A store that writes and reads many rows at a time (the
-    router's ledger: a second's calls in one batch, a dashboard's window) gives its own
-    ``worker``, one thread: on the loop, such a batch held every call for tens of
-    milliseconds, and in a thread sqlite3 runs the query with the GIL released. A network
-    database waits on I/O, so its calls go to worker threads.
+    SQLite answers in microseconds while holding the GIL, so a hop to a worker thread costs
+    more than the query; run on the event loop, writes also never wait on each other's
+    locks. A network database waits on I/O, so its calls go to worker threads.
     """
-    if worker is not None:
-
-        async def run_in_worker(function: Callable[..., Any], *args: Any) -> Any:
-            return await asyncio.get_running_loop().run_in_executor(worker, function, *args)
-
-        return run_in_worker
     if engine.dialect.name == "sqlite":
 
         async def run_inline(function: Callable[..., Any], *args: Any) -> Any:
