@@ -52,7 +52,7 @@ PRUNE_EVERY_SECONDS = 3_600
 # holds them for ~4 ms at most; a second's records at once held them for ~35 ms at
 # 2,000 calls a second (the router's p99). A writer thread fared worse: sqlite3 lets go
 # of the GIL for every row, and each row then waited for the busy event loop to give it
-# back (a backlog of 10,000 records and 20 MB).
+# back (a backlog of 10,000 records and 17 MB).
 FLUSH_SECONDS = 0.1
 WRITE_BATCH = 200
 
