@@ -379,3 +379,48 @@ class ProcessResponse(BaseModel):
     """Answer of ``GET /api/ps``."""
 
     models: list[RunningModel]
+
+
+# --- embeddings ------------------------------------------------------------------------------
+
+MAX_EMBED_INPUTS = 2048
+"""Inputs of one embedding request at most (OpenAI's bound on its input arrays)."""
+
+
+class EmbedRequest(_Input):
+    """Body of ``POST /api/embed``: ``input`` a string or a list of strings; none (or an
+    empty string or list) only loads the model, as in Ollama."""
+
+    model: str = Field(min_length=1)
+    input: str | Annotated[list[str], Field(max_length=MAX_EMBED_INPUTS)] | None = None
+    truncate: bool | None = None
+    """Cut each input to the context length (the default); false: 400 for a longer one."""
+    dimensions: int | None = Field(default=None, ge=1)
+    """Keep the vectors' first ``dimensions`` values (normalised again)."""
+    options: Options | None = None
+    keep_alive: KeepAlive | None = None
+
+
+class EmbedResponse(BaseModel):
+    """Answer of ``POST /api/embed``: one unit-length vector per input, in order."""
+
+    model: str
+    embeddings: list[list[float]]
+    total_duration: Nanoseconds | None = None
+    load_duration: Nanoseconds | None = None
+    prompt_eval_count: Count | None = None
+
+
+class EmbeddingsRequest(_Input):
+    """Body of the legacy ``POST /api/embeddings``; an empty ``prompt`` only loads the model."""
+
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    options: Options | None = None
+    keep_alive: KeepAlive | None = None
+
+
+class EmbeddingsResponse(BaseModel):
+    """Answer of ``POST /api/embeddings``: the vector as the model gives it, not normalised."""
+
+    embedding: list[float]

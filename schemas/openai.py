@@ -340,3 +340,52 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[Model]
+
+
+# --- embeddings ------------------------------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048
+"""Inputs of one request at most, OpenAI's bound on ``input`` arrays."""
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+EmbeddingInput = (
+    Annotated[str, Field(min_length=1)]
+    | Annotated[
+        list[Annotated[str, Field(min_length=1)]],
+        Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS),
+    ]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+)
+
+
+class EmbeddingRequest(_Input):
+    """Body of ``POST /v1/embeddings``: ``input`` a string, a list of strings, a list of
+    token ids or a list of those; none may be empty."""
+
+    model: str = Field(min_length=1)
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+    """The floats, or with ``encoding_format`` base64 their little-endian float32 bytes."""
+    index: int = Field(ge=0)
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+class CreateEmbeddingResponse(BaseModel):
+    """Answer of ``POST /v1/embeddings``."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
