@@ -153,15 +153,28 @@ class RegistryConfig(Section):
 
 
 class BackendConfig(Section):
-    """A model backend speaking the Ollama API: a real Ollama or the embedded model host.
+    """A model backend: a real Ollama or the embedded model host (the Ollama API), or an
+    OpenAI-compatible server (``kind: openai``: llama.cpp's llama-server, vLLM, LM Studio,
+    llama-cpp-python's server).
 
-    An Ollama server is described once, however many models it serves: each wrapper names
-    the model it serves on it. An embedded host loads one model, named here.
+    An Ollama or OpenAI-compatible server is described once, however many models it serves:
+    each wrapper names the model it serves on it. An embedded host loads one model, named here.
     """
 
-    kind: Literal["embedded", "ollama"]
+    kind: Literal["embedded", "ollama", "openai"]
     host: SectionHost | None = None
-    port: Port
+    port: Port | None = Field(default=None, description="Required, but for an openai url.")
+    url: Annotated[Endpoint, _refuse_empty("http://host:port/v1")] | None = Field(
+        default=None,
+        description="An openai backend: its base URL as OpenAI clients take it "
+        "(http://gpu-box:8000/v1); instead of host and port (then http://host:port/v1).",
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Z_][A-Z0-9_]*$",
+        description="An openai backend: the environment variable holding its API key, sent "
+        "as a bearer token (never logged); unset: no key.",
+    )
     model: str | None = Field(
         default=None,
         min_length=1,
@@ -193,7 +206,32 @@ class BackendConfig(Section):
             raise ValueError(
                 "an Ollama backend takes no model: each wrapper names the model it serves on it"
             )
+        if self.kind == "openai" and self.model is not None:
+            raise ValueError(
+                "an openai backend takes no model: each wrapper names the model it serves on it"
+            )
         return self
+
+    @model_validator(mode="after")
+    def _check_address(self) -> BackendConfig:
+        kind = "an Ollama" if self.kind == "ollama" else f"an {self.kind}"
+        if self.kind != "openai":
+            if self.port is None:
+                raise ValueError(f"{kind} backend needs a port")
+            if self.url is not None or self.api_key_env is not None:
+                raise ValueError(f"{kind} backend takes no url or api_key_env: an openai one does")
+        elif self.url is None and self.port is None:
+            raise ValueError("an openai backend needs a url (http://host:port/v1) or a port")
+        elif self.url is not None and self.port is not None:
+            raise ValueError("an openai backend takes a url or a port, not both")
+        elif self.url is not None and self.host is not None:
+            raise ValueError("an openai backend with a url takes no host: the url names it")
+        return self
+
+    @property
+    def openai_url(self) -> str | None:
+        """An openai backend's base URL when its profile gives one (else host and port)."""
+        return self.url.rstrip("/") if self.url else None
 
 
 class WrapperConfig(Section):
@@ -437,6 +475,8 @@ class SwarmSettings(BaseSettings):
         yield "registry.port", self.registry.host or self.host, self.registry.port
         yield "router.port", self.router.host or self.host, self.router.port
         for name, backend in self.backends.items():
+            if backend.port is None:  # an openai backend given by url: not on our hosts
+                continue
             for replica in range(1, self.backend_replicas(name) + 1):
                 key = _replica_key(f"backends.{name}.port", replica)
                 yield key, backend.host or self.host, _replica_port(key, backend.port, replica)
@@ -481,11 +521,13 @@ class SwarmSettings(BaseSettings):
         return max(asked, default=1) if backend.kind == "embedded" else 1
 
     def backend_url(self, wrapper: str, replica: int = 1) -> str:
-        """The Ollama-API server behind a wrapper's replica: a backend entry (an embedded
-        one's model host of the same replica, the one Ollama server), or another wrapper
-        (its replica of the same number, else its first)."""
+        """The server behind a wrapper's replica: a backend entry (an embedded one's model
+        host of the same replica, the one Ollama server, an openai server's base URL), or
+        another wrapper (its replica of the same number, else its first)."""
         name = self.wrappers[wrapper].backend
         backend = self.backends.get(name)
+        if backend is not None and backend.kind == "openai":
+            return backend.openai_url or self.local_url(backend.host, backend.port) + "/v1"
         if backend is not None:
             behind = replica if backend.kind == "embedded" else 1
             return self.local_url(backend.host, backend.port + behind - 1)

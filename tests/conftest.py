@@ -669,3 +669,59 @@ def registry_http(wrapper_registry) -> httpx.AsyncClient:
     """The real registry app, reached in-process by a wrapper."""
     transport = httpx.ASGITransport(app=wrapper_registry.app)
     return httpx.AsyncClient(transport=transport, base_url="http://registry.test")
+
+
+# --- an OpenAI-compatible server: llama-cpp-python's own, as a real process -------------------
+
+
+OPENAI_SERVER_KEY = "sk-test-server-key"
+
+
+@dataclass
+class OpenAIServer:
+    """``python -m llama_cpp.server`` serving SmolLM2 as ``SMOLLM``; its access log says
+    which calls it served."""
+
+    url: str  # its /v1, as OpenAI clients and a ``kind: openai`` backend take it
+    log: Path
+
+    def served(self, path: str) -> int:
+        """How many ``POST path`` calls the server has answered."""
+        return self.log.read_text(errors="replace").count(f'"POST {path} HTTP')
+
+
+@pytest.fixture(scope="module")
+def openai_server(tmp_path_factory) -> Iterator[OpenAIServer]:
+    from services.modelhost.catalog import locate, lookup
+
+    directory = tmp_path_factory.mktemp("openai-server")
+    gguf = locate(lookup(SMOLLM), directory)
+    port = free_port()
+    log = directory / "server.log"
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port)]
+    argv += ["--n_ctx", str(SMOLLM_CONTEXT), "--model_alias", SMOLLM, "--n_threads", "1"]
+    # Calls served one after another, as a wrapper's probe and a call may overlap (by
+    # default a new call cuts the running one short); every call must carry the key.
+    argv += ["--interrupt_requests", "False", "--api_key", OPENAI_SERVER_KEY]
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            argv,
+            cwd=directory,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        end = time.monotonic() + 60
+        while b"Uvicorn running" not in log.read_bytes():
+            if process.poll() is not None or time.monotonic() > end:
+                raise AssertionError(f"llama_cpp.server did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield OpenAIServer(f"{url}/v1", log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -15,8 +15,9 @@ from fastapi import FastAPI
 
 from services.common.http import install_plumbing, peer_client, serve_lean
 from services.wrapper import ollama_routes, openai_routes, status_routes, tmd_routes
-from services.wrapper.aiohttp_client import ollama_client
-from services.wrapper.backend import Backend
+from services.wrapper.aiohttp_client import AiohttpClient, ollama_client
+from services.wrapper.backend import Backend, FinalAnswer
+from services.wrapper.openai_backend import OpenAIBackend
 from services.wrapper.registration import Registrar, Sleep
 from services.wrapper.service import Wrapper, wall_clock
 from services.wrapper.settings import WrapperSettings
@@ -37,7 +38,7 @@ MODEL_CALL_PATHS = (
 def create_app(
     settings: WrapperSettings,
     *,
-    backend: ollama.AsyncClient | None = None,
+    backend: ollama.AsyncClient | AiohttpClient | None = None,
     registry_client: httpx.AsyncClient | None = None,
     usage_client: httpx.AsyncClient | None = None,
     clock: Callable[[], float] = time.perf_counter,
@@ -46,7 +47,8 @@ def create_app(
 ) -> FastAPI:
     """The wrapper for one profile entry.
 
-    ``backend``, ``registry_client`` and ``usage_client`` (to the router, where usage is
+    ``backend`` (the official ollama client, or an ``AiohttpClient`` on an openai
+    backend's /v1), ``registry_client`` and ``usage_client`` (to the router, where usage is
     reported when ``settings.usage_url`` is set) are used as given (and left open) when
     passed; otherwise the lifespan creates and closes them. ``clock`` times calls and
     uptime; ``sleep`` and ``random`` drive the registration and reporting backoff.
@@ -55,14 +57,6 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as owned:
-            client = backend
-            if client is None:
-                client = ollama_client(
-                    settings.backend_url,
-                    connect_timeout=settings.connect_timeout_seconds,
-                    read_timeout=settings.read_timeout_seconds,
-                )
-                owned.push_async_callback(client.close)
             http = peer_client(registry_client, settings.registry_url, owned)
             reporter = None
             if settings.usage_url is not None:
@@ -84,12 +78,7 @@ def create_app(
             )
             wrapper = Wrapper(
                 settings,
-                Backend(
-                    client,
-                    url=settings.backend_url,
-                    model=settings.model,
-                    on_final=stats.prompt_cache.observe,
-                ),
+                make_backend(settings, backend, owned, on_final=stats.prompt_cache.observe),
                 stats,
                 clock=clock,
                 started=clock(),
@@ -140,3 +129,33 @@ def create_app(
     app.state.endpoints = sorted(paths | {"/metrics"})
     serve_lean(app, routers, MODEL_CALL_PATHS)
     return app
+
+
+def make_backend(
+    settings: WrapperSettings,
+    client: ollama.AsyncClient | AiohttpClient | None,
+    owned: contextlib.AsyncExitStack,
+    *,
+    on_final: Callable[[FinalAnswer], None],
+) -> Backend | OpenAIBackend:
+    """The backend of ``settings.backend_kind``: the one place the kind is chosen. A client
+    made here is closed with ``owned``; a given one is used as it is."""
+    timeouts = {
+        "connect_timeout": settings.connect_timeout_seconds,
+        "read_timeout": settings.read_timeout_seconds,
+    }
+    if settings.backend_kind == "openai":
+        if client is None:
+            headers = {"content-type": "application/json", "user-agent": "local-llm-swarm"}
+            if settings.backend_api_key is not None:
+                key = settings.backend_api_key.get_secret_value()
+                headers["authorization"] = f"Bearer {key}"
+            client = AiohttpClient(settings.backend_url, headers=headers, **timeouts)
+            owned.push_async_callback(client.aclose)
+        assert isinstance(client, AiohttpClient)
+        return OpenAIBackend(client, url=settings.backend_url, model=settings.model)
+    if client is None:
+        client = ollama_client(settings.backend_url, **timeouts)
+        owned.push_async_callback(client.close)
+    assert isinstance(client, ollama.AsyncClient)
+    return Backend(client, url=settings.backend_url, model=settings.model, on_final=on_final)

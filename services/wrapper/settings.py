@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 
@@ -19,6 +20,12 @@ class WrapperSettings(WrapperConfig):
     service: Identifier
     host: str = "127.0.0.1"
     backend_url: str
+    backend_kind: Literal["ollama", "openai"] = Field(
+        default="ollama",
+        description="What backend_url speaks: the Ollama API (Ollama, the embedded host, "
+        "another wrapper) or an OpenAI-compatible server's /v1.",
+    )
+    backend_api_key: SecretStr | None = None  # an openai backend's key, from api_key_env
     registry_url: str
     usage_url: str | None = None  # the router, where model calls are reported; None: not
     registry_token: SecretStr | None = None
@@ -59,6 +66,8 @@ class WrapperSettings(WrapperConfig):
                 f"{config.replicas})"
             )
         given = {k: v for k, v in overrides.items() if v is not None}
+        backend = swarm.backends.get(config.backend)
+        openai = backend is not None and backend.kind == "openai"
         host = given.get("host") or config.host or swarm.host
         port = given.get("port") or config.port + replica - 1
         values = config.model_dump() | {
@@ -69,6 +78,11 @@ class WrapperSettings(WrapperConfig):
             "host": host,
             "port": port,
             "backend_url": swarm.backend_url(name, replica),
+            "backend_kind": "openai" if openai else "ollama",
+            # Set but empty counts as unset, as for the providers' own clients.
+            "backend_api_key": (os.environ.get(backend.api_key_env or "") or None)
+            if openai
+            else None,
             "registry_url": swarm.registry_url,
             # A wrapper in front of another wrapper (the TLC classifier) makes no model call
             # of its own: the one behind it reports the call, once.

@@ -342,3 +342,120 @@ def usage_chunk(
     return openai.ChatCompletionChunk(
         id=completion_id, created=created, model=model, choices=[], usage=usage
     )
+
+
+# --- Ollama request -> OpenAI request, OpenAI answer -> Ollama answer ------------------------
+# For a ``kind: openai`` backend: the wrapper's Ollama API served by an OpenAI-compatible
+# server. The reverse of the functions above, built on them where they fit.
+
+
+def openai_chat_body(request: ollama.ChatRequest) -> dict[str, Any]:
+    """An Ollama ``/api/chat`` request as the OpenAI chat completion body it means."""
+    body = _openai_sampling(request) | {
+        "model": request.model,
+        "messages": [_openai_message(message, i) for i, message in enumerate(request.messages)],
+        "stream": request.stream,
+    }
+    if request.tools:
+        body["tools"] = [tool.model_dump(exclude_none=True) for tool in request.tools]
+    return body
+
+
+def openai_completion_body(request: ollama.GenerateRequest) -> dict[str, Any]:
+    """A raw ``/api/generate`` request as an OpenAI ``/v1/completions`` body; a templated
+    one is a chat (see ``generate_as_chat``)."""
+    return _openai_sampling(request) | {
+        "model": request.model,
+        "prompt": (request.system or "") + (request.prompt or ""),
+        "stream": request.stream,
+    }
+
+
+def generate_as_chat(request: ollama.GenerateRequest) -> ollama.ChatRequest:
+    """A templated ``/api/generate`` request as the chat it is (the server applies the
+    model's template to messages, not to a prompt)."""
+    messages = [ollama.Message(role="system", content=request.system)] if request.system else []
+    prompt = ollama.Message(role="user", content=request.prompt or "", images=request.images)
+    messages.append(prompt)
+    return ollama.ChatRequest(
+        model=request.model,
+        messages=messages,
+        stream=request.stream,
+        format=request.format,
+        options=request.options,
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs,
+    )
+
+
+def _openai_sampling(request: ollama.ChatRequest | ollama.GenerateRequest) -> dict[str, Any]:
+    options = request.options or ollama.Options()
+    limit = options.num_predict
+    values = {
+        "max_tokens": limit if limit is not None and limit > 0 else None,  # -1, -2: none
+        "temperature": options.temperature,
+        "top_p": options.top_p,
+        "stop": options.stop or None,
+        "seed": options.seed,
+        "presence_penalty": options.presence_penalty,
+        "frequency_penalty": options.frequency_penalty,
+        "response_format": _openai_format(request.format),
+        "logprobs": request.logprobs or None,
+        "top_logprobs": request.top_logprobs if request.logprobs else None,
+    }
+    if request.stream:
+        values["stream_options"] = {"include_usage": True}  # counts, where the server gives them
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _openai_format(format: ollama.Format) -> dict[str, Any] | None:
+    if not format:
+        return None
+    if format == "json":
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": format}}
+
+
+def _openai_message(message: ollama.Message, index: int) -> dict[str, Any]:
+    content: Any = message.content
+    if message.images:
+        images = [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}
+            for image in message.images
+        ]
+        content = [{"type": "text", "text": message.content}, *images]
+    data: dict[str, Any] = {"role": message.role, "content": content}
+    if message.tool_calls:
+        calls = openai_tool_calls(message.tool_calls, f"chatcmpl-{index}")
+        data["tool_calls"] = [call.model_dump() for call in calls or ()]
+    if message.role == "tool":
+        data["tool_call_id"] = message.tool_call_id or message.tool_name or ""
+    return data
+
+
+def ollama_tool_calls(calls: list[dict[str, Any]] | None) -> list[ollama.ToolCall] | None:
+    """OpenAI's tool calls (arguments as JSON text) as Ollama's (an object)."""
+    if not calls:
+        return None
+    converted = []
+    for call in calls:
+        function = call.get("function") or {}
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except json.JSONDecodeError:
+            arguments = {}
+        converted.append(
+            ollama.ToolCall(
+                id=call.get("id"),
+                function=ollama.ToolCallFunction(
+                    name=function.get("name") or "",
+                    arguments=arguments if isinstance(arguments, dict) else {},
+                ),
+            )
+        )
+    return converted
+
+
+def done_reason(finish: str | None) -> str:
+    """OpenAI's ``finish_reason`` as Ollama's ``done_reason``."""
+    return "length" if finish == "length" else "stop"

@@ -1,0 +1,158 @@
+"""A wrapper in front of a ``kind: openai`` backend: a real llama-cpp-python server process
+serving SmolLM2, reached through the wrapper with the official openai and ollama clients."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.conftest import (
+    OPENAI_SERVER_KEY,
+    SMOLLM,
+    SMOLLM_CONTEXT,
+    OpenAIServer,
+    free_port,
+    make_settings,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.process]
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def openai_settings(url: str, **changes):
+    values = {
+        "model": SMOLLM,
+        "backend": "server",
+        "backend_url": url,
+        "backend_kind": "openai",
+        "backend_api_key": OPENAI_SERVER_KEY,
+        "context_length": SMOLLM_CONTEXT,
+        "max_tokens_limit": 8,
+    }
+    return make_settings(**values | changes)
+
+
+@pytest.fixture
+async def served(start_wrapper, openai_server: OpenAIServer):
+    # backend=None: the wrapper makes its own client for the kind, as in production.
+    return await start_wrapper(openai_settings(openai_server.url), backend=None)
+
+
+async def test_openai_client_chat(served):
+    completion = await served.openai.chat.completions.create(
+        model="any", messages=HELLO, max_tokens=4
+    )
+    choice = completion.choices[0]
+    assert completion.model == SMOLLM
+    assert isinstance(choice.message.content, str)
+    assert choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    # The server's own counts: 4 tokens asked, never more.
+    assert 0 < completion.usage.completion_tokens <= 4
+    assert completion.usage.prompt_tokens > 0
+
+
+async def test_openai_client_stream(served):
+    stream = await served.openai.chat.completions.create(
+        model="any",
+        messages=HELLO,
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert 1 <= len(texts) <= 4
+    assert finishes[-1] in ("stop", "length")
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len(texts)
+
+
+async def test_ollama_client_chat_and_generate(served):
+    answer = await served.ollama.chat(SMOLLM, HELLO, options={"num_predict": 4})
+    assert answer.done
+    assert answer.message.role == "assistant"
+    assert answer.message.content
+    assert 0 < answer.eval_count <= 4
+
+    parts = [
+        part
+        async for part in await served.ollama.chat(
+            SMOLLM, HELLO, stream=True, options={"num_predict": 4}
+        )
+    ]
+    assert parts[-1].done
+    assert not any(part.done for part in parts[:-1])
+    assert "".join(part.message.content for part in parts)
+
+    generated = await served.ollama.generate(SMOLLM, "Say hello.", options={"num_predict": 4})
+    assert generated.done
+    assert generated.response
+    assert generated.done_reason in ("stop", "length")
+
+    raw = await served.ollama.generate(
+        SMOLLM, "Once upon a time", raw=True, options={"num_predict": 3}
+    )
+    assert raw.done
+    assert 0 < raw.eval_count <= 3
+
+
+async def test_ollama_metadata_from_the_server(served):
+    listing = await served.ollama.list()
+    assert [model.model for model in listing.models] == [SMOLLM]
+    assert (await served.http.get("/api/version")).status_code == 200
+    shown = await served.http.post("/api/show", json={"model": SMOLLM})
+    assert shown.status_code == 200
+    models = (await served.http.get("/v1/models")).json()
+    assert [model["id"] for model in models["data"]] == [SMOLLM]
+
+
+async def test_health_is_healthy_only_after_a_decode(start_wrapper, openai_server):
+    wrapper = await start_wrapper(openai_settings(openai_server.url), backend=None)
+    before = openai_server.served("/v1/chat/completions")
+    health = await wrapper.http.get("/health")
+    assert health.status_code == 200, health.text
+    assert health.json()["status"] == "healthy"
+    # The probe decoded once, itself; a healthy backend is not asked again.
+    assert openai_server.served("/v1/chat/completions") == before + 1
+    assert (await wrapper.http.get("/health")).status_code == 200
+    assert openai_server.served("/v1/chat/completions") == before + 1
+
+
+async def test_a_model_the_server_lacks_is_unhealthy(start_wrapper, openai_server):
+    settings = openai_settings(openai_server.url, model="not-served:1b")
+    wrapper = await start_wrapper(settings, backend=None)
+    before = openai_server.served("/v1/chat/completions")
+    health = await wrapper.http.get("/health")
+    assert health.status_code == 503
+    assert "not-served:1b" in health.json()["reason"]
+    assert openai_server.served("/v1/chat/completions") == before  # no decode tried
+
+
+async def test_server_down_is_a_503_envelope(start_wrapper):
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    wrapper = await start_wrapper(openai_settings(down), backend=None)
+    with pytest.raises(openai.APIStatusError) as raised:
+        await wrapper.openai.chat.completions.create(model="any", messages=HELLO)
+    assert raised.value.status_code == 503
+    error = raised.value.body
+    assert error["code"] == "backend_unavailable"
+    assert error["type"] == "service_unavailable"
+    assert down in error["message"]
+    assert raised.value.response.headers["retry-after"]
+    health = await wrapper.http.get("/health")
+    assert health.status_code == 503
+    assert health.json()["status"] == "unhealthy"
+
+
+async def test_a_wrong_key_is_a_503_that_does_not_tell_it(start_wrapper, openai_server):
+    settings = openai_settings(openai_server.url, backend_api_key="sk-wrong-key")
+    wrapper = await start_wrapper(settings, backend=None)
+    response = await wrapper.http.post(
+        "/v1/chat/completions", json={"model": "any", "messages": HELLO}
+    )
+    assert response.status_code == 503
+    assert "API key" in response.json()["error"]["message"]
+    assert "sk-" not in response.text
