@@ -3,19 +3,23 @@ serving SmolLM2, reached through the wrapper with the official openai and ollama
 
 from __future__ import annotations
 
+import uuid
+
+import httpx
 import openai
 import pytest
 
+from schemas.config import ConfigError, load_settings
+from services.wrapper.settings import WrapperSettings
 from tests.conftest import (
     OPENAI_SERVER_KEY,
     SMOLLM,
     SMOLLM_CONTEXT,
     OpenAIServer,
+    Sleeper,
     free_port,
     make_settings,
 )
-
-pytestmark = [pytest.mark.anyio, pytest.mark.process]
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 
@@ -31,6 +35,9 @@ def openai_settings(url: str, **changes):
         "max_tokens_limit": 8,
     }
     return make_settings(**values | changes)
+
+
+pytestmark = [pytest.mark.anyio, pytest.mark.process]
 
 
 @pytest.fixture
@@ -110,7 +117,15 @@ async def test_ollama_metadata_from_the_server(served):
 
 
 async def test_health_is_healthy_only_after_a_decode(start_wrapper, openai_server):
-    wrapper = await start_wrapper(openai_settings(openai_server.url), backend=None)
+    # A registry that refuses keeps registration retrying (asleep): no heartbeat probes.
+    refusing = httpx.AsyncClient(transport=httpx.MockTransport(lambda _: httpx.Response(503)))
+    wrapper = await start_wrapper(
+        openai_settings(openai_server.url),
+        backend=None,
+        registry_client=refusing,
+        sleeper=Sleeper(),
+    )
+    await wrapper.sleeper.asleep()
     before = openai_server.served("/v1/chat/completions")
     health = await wrapper.http.get("/health")
     assert health.status_code == 200, health.text
@@ -156,3 +171,76 @@ async def test_a_wrong_key_is_a_503_that_does_not_tell_it(start_wrapper, openai_
     assert response.status_code == 503
     assert "API key" in response.json()["error"]["message"]
     assert "sk-" not in response.text
+
+
+async def test_openai_calls_are_forwarded_as_they_are(served):
+    # The server's own completion ids (a uuid) come back: the answer is the server's, not
+    # the wrapper's translation (whose ids are chatcmpl-<hex counter>).
+    completion = await served.openai.chat.completions.create(
+        model="any", messages=HELLO, max_tokens=2, extra_body={"top_k": 1}
+    )
+    uuid.UUID(completion.id.removeprefix("chatcmpl-"))
+    stream = await served.openai.chat.completions.create(
+        model="any", messages=HELLO, max_tokens=2, stream=True
+    )
+    ids = {chunk.id async for chunk in stream}
+    assert len(ids) == 1
+    uuid.UUID(ids.pop().removeprefix("chatcmpl-"))
+
+
+async def test_a_prompt_over_the_context_is_refused_before_the_server(served, openai_server):
+    before = openai_server.served("/v1/chat/completions")
+    long = [{"role": "user", "content": "word " * (SMOLLM_CONTEXT * 4)}]
+    with pytest.raises(openai.BadRequestError) as raised:
+        await served.openai.chat.completions.create(model="any", messages=long)
+    assert raised.value.body["code"] == "context_length_exceeded"
+    assert openai_server.served("/v1/chat/completions") == before
+
+
+def test_a_profile_names_an_openai_server(tmp_path, monkeypatch):
+    profile = tmp_path / "swarm.yaml"
+    profile.write_text(
+        "backends:\n"
+        "  vllm: {kind: openai, url: 'http://gpu-box:8000/v1/', api_key_env: VLLM_KEY}\n"
+        "  lmstudio: {kind: openai, port: 1234}\n"
+        "wrappers:\n"
+        "  big: {agent_id: big, name: Big, port: 8101, model: qwen, backend: vllm,\n"
+        "        capabilities: [reasoning], role: reasoner}\n"
+        "  small: {agent_id: small, name: Small, port: 8102, model: phi, backend: lmstudio,\n"
+        "          capabilities: [reasoning], role: reasoner}\n"
+    )
+    monkeypatch.setenv("VLLM_KEY", "sk-from-the-environment")
+    swarm = load_settings(profile)
+    big = WrapperSettings.from_swarm(swarm, "big")
+    assert (big.backend_kind, big.backend_url) == ("openai", "http://gpu-box:8000/v1")
+    assert big.backend_api_key.get_secret_value() == "sk-from-the-environment"
+    assert "sk-from" not in repr(big)
+    small = WrapperSettings.from_swarm(swarm, "small")
+    assert (small.backend_url, small.backend_api_key) == ("http://127.0.0.1:1234/v1", None)
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [
+        (
+            "{kind: openai}",
+            "backends.a: an openai backend needs a url (http://host:port/v1) or a port",
+        ),
+        (
+            "{kind: openai, port: 1, url: 'http://x/v1'}",
+            "backends.a: an openai backend takes a url or a port, not both",
+        ),
+        ("{kind: openai, port: 1, model: m}", "backends.a: an openai backend takes no model"),
+        (
+            "{kind: ollama, port: 1, url: 'http://x'}",
+            "backends.a: an Ollama backend takes no url or api_key_env: an openai one does",
+        ),
+        ("{kind: ollama}", "backends.a: an Ollama backend needs a port"),
+    ],
+)
+def test_openai_backend_config_errors(tmp_path, backend, expected):
+    profile = tmp_path / "swarm.yaml"
+    profile.write_text(f"backends: {{a: {backend}}}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(profile)
+    assert expected in str(raised.value)

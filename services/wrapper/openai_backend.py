@@ -2,13 +2,14 @@
 llama-server, vLLM, LM Studio, llama-cpp-python's server) behind the wrapper's Ollama API.
 
 The same interface as ``backend.Backend`` (the wrapper picks one in ``make_backend``):
-Ollama requests go out as OpenAI ones (``translate``), answers come back as Ollama answers.
-Calls go over the wrapper's aiohttp pool (``AiohttpClient``), whose failures are httpx's
-errors.
+Ollama requests go out as OpenAI ones (``translate``), answers come back as Ollama answers;
+``forward`` sends the wrapper's OpenAI calls on as they are. Calls go over the wrapper's
+aiohttp pool (``AiohttpClient``), whose failures are httpx's errors.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -53,6 +54,7 @@ class OpenAIBackend:
         self.on_final = on_final  # unused: OpenAI servers report no prompt-cache counts
         self.facts: ModelInfo | None = None
         self.decoded = False  # a real generation succeeded: the server can serve the model
+        self._decoding = asyncio.Lock()  # probes at once (health, heartbeat) decode once
 
     # --- model calls ---------------------------------------------------------------------
 
@@ -77,6 +79,14 @@ class OpenAIBackend:
         else:
             parts = self._chat_stream("/completions", translate.openai_completion_body(request))
         return _generates(parts)
+
+    async def forward(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An OpenAI chat body sent as it is; the server's answer as it is."""
+        return await self._post("/chat/completions", body)
+
+    def forward_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """An OpenAI chat body sent as it is; the server's chunks as they come."""
+        return self._chunks("/chat/completions", body)
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -273,8 +283,9 @@ class OpenAIBackend:
             if await self._entry() is None:
                 reason = f"model {self.model!r} is not available on the model backend at {self.url}"
                 return BackendStatus(reachable=True, model_available=False, reason=reason)
-            if not self.decoded:
-                await self._post("/chat/completions", _decode_probe(self.model))
+            async with self._decoding:
+                if not self.decoded:
+                    await self._post("/chat/completions", _decode_probe(self.model))
         except SwarmError as exc:
             return BackendStatus(reachable=False, model_available=False, reason=exc.message)
         return BackendStatus(reachable=True, model_available=True)

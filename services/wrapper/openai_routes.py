@@ -14,7 +14,8 @@ from services.common.errors import ServiceUnavailable
 from services.common.openapi import SSE, errors, streaming
 from services.common.streaming import SSE_DONE, json_response, sse, sse_error, sse_response
 from services.common.strict_json import StrictJSONRoute
-from services.wrapper import translate
+from services.wrapper import forwarded, translate
+from services.wrapper.openai_backend import OpenAIBackend
 from services.wrapper.service import (
     Job,
     close,
@@ -40,6 +41,9 @@ _STREAMED += "failure after the first event is an event of the error envelope."
 async def chat_completions(body: openai.ChatCompletionRequest, request: Request) -> Response:
     wrapper = wrapper_of(request)
     settings = wrapper.settings
+    if isinstance(wrapper.backend, OpenAIBackend) and settings.prompt_style == "chat":
+        # An OpenAI server takes the call as it is: nothing to translate.
+        return await forwarded.forward(wrapper, wrapper.backend, body, await request.body())
     call = wrapper.stats.begin("openai", body.stream)
     with counting_failures(call):
         limit = settings.max_tokens_limit
