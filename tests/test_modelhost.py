@@ -8,6 +8,7 @@ services.modelhost`` for real.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -19,10 +20,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import ollama
+import openai
 import pytest
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -834,6 +838,187 @@ def test_the_queue_is_in_metrics_and_health(host) -> None:
     # The queued call waited at least as long as the model was held after it was seen queued.
     assert after[f"{waits}_sum"] - before[f"{waits}_sum"] >= held_after_queued
     assert after["modelhost_queue_refused_total"] == before["modelhost_queue_refused_total"]
+
+
+# --- embeddings ----------------------------------------------------------------------------
+
+TEXTS = ["a cat sat on the mat", "quarterly revenue grew by four percent", "a cat sat on the mat"]
+
+
+def vector(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64)
+
+
+def test_ollama_embed_gives_one_unit_vector_per_input_in_order(client, engine) -> None:
+    answer = client.embed(model=SMOLLM, input=TEXTS)
+    vectors = [vector(v) for v in answer.embeddings]
+    assert [v.shape for v in vectors] == [(engine.llama.n_embd(),)] * 3
+    assert all(np.linalg.norm(v) == pytest.approx(1.0, abs=1e-5) for v in vectors)
+    assert np.array_equal(vectors[0], vectors[2])  # the same text, the same vector
+    assert not np.array_equal(vectors[0], vectors[1])
+    assert answer.prompt_eval_count == sum(len(engine.tokenize(t)) for t in TEXTS)
+    assert 0 <= answer.load_duration <= answer.total_duration
+    alone = client.embed(model=SMOLLM, input=TEXTS[1])  # a string, and another request
+    assert np.array_equal(vector(alone.embeddings[0]), vectors[1])
+
+
+def test_legacy_embeddings_are_the_same_vectors_unnormalised(client, host) -> None:
+    legacy = httpx.post(f"{host}/api/embeddings", json={"model": SMOLLM, "prompt": TEXTS[0]})
+    assert legacy.status_code == 200
+    assert set(legacy.json()) == {"embedding"}
+    raw = vector(legacy.json()["embedding"])
+    unit = vector(client.embed(model=SMOLLM, input=TEXTS[0]).embeddings[0])
+    assert np.allclose(raw / np.linalg.norm(raw), unit, atol=1e-6)
+    assert np.linalg.norm(raw) != pytest.approx(1.0)  # the model's own scale, as Ollama's
+
+
+def test_dimensions_keep_the_first_values_normalised_again(client, host, engine) -> None:
+    raw = vector(
+        httpx.post(f"{host}/api/embeddings", json={"model": SMOLLM, "prompt": TEXTS[1]}).json()[
+            "embedding"
+        ]
+    )
+    cut = vector(client.embed(model=SMOLLM, input=TEXTS[1], dimensions=64).embeddings[0])
+    assert cut.shape == (64,)
+    assert np.allclose(cut, raw[:64] / np.linalg.norm(raw[:64]), atol=1e-6)
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.embed(model=SMOLLM, input="x", dimensions=engine.llama.n_embd() + 1)
+    assert caught.value.status_code == 400
+
+
+def test_an_empty_input_only_loads_the_model_as_in_ollama(client, host) -> None:
+    for empty in ("", []):
+        answer = httpx.post(f"{host}/api/embed", json={"model": SMOLLM, "input": empty})
+        assert answer.json() == {"model": SMOLLM, "embeddings": []}
+    legacy = httpx.post(f"{host}/api/embeddings", json={"model": SMOLLM, "prompt": ""})
+    assert legacy.json() == {"embedding": []}
+
+
+def test_an_input_over_the_context_is_cut_unless_truncate_is_false(client, engine) -> None:
+    long = "one two three four five six seven eight nine ten " * 200
+    assert len(engine.tokenize(long)) > SMOLLM_CONTEXT
+    cut = client.embed(model=SMOLLM, input=long)
+    assert cut.prompt_eval_count == SMOLLM_CONTEXT
+    assert len(cut.embeddings[0]) == engine.llama.n_embd()
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.embed(model=SMOLLM, input=long, truncate=False)
+    assert caught.value.status_code == 400
+    assert "context length" in caught.value.error
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/api/embed", {"model": SMOLLM, "input": ["fine", ""]}, 400),
+        ("/api/embed", {"model": SMOLLM, "input": 5}, 422),
+        ("/api/embed", {"model": SMOLLM, "input": ["x"] * 2049}, 422),
+        ("/api/embed", {"model": "nonexistent", "input": "x"}, 404),
+        ("/api/embeddings", {"model": SMOLLM, "prompt": ["x"]}, 422),
+        ("/api/embed", {"model": SMOLLM, "input": ["word " * 2000] * 17}, 400),  # tokens
+    ],
+)
+def test_bad_embed_requests_answer_ollama_errors(host, path, body, status) -> None:
+    response = httpx.post(f"{host}{path}", json=body, timeout=60)
+    assert response.status_code == status
+    assert set(response.json()) == {"error"}
+    assert response.json()["error"]
+
+
+@pytest.fixture
+def openai_client(host) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{host}/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def test_openai_embeddings_float_and_base64_agree(openai_client, client, engine) -> None:
+    floats = openai_client.embeddings.create(model=SMOLLM, input=TEXTS, encoding_format="float")
+    assert [d.index for d in floats.data] == [0, 1, 2]
+    vectors = [vector(d.embedding) for d in floats.data]
+    assert [v.shape for v in vectors] == [(engine.llama.n_embd(),)] * 3
+    assert np.array_equal(vectors[0], vectors[2])
+    assert all(np.linalg.norm(v) == pytest.approx(1.0, abs=1e-5) for v in vectors)
+    tokens = sum(len(engine.tokenize(t)) for t in TEXTS)
+    assert (floats.usage.prompt_tokens, floats.usage.total_tokens) == (tokens, tokens)
+    # The same vectors as Ollama's /api/embed.
+    ollama_vectors = client.embed(model=SMOLLM, input=TEXTS).embeddings
+    assert all(np.array_equal(v, vector(o)) for v, o in zip(vectors, ollama_vectors, strict=True))
+    raw = openai_client.embeddings.create(model=SMOLLM, input=TEXTS, encoding_format="base64")
+    for data, v in zip(raw.data, vectors, strict=True):
+        assert isinstance(data.embedding, str)
+        decoded = np.frombuffer(base64.b64decode(data.embedding), dtype="<f4")
+        assert np.array_equal(decoded, v.astype(np.float32))
+    # Without a format the client asks for base64 and decodes it itself.
+    default = openai_client.embeddings.create(model=SMOLLM, input=TEXTS[0])
+    decoded = vector(default.data[0].embedding).astype(np.float32)
+    assert np.array_equal(decoded, vectors[0].astype(np.float32))
+
+
+def test_openai_token_ids_embed_as_their_text_and_dimensions_cut(openai_client, engine) -> None:
+    text = openai_client.embeddings.create(model=SMOLLM, input=TEXTS[1], encoding_format="float")
+    ids = engine.tokenize(TEXTS[1])
+    for given in (ids, [ids, ids]):
+        by_ids = openai_client.embeddings.create(model=SMOLLM, input=given, encoding_format="float")
+        assert all(d.embedding == text.data[0].embedding for d in by_ids.data)
+    cut = openai_client.embeddings.create(
+        model=SMOLLM, input=TEXTS[1], dimensions=32, encoding_format="float"
+    )
+    assert len(cut.data[0].embedding) == 32
+    assert np.linalg.norm(vector(cut.data[0].embedding)) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("changes", "status"),
+    [
+        ({"input": ""}, 422),
+        ({"input": []}, 422),
+        ({"input": ["fine", ""]}, 422),
+        ({"input": [[]]}, 422),
+        ({"input": ["x"] * 2049}, 422),
+        ({"input": [10**9]}, 400),  # a token id outside the vocabulary
+        ({"input": "word " * 2000}, 400),  # over the context: OpenAI does not truncate
+        ({"dimensions": 100_000}, 400),
+        ({"encoding_format": "int8"}, 422),
+        ({"model": "nonexistent"}, 404),
+    ],
+)
+def test_bad_openai_embedding_requests_answer_the_envelope(host, changes, status) -> None:
+    body = {"model": SMOLLM, "input": "x"} | changes
+    response = httpx.post(f"{host}/v1/embeddings", json=body, timeout=60)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["message"]
+    assert error["type"]
+
+
+def test_embeddings_wait_in_the_queue_and_are_counted(host) -> None:
+    before = metric_samples(host)
+    # The pool closes after the model is let go: it waits for its call.
+    with ThreadPoolExecutor(1) as pool, holding_the_model(host):
+        waiting = pool.submit(
+            httpx.post, f"{host}/api/embed", json={"model": SMOLLM, "input": TEXTS}, timeout=60
+        )
+        wait_until(lambda: health(host)["queued"] == 1, "queued")
+        assert not waiting.done()
+    assert len(waiting.result().json()["embeddings"]) == 3
+    after = metric_samples(host)
+    assert (
+        after["modelhost_embedding_inputs_total"] == before["modelhost_embedding_inputs_total"] + 3
+    )
+    assert (
+        after["modelhost_embedding_seconds_count"]
+        == before["modelhost_embedding_seconds_count"] + 1
+    )
+    assert after["modelhost_embedding_tokens_total"] > before["modelhost_embedding_tokens_total"]
+
+
+def test_embedding_leaves_generation_and_its_prompt_cache_alone(host, client) -> None:
+    body = {"model": SMOLLM, "prompt": "Name three colours:", "raw": True, "stream": False}
+    body["options"] = {**GREEDY, "num_predict": 12}
+    first = httpx.post(f"{host}/api/generate", json=body, timeout=60).json()
+    client.embed(model=SMOLLM, input=TEXTS)
+    again = httpx.post(f"{host}/api/generate", json=body, timeout=60).json()
+    assert again["response"] == first["response"]
+    # The generation context still holds the prompt: the embedding had its own context.
+    assert again["prompt_eval_cached_count"] == again["prompt_eval_count"] - 1
 
 
 # --- the real process ----------------------------------------------------------------------

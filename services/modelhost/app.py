@@ -11,7 +11,7 @@ import anyio
 from fastapi import FastAPI
 
 from services.common.http import install_plumbing
-from services.modelhost import routes
+from services.modelhost import embed_routes, routes
 from services.modelhost.engine import Engine, load_engine
 from services.modelhost.settings import ModelHostSettings
 
@@ -26,7 +26,11 @@ def create_app(settings: ModelHostSettings, engine: Engine | None = None) -> Fas
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = engine is None
         app.state.engine = engine or await anyio.to_thread.run_sync(load_engine, settings)
-        for collector in app.state.engine.queue.metrics.collectors():
+        loaded = app.state.engine
+        for collector in [
+            *loaded.queue.metrics.collectors(),
+            *loaded.embedder.metrics.collectors(),
+        ]:
             registry.register(collector)
         # The model and start-up objects live as long as the process: keep them out of the
         # collector's scans, which would otherwise pause streams.
@@ -49,4 +53,5 @@ def create_app(settings: ModelHostSettings, engine: Engine | None = None) -> Fas
         app, max_body_bytes=settings.max_body_bytes, readiness=routes.readiness
     )
     app.include_router(routes.router)
+    app.include_router(embed_routes.router)
     return app

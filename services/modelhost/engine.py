@@ -52,6 +52,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from schemas.ollama import Logprob, Options, TokenLogprob
 from services.common.errors import BadRequest
 from services.modelhost.catalog import PackagedModel, locate, lookup
+from services.modelhost.embedder import Embedded, Embedder
 from services.modelhost.grammar import GrammarConstraint
 from services.modelhost.queue import ModelQueue, Ticket
 from services.modelhost.settings import ModelHostSettings, default_threads
@@ -167,6 +168,7 @@ class Engine:
         self._token_texts: dict[int, tuple[str, list[int]]] = {}
         self.warmed_up: Outcome | None = None
         """The warm-up decode, once it succeeded: the host is ready to serve."""
+        self.embedder = Embedder(llama)
 
     def model_info(self) -> dict[str, Any]:
         """GGUF metadata as Ollama's ``model_info``, plus what llama.cpp computes."""
@@ -256,6 +258,25 @@ class Engine:
                     await asyncio.wait([worker])
             outcome.ready_at = ready_at
             yield outcome
+
+    async def embed(self, inputs: Sequence[Sequence[int]], ticket: Ticket) -> Embedded:
+        """One vector per input, computed in ``ticket``'s turn in the model thread
+        (``embedder``); cancelled, it stops before the next input and hands the model on
+        once the model thread has let go of it."""
+        async with ticket.turn():
+            ready_at = time.perf_counter_ns()
+            stop = threading.Event()
+            worker = asyncio.get_running_loop().run_in_executor(
+                self._executor, self.embedder.embed, inputs, stop
+            )
+            try:
+                embedded = await asyncio.shield(worker)
+            finally:
+                stop.set()
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait([worker])
+        embedded.ready_at = ready_at
+        return embedded
 
     def _run(self, job: Job, emit: Callable[[Any], None], stop: threading.Event) -> Outcome:
         """The generation loop, in the model thread."""
@@ -399,6 +420,7 @@ class Engine:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        self.embedder.close()  # before the model it was made on
         self.llama.close()
 
 

@@ -43,6 +43,13 @@ class ModelHostSettings(BaseModel):
         "(first come, first served); one more is answered 503 in Ollama's error shape, with a "
         "Retry-After from the measured time recent generations held the model.",
     )
+    max_embed_tokens: int = Field(
+        default=16_384,
+        ge=1,
+        le=1_048_576,
+        description="Tokens of one embedding request's inputs all told; more is a 400 (one "
+        "request holds the model for all its inputs).",
+    )
     prompt_cache: bool = Field(
         default=True,
         description="Keep the prefix a prompt shares with the last one and evaluate only the "
