@@ -21,6 +21,7 @@ from services.common.errors import BadRequest, ServiceUnavailable
 from services.common.streaming import close
 from services.wrapper import translate
 from services.wrapper.backend import Backend
+from services.wrapper.openai_backend import OpenAIBackend
 from services.wrapper.registration import agent_definition
 from services.wrapper.settings import WrapperSettings
 from services.wrapper.stats import Stats
@@ -40,7 +41,7 @@ class Job:
 @dataclass
 class Wrapper:
     settings: WrapperSettings
-    backend: Backend
+    backend: Backend | OpenAIBackend  # by the profile's backend kind
     stats: Stats
     clock: Callable[[], float]
     started: float
