@@ -238,21 +238,8 @@ class Backend:
                     headers={"Retry-After": backend_retry_after(exc)},
                 )
             return ServiceUnavailable(f"{where} failed: {message}", code="backend_error")
-        # A connection that cannot be made, or not in time, is a backend that is not there.
-        if isinstance(exc, ConnectionError | httpx.ConnectError | httpx.ConnectTimeout):
-            return ServiceUnavailable(
-                f"{where} is unreachable; is it running?",
-                code="backend_unavailable",
-                headers={"Retry-After": RETRY_AFTER_SECONDS},
-            )
-        if isinstance(exc, httpx.TimeoutException):
-            return ServiceUnavailable(
-                f"{where} did not answer in time ({type(exc).__name__})", code="backend_timeout"
-            )
-        if isinstance(exc, httpx.HTTPError):
-            return ServiceUnavailable(
-                f"the connection to {where} broke: {type(exc).__name__}", code="backend_error"
-            )
+        if (failed := transport_error(exc, where)) is not None:
+            return failed
         if isinstance(exc, pydantic.ValidationError) and exc.title in _CLIENT_REQUESTS:
             # The client checks a request before sending it: what it refuses is the
             # caller's input the API models let through, not the backend's doing.
@@ -262,6 +249,27 @@ class Backend:
         return ServiceUnavailable(
             f"{where} sent an answer that is not the Ollama API: {exc}", code="backend_bad_answer"
         )
+
+
+def transport_error(exc: Exception, where: str) -> SwarmError | None:
+    """What a failed connection to the backend (any kind) tells the caller; None when
+    ``exc`` is not one."""
+    # A connection that cannot be made, or not in time, is a backend that is not there.
+    if isinstance(exc, ConnectionError | httpx.ConnectError | httpx.ConnectTimeout):
+        return ServiceUnavailable(
+            f"{where} is unreachable; is it running?",
+            code="backend_unavailable",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return ServiceUnavailable(
+            f"{where} did not answer in time ({type(exc).__name__})", code="backend_timeout"
+        )
+    if isinstance(exc, httpx.HTTPError):
+        return ServiceUnavailable(
+            f"the connection to {where} broke: {type(exc).__name__}", code="backend_error"
+        )
+    return None
 
 
 def backend_retry_after(exc: ollama.ResponseError) -> str:

@@ -28,6 +28,7 @@ from services.wrapper.backend import (
     RETRY_AFTER_CAP,
     RETRY_AFTER_SECONDS,
     BackendStatus,
+    transport_error,
 )
 
 # Where servers tell a model's context in ``/v1/models``: vLLM's max_model_len, LM Studio's
@@ -206,21 +207,8 @@ class OpenAIBackend:
         """The client-facing error for a failed backend call."""
         if isinstance(exc, SwarmError):
             return exc
-        where = f"the model backend at {self.url}"
-        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-            return ServiceUnavailable(
-                f"{where} is unreachable; is it running?",
-                code="backend_unavailable",
-                headers={"Retry-After": RETRY_AFTER_SECONDS},
-            )
-        if isinstance(exc, httpx.TimeoutException):
-            return ServiceUnavailable(
-                f"{where} did not answer in time ({type(exc).__name__})", code="backend_timeout"
-            )
-        if isinstance(exc, httpx.HTTPError):
-            return ServiceUnavailable(
-                f"the connection to {where} broke: {type(exc).__name__}", code="backend_error"
-            )
+        if (failed := transport_error(exc, f"the model backend at {self.url}")) is not None:
+            return failed
         return self._bad_answer(f"an answer that does not parse ({type(exc).__name__})")
 
     # --- metadata ------------------------------------------------------------------------
