@@ -1010,6 +1010,21 @@ def test_embeddings_wait_in_the_queue_and_are_counted(host) -> None:
     assert after["modelhost_embedding_tokens_total"] > before["modelhost_embedding_tokens_total"]
 
 
+def test_an_embedding_whose_caller_leaves_the_queue_never_runs(host) -> None:
+    before = metric_samples(host)
+    with holding_the_model(host):
+        body = {"model": SMOLLM, "input": TEXTS}
+        connection = post_and_hang_up(host, body, path="/api/embed")
+        wait_until(lambda: health(host)["queued"] == 1, "queued")
+        connection.close()
+        wait_until(lambda: health(host)["queued"] == 0, "gone from the queue")
+    wait_idle(host)
+    after = metric_samples(host)
+    assert after["modelhost_queue_left_total"] == before["modelhost_queue_left_total"] + 1
+    embedded = "modelhost_embedding_seconds_count"
+    assert after[embedded] == before[embedded]
+
+
 def test_embedding_leaves_generation_and_its_prompt_cache_alone(host, client) -> None:
     body = {"model": SMOLLM, "prompt": "Name three colours:", "raw": True, "stream": False}
     body["options"] = {**GREEDY, "num_predict": 12}
@@ -1076,14 +1091,14 @@ def test_process_serves_smollm2_and_stops_on_sigterm(tmp_path) -> None:
     assert "Application shutdown complete" in output
 
 
-def post_and_hang_up(url: str, body: dict) -> socket.socket:
-    """A connection that has sent a whole POST /api/generate; closing it is the client
-    going away."""
+def post_and_hang_up(url: str, body: dict, path: str = "/api/generate") -> socket.socket:
+    """A connection that has sent a whole POST to ``path``; closing it is the client going
+    away."""
     payload = json.dumps(body).encode()
     host, port = url.removeprefix("http://").split(":")
     connection = socket.create_connection((host, int(port)), timeout=10)
     head = (
-        f"POST /api/generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(payload)}\r\n\r\n"
     )
     connection.sendall(head.encode() + payload)
