@@ -138,6 +138,14 @@ WARM_UP_TEXT = (
 )
 
 
+async def _let_go(worker: asyncio.Future, stop: threading.Event) -> None:
+    """Stop the model thread's call and wait until it has let go of the model. Shielded:
+    under cancellation (a disconnect) too, the next call may use the model only then."""
+    stop.set()
+    with anyio.CancelScope(shield=True):
+        await asyncio.wait([worker])
+
+
 class Engine:
     """A loaded model and the one-at-a-time access to it."""
 
@@ -251,11 +259,7 @@ class Engine:
                     yield item
                 outcome = await worker
             finally:
-                stop.set()
-                # Shielded: under cancellation (a disconnect), we must still wait for the
-                # model thread before the next generation may use the model.
-                with anyio.CancelScope(shield=True):
-                    await asyncio.wait([worker])
+                await _let_go(worker, stop)
             outcome.ready_at = ready_at
             yield outcome
 
@@ -272,9 +276,7 @@ class Engine:
             try:
                 embedded = await asyncio.shield(worker)
             finally:
-                stop.set()
-                with anyio.CancelScope(shield=True):
-                    await asyncio.wait([worker])
+                await _let_go(worker, stop)
         embedded.ready_at = ready_at
         return embedded
 
