@@ -50,24 +50,14 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
         self.app = app
         self.metrics = metrics
-        self.paths: dict[object, str] = {}  # endpoint -> template, of plain Starlette routes
 
-    def route_of(self, scope: Scope) -> str:
-        """The template of the route the router matched in ``scope`` (which middleware
-        passes on, never a copy), whatever the handler then did. FastAPI's router records
-        its own routes as ``route``; a plain Starlette route (the lean ones) leaves only
-        its ``endpoint``."""
+    @staticmethod
+    def route_of(scope: Scope) -> str:
+        """The template of the route matched in ``scope`` (which middleware passes on,
+        never a copy), whatever the handler then did: FastAPI's router records its routes
+        as ``route``, and so does ``LeanEndpoints`` for the hot paths."""
         route = scope.get("route")
-        if route is not None:
-            return route.path
-        endpoint = scope.get("endpoint")
-        if endpoint is None:
-            return "unmatched"
-        if endpoint not in self.paths:
-            routes = getattr(scope.get("router"), "routes", ())
-            found = (r.path for r in routes if getattr(r, "endpoint", None) is endpoint)
-            self.paths[endpoint] = next(found, "unmatched")
-        return self.paths[endpoint]
+        return "unmatched" if route is None else route.path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
