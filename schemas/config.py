@@ -520,17 +520,25 @@ class SwarmSettings(BaseSettings):
         asked = [w.replicas for w in self.wrappers.values() if w.backend == name]
         return max(asked, default=1) if backend.kind == "embedded" else 1
 
+    def server_url(self, backend: str) -> str:
+        """Where a server the swarm does not run is reached: an Ollama's root, an openai
+        server's base URL (its profile's ``url``, else http://host:port/v1)."""
+        found = self.backends[backend]
+        if found.kind == "openai" and found.openai_url:
+            return found.openai_url
+        root = self.local_url(found.host, found.port or 0)
+        return root + "/v1" if found.kind == "openai" else root
+
     def backend_url(self, wrapper: str, replica: int = 1) -> str:
         """The server behind a wrapper's replica: a backend entry (an embedded one's model
         host of the same replica, the one Ollama server, an openai server's base URL), or
         another wrapper (its replica of the same number, else its first)."""
         name = self.wrappers[wrapper].backend
         backend = self.backends.get(name)
-        if backend is not None and backend.kind == "openai":
-            return backend.openai_url or self.local_url(backend.host, backend.port) + "/v1"
+        if backend is not None and backend.kind == "embedded":
+            return self.local_url(backend.host, backend.port + replica - 1)
         if backend is not None:
-            behind = replica if backend.kind == "embedded" else 1
-            return self.local_url(backend.host, backend.port + behind - 1)
+            return self.server_url(name)
         target = self.wrappers[name]
         behind = replica if replica <= target.replicas else 1
         return self.local_url(target.host, target.port + behind - 1)

@@ -21,7 +21,7 @@ from schemas.config import ConfigError, load_settings
 from services.control import cli
 from services.control.daemons import daemons, external_backends
 from services.control.supervisor import render_config
-from services.control.swarm import check_ollama_backends, describe_exit, write_config
+from services.control.swarm import check_external_backends, describe_exit, write_config
 from services.control.token_file import ensure_token_file
 from services.wrapper.settings import WrapperSettings
 from tests.conftest import DATA, REPO, free_port, process_env, read
@@ -74,13 +74,39 @@ def test_up_warns_of_an_ollama_server_that_lacks_a_model_or_does_not_answer():
     with respx.mock:
         tags = respx.get("http://127.0.0.1:11434/api/tags")
         tags.respond(json={"models": [entry | {"name": "llama3.1:8b", "model": "llama3.1:8b"}]})
-        check_ollama_backends(settings, said.append)
+        check_external_backends(settings, said.append)
         tags.mock(side_effect=httpx.ConnectError("refused"))
-        check_ollama_backends(settings, said.append)
+        check_external_backends(settings, said.append)
     assert said == [
         "warning: backend 'ollama' (Ollama at http://127.0.0.1:11434) has no model "
         "'tinyllama:1.1b': ollama pull tinyllama:1.1b",
         "warning: backend 'ollama' (Ollama) does not answer at http://127.0.0.1:11434",
+    ]
+
+
+def test_up_checks_an_openai_compatible_server_with_its_key_and_its_model_list(monkeypatch):
+    settings = load_settings(DATA / "swarm.openai_servers.yaml")
+    assert external_backends(settings) == {
+        "llama_server": "http://127.0.0.1:8080/v1",
+        "vllm": "http://127.0.0.1:8000/v1",
+    }
+    monkeypatch.setenv("VLLM_KEY", "sk-vllm")
+    listing = json.loads((DATA / "openai" / "models.json").read_text())
+    said: list[str] = []
+    with respx.mock:
+        vllm = respx.get("http://127.0.0.1:8000/v1/models")
+        vllm.respond(json=listing | {"data": [{**listing["data"][0], "id": "qwen2.5-7b-instruct"}]})
+        llama = respx.get("http://127.0.0.1:8080/v1/models").respond(json=listing)
+        check_external_backends(settings, said.append)
+        llama.mock(side_effect=httpx.ConnectError("refused"))
+        check_external_backends(settings, said.append)
+    assert vllm.calls[0].request.headers["authorization"] == "Bearer sk-vllm"
+    assert "authorization" not in llama.calls[0].request.headers
+    assert said == [
+        "warning: backend 'llama_server' (OpenAI-compatible at http://127.0.0.1:8080/v1) has "
+        "no model 'smollm2': it lists model-id-0, model-id-1, model-id-2",
+        "warning: backend 'llama_server' (OpenAI-compatible) does not answer at "
+        "http://127.0.0.1:8080/v1",
     ]
 
 

@@ -47,9 +47,10 @@ def _flag(replica: int) -> tuple[str, ...]:
 
 
 def external_backends(settings: SwarmSettings) -> dict[str, str]:
-    """Backends the swarm expects to find running (a real Ollama): name -> URL."""
+    """Backends the swarm expects to find running (a real Ollama, an OpenAI-compatible
+    server): name -> the URL its wrappers call."""
     return {
-        name: settings.local_url(backend.host, backend.port)
+        name: settings.server_url(name)
         for name, backend in settings.backends.items()
-        if backend.kind == "ollama"
+        if backend.kind != "embedded"
     }

@@ -3,6 +3,7 @@ is healthy, report their state, and take them down again."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from schemas.config import SwarmSettings
+from schemas.config import BackendConfig, SwarmSettings
 from services.control.daemons import Daemon, daemons, external_backends
 from services.control.supervisor import (
     Supervisor,
@@ -66,7 +67,7 @@ def up(settings: SwarmSettings, *, timeout: float, say: Callable[[str], None]) -
     else:
         say(f"starting supervisord (logs in {settings.state_dir / 'logs'})")
         supervisor.start()
-    check_ollama_backends(settings, say)
+    check_external_backends(settings, say)
     say("waiting until every daemon is healthy")
     try:
         wait_healthy(settings, timeout, since=since)
@@ -183,30 +184,50 @@ def check_models(settings: SwarmSettings) -> None:
             raise SwarmError(f"backend {name!r}: {exc}") from None
 
 
-def check_ollama_backends(settings: SwarmSettings, say: Callable[[str], None]) -> None:
-    """Warn about an Ollama server that does not answer, or lacks a model a wrapper serves
-    on it. The server is the user's: the swarm starts anyway, those wrappers unhealthy."""
-    from schemas.ollama import ListResponse
-    from services.wrapper.backend import canonical_model_name
-
+def check_external_backends(settings: SwarmSettings, say: Callable[[str], None]) -> None:
+    """Warn about an Ollama or OpenAI-compatible server that does not answer, or lacks a
+    model a wrapper serves on it. The server is the user's: the swarm starts anyway, those
+    wrappers unhealthy."""
     for name, url in external_backends(settings).items():
+        backend = settings.backends[name]
+        what = "Ollama" if backend.kind == "ollama" else "OpenAI-compatible"
         try:
-            response = httpx.get(f"{url}/api/tags", timeout=2.0)
-            response.raise_for_status()
-            listing = ListResponse.model_validate_json(response.content)
+            installed = _served_models(url, backend)
         except (httpx.HTTPError, ValueError):
-            say(f"warning: backend {name!r} (Ollama) does not answer at {url}")
+            say(f"warning: backend {name!r} ({what}) does not answer at {url}")
             continue
-        installed = {canonical_model_name(item.model) for item in listing.models}
         wanted = {
             wrapper.model for wrapper in settings.wrappers.values() if wrapper.backend == name
         }
+        listed = ", ".join(sorted(installed)) or "none"
         for model in sorted(wanted):
-            if canonical_model_name(model) not in installed:
-                say(
-                    f"warning: backend {name!r} (Ollama at {url}) has no model {model!r}: "
-                    f"ollama pull {model}"
-                )
+            if _canonical(model, backend) not in installed:
+                fix = f"ollama pull {model}" if backend.kind == "ollama" else f"it lists {listed}"
+                say(f"warning: backend {name!r} ({what} at {url}) has no model {model!r}: {fix}")
+
+
+def _served_models(url: str, backend: BackendConfig) -> set[str]:
+    """The model names a server lists: Ollama's ``/api/tags``, OpenAI's ``/models``."""
+    from schemas.ollama import ListResponse
+    from schemas.openai import ModelList
+
+    if backend.kind == "ollama":
+        response = httpx.get(f"{url}/api/tags", timeout=2.0)
+        response.raise_for_status()
+        listing = ListResponse.model_validate_json(response.content)
+        return {_canonical(item.model, backend) for item in listing.models}
+    key = os.environ.get(backend.api_key_env or "")
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    response = httpx.get(f"{url}/models", headers=headers, timeout=2.0)
+    response.raise_for_status()
+    return {item.id for item in ModelList.model_validate_json(response.content).data}
+
+
+def _canonical(model: str, backend: BackendConfig) -> str:
+    # Ollama adds ":latest" to a bare name; an OpenAI server's ids are taken as they are.
+    from services.wrapper.backend import canonical_model_name
+
+    return canonical_model_name(model) if backend.kind == "ollama" else model
 
 
 def _keeps_dying(settings: SwarmSettings, daemon: Daemon, died: list[str]) -> str:
