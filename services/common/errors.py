@@ -90,6 +90,14 @@ class RateLimited(SwarmError):
     code = "rate_limited"
 
 
+class BadGateway(SwarmError):
+    """The upstream answered, but not as asked (a backend that ignored a JSON format)."""
+
+    status_code = 502
+    type = "upstream_error"
+    code = "bad_gateway"
+
+
 class ServiceUnavailable(SwarmError):
     status_code = 503
     type = "service_unavailable"
