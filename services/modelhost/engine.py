@@ -190,12 +190,15 @@ class Engine:
 
     # --- preparing a job (any thread: templates and the vocabulary are read-only) ---------
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> tuple[str, bool, list[str]]:
-        """The prompt for ``messages``: (text, whether it holds BOS already, stop strings)."""
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[str, bool, list[str]]:
+        """The prompt for ``messages``: (text, whether it holds BOS already, stop strings).
+        ``tools`` go to a template that renders them (``tools.template_renders_tools``)."""
         if self.model.system_in_first_user:
             messages = _system_into_first_user(messages)
         try:
-            result = self._formatter(messages=messages)
+            result = self._formatter(messages=messages, tools=tools)
         except Exception as exc:  # jinja2 errors and the template's raise_exception()
             raise BadRequest(f"cannot apply the chat template: {exc}") from None
         stop = result.stop if isinstance(result.stop, list) else [result.stop]
