@@ -1,5 +1,8 @@
-"""Cloud providers behind the router: any OpenAI-compatible API, and Anthropic's Messages
-API translated both ways (streaming included). Only called with a configured key.
+"""Cloud providers behind the router: any OpenAI-compatible API, passed through (tools,
+tool_choice and response_format included), and Anthropic's Messages API, translated both
+ways (``router.anthropic``: tools and JSON output, streams included). Only called with a
+configured key. An answer the router cannot read is the provider's failure (kind
+"malformed"), never the router's 500: the next candidate may serve.
 
 Cloud calls go through httpx: a cloud round trip takes hundreds of milliseconds, so the
 client's own cost does not matter there (the local hot path is aiohttp's), and the
@@ -10,28 +13,19 @@ from __future__ import annotations
 
 import json
 import os
-import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
+from router import anthropic
 from router.candidates import Candidate
 from router.errors import UpstreamFailed, failed_answer
 from router.upstream import Answer, describe
-from schemas import openai
 from schemas.config import ProviderConfig
-from services.common.streaming import SSE_DONE, sse, to_json
+from services.common.streaming import to_json
 
 ANTHROPIC_VERSION = "2023-06-01"
-ANTHROPIC_DEFAULT_MAX_TOKENS = 1_024  # Anthropic requires one; OpenAI callers may omit it
-FINISH_REASONS: dict[str, openai.FinishReason] = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "max_tokens": "length",
-    "tool_use": "tool_calls",
-}
 
 
 class CloudClient:
@@ -48,10 +42,12 @@ class CloudClient:
         if not key:  # the key went away since the candidates were ranked
             raise UpstreamFailed(f"{provider.api_key_env} is not set", kind="no_key")
         request = json.loads(body) | {"model": candidate.model}
+        json_answer = False  # an Anthropic request's JSON output comes as a tool's input
         if provider.kind == "anthropic":
             url = provider.base_url.rstrip("/") + "/v1/messages"
             headers = {"x-api-key": key, "anthropic-version": ANTHROPIC_VERSION}
-            payload = anthropic_request(request)
+            payload = anthropic.anthropic_request(request)
+            json_answer = anthropic.answers_in_json(payload)
         else:
             url = provider.base_url.rstrip("/") + "/chat/completions"
             headers = {"Authorization": f"Bearer {key}"}
@@ -71,13 +67,15 @@ class CloudClient:
             raise failure
         if response.status_code >= 400 or not stream:
             try:
-                return await _whole(response, provider)
+                return await _whole(response, provider, json_answer)
             except httpx.HTTPError as exc:
                 raise UpstreamFailed(describe(exc), kind="broken") from None
         usage = [0, 0]  # prompt, completion: filled as the stream goes
         lines = response.aiter_lines()
         if provider.kind == "anthropic":
-            chunks = openai_chunks_from_anthropic(lines, candidate.model, usage)
+            chunks = anthropic.openai_chunks_from_anthropic(
+                lines, candidate.model, usage, json_answer
+            )
         else:
             chunks = openai_chunks(lines, usage)
         chunks = _failing_as_upstream(chunks)
@@ -96,7 +94,7 @@ class CloudClient:
         )
 
 
-async def _whole(response: httpx.Response, provider: ProviderConfig) -> Answer:
+async def _whole(response: httpx.Response, provider: ProviderConfig, json_answer: bool) -> Answer:
     """A whole answer (or an error, passed back as it is), in OpenAI's shape."""
     try:
         body = await response.aread()
@@ -104,11 +102,14 @@ async def _whole(response: httpx.Response, provider: ProviderConfig) -> Answer:
         await response.aclose()
     usage = [0, 0]
     if response.status_code < 400:
-        data = json.loads(body)
-        if provider.kind == "anthropic":
-            completion = openai_completion(data)
-            body, data = to_json(completion), completion.model_dump()
-        usage = _tokens(data)
+        try:
+            data = json.loads(body)
+            if provider.kind == "anthropic":
+                completion = anthropic.openai_completion(data, json_answer)
+                body, data = to_json(completion), completion.model_dump()
+            usage = _tokens(data)
+        except ValueError as exc:  # anthropic.Malformed and JSONDecodeError are ValueErrors
+            raise UpstreamFailed(_malformed(exc), kind="malformed") from None
     return Answer(response.status_code, "application/json", body, usage=usage)
 
 
@@ -119,6 +120,16 @@ async def _failing_as_upstream(chunks: AsyncIterator[bytes]) -> AsyncIterator[by
             yield chunk
     except httpx.HTTPError as exc:
         raise UpstreamFailed(describe(exc), kind="broken") from None
+    except anthropic.StreamFailed as exc:
+        raise UpstreamFailed(f"the provider failed: {exc}", kind="broken") from None
+    except ValueError as exc:
+        raise UpstreamFailed(_malformed(exc), kind="malformed") from None
+
+
+def _malformed(exc: ValueError) -> str:
+    if isinstance(exc, anthropic.Malformed):
+        return str(exc)
+    return f"an answer out of shape: {type(exc).__name__}: {exc}"
 
 
 # --- OpenAI-compatible streams: passed through, usage read on the way ----------------------
@@ -131,93 +142,10 @@ async def openai_chunks(lines: AsyncIterator[str], usage: list[int]) -> AsyncIte
         yield (line + "\n").encode()
 
 
-# --- Anthropic Messages <-> OpenAI chat ----------------------------------------------------
-
-
-def anthropic_request(body: dict[str, Any]) -> dict[str, Any]:
-    """An OpenAI chat request as an Anthropic Messages request."""
-    system = [_text(m.get("content")) for m in body["messages"] if m.get("role") == "system"]
-    messages = [
-        {"role": m["role"], "content": _text(m.get("content"))}
-        for m in body["messages"]
-        if m.get("role") in ("user", "assistant")
-    ]
-    request: dict[str, Any] = {
-        "model": body["model"],
-        "messages": messages,
-        "max_tokens": body.get("max_completion_tokens")
-        or body.get("max_tokens")
-        or ANTHROPIC_DEFAULT_MAX_TOKENS,
-    }
-    if system:
-        request["system"] = "\n\n".join(system)
-    for name in ("temperature", "top_p", "stream"):
-        if body.get(name) is not None:
-            request[name] = body[name]
-    stop = body.get("stop")
-    if stop:
-        request["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
-    return request
-
-
-def openai_completion(message: dict[str, Any]) -> openai.ChatCompletion:
-    """An Anthropic Messages answer as an OpenAI chat completion."""
-    text = "".join(b.get("text", "") for b in message.get("content", []) if b.get("type") == "text")
-    usage = message.get("usage") or {}
-    choice = openai.Choice(
-        message=openai.AssistantMessage(content=text),
-        finish_reason=FINISH_REASONS.get(message.get("stop_reason") or "", "stop"),
-    )
-    return openai.ChatCompletion(
-        id="chatcmpl-" + str(message.get("id", uuid.uuid4().hex)),
-        created=int(time.time()),
-        model=message.get("model", ""),
-        choices=[choice],
-        usage=openai.Usage.of(usage.get("input_tokens", 0), usage.get("output_tokens", 0)),
-    )
-
-
-async def openai_chunks_from_anthropic(
-    lines: AsyncIterator[str], model: str, usage: list[int]
-) -> AsyncIterator[bytes]:
-    """Anthropic's stream events as OpenAI chunks: the text deltas, then the finish reason
-    and the usage, then ``[DONE]``."""
-    head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": model}
-
-    def chunk(delta: openai.ChunkDelta, finish: openai.FinishReason | None = None) -> bytes:
-        choice = openai.ChunkChoice(delta=delta, finish_reason=finish)
-        return sse(openai.ChatCompletionChunk(**head, choices=[choice]))
-
-    finish: openai.FinishReason = "stop"
-    async for line in lines:
-        if not line.startswith("data: "):
-            continue  # "event: ..." names the type that the data repeats
-        event = json.loads(line[6:])
-        kind = event.get("type")
-        if kind == "message_start":
-            usage[0] = event["message"].get("usage", {}).get("input_tokens", 0)
-            yield chunk(openai.ChunkDelta(role="assistant", content=""))
-        elif kind == "content_block_delta" and event["delta"].get("type") == "text_delta":
-            yield chunk(openai.ChunkDelta(content=event["delta"]["text"]))
-        elif kind == "message_delta":
-            usage[1] = event.get("usage", {}).get("output_tokens", usage[1])
-            finish = FINISH_REASONS.get(event["delta"].get("stop_reason") or "", "stop")
-        elif kind == "error":
-            message = event.get("error", {}).get("message", "the provider failed")
-            raise httpx.RemoteProtocolError(message)
-    # OpenAI's usage chunk (include_usage) has no choices.
-    total = openai.ChatCompletionChunk(**head, choices=[], usage=openai.Usage.of(*usage))
-    yield chunk(openai.ChunkDelta(), finish) + sse(total) + SSE_DONE
-
-
-def _tokens(completion: dict[str, Any]) -> list[int]:
-    """The [prompt, completion] tokens of an OpenAI completion or chunk (0 when absent)."""
+def _tokens(completion: Any) -> list[int]:
+    """The [prompt, completion] tokens of an OpenAI completion or chunk (0 when absent);
+    ValueError when it is no JSON object."""
+    if not isinstance(completion, dict):
+        raise ValueError(f"a {type(completion).__name__}, not a JSON object")
     usage = completion.get("usage") or {}
     return [usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)]
-
-
-def _text(content: Any) -> str:
-    """OpenAI content, a string or a list of parts, as plain text."""
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return content or ""
