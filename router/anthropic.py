@@ -28,6 +28,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from schemas import openai
+from schemas.errors import ErrorDetail, ErrorEnvelope
+from services.common.context import current_request_id
 from services.common.errors import BadRequest
 from services.common.streaming import SSE_DONE, sse
 
@@ -241,6 +243,18 @@ def _arguments(tool_input: Any) -> str:
     if not isinstance(tool_input, dict):
         raise Malformed(f"a tool_use input is a {type(tool_input).__name__}, not an object")
     return json.dumps(tool_input, ensure_ascii=False)
+
+
+def openai_error(status: int, body: bytes) -> ErrorEnvelope:
+    """An Anthropic refusal (``{"type": "error", "error": {"type", "message"}}``) in the
+    OpenAI envelope the router's other answers use; its error types are OpenAI's words."""
+    try:
+        error = json.loads(body)["error"]
+        kind, message = str(error["type"]), str(error["message"])
+    except (KeyError, TypeError, ValueError):
+        kind, message = "api_error", f"Anthropic answered HTTP {status}"
+    detail = ErrorDetail(message=message, type=kind, request_id=current_request_id())
+    return ErrorEnvelope(error=detail)
 
 
 async def openai_chunks_from_anthropic(

@@ -95,7 +95,8 @@ class CloudClient:
 
 
 async def _whole(response: httpx.Response, provider: ProviderConfig, json_answer: bool) -> Answer:
-    """A whole answer (or an error, passed back as it is), in OpenAI's shape."""
+    """A whole answer, or a refusal (a 4xx but 429, the caller's to read), in OpenAI's
+    shape."""
     try:
         body = await response.aread()
     finally:
@@ -110,6 +111,8 @@ async def _whole(response: httpx.Response, provider: ProviderConfig, json_answer
             usage = _tokens(data)
         except ValueError as exc:  # anthropic.Malformed and JSONDecodeError are ValueErrors
             raise UpstreamFailed(_malformed(exc), kind="malformed") from None
+    elif provider.kind == "anthropic":  # a refusal, in the router's error envelope
+        body = to_json(anthropic.openai_error(response.status_code, body))
     return Answer(response.status_code, "application/json", body, usage=usage)
 
 

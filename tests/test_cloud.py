@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 import respx
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, BadRequestError
 
 from router.anthropic import answers_in_json, anthropic_request, openai_completion
 from schemas.config import ProviderConfig
@@ -559,6 +559,37 @@ async def test_a_malformed_anthropic_event_mid_stream_ends_it_with_an_error_even
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert "out of shape" in error["message"]
     assert error["code"] == "upstream_failed"
+
+
+async def test_an_anthropic_error_event_mid_stream_ends_it_with_an_error_event(
+    start_router, monkeypatch
+):
+    router = await anthropic_router(start_router, monkeypatch)
+    events = (DATA / "anthropic" / "messages_stream_tool_use.txt").read_text()
+    overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    cut = events.index("event: content_block_start")
+    events = events[:cut] + f"event: error\ndata: {json.dumps(overloaded)}\n\n"
+    with respx.mock(assert_all_called=True) as cloud:
+        cloud.post(MESSAGES).respond(content=events, headers={"Content-Type": "text/event-stream"})
+        answer = await router.post("/v1/chat/completions", json=CHAT | {"stream": True})
+    events = [e for e in answer.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert "Overloaded" in error["message"]
+
+
+async def test_an_anthropic_refusal_is_the_routers_error_envelope(start_router, monkeypatch):
+    router = await anthropic_router(start_router, monkeypatch)
+    refusal = data("anthropic/error_invalid_request.json")
+    with respx.mock(assert_all_called=True) as cloud:
+        cloud.post(MESSAGES).respond(400, json=refusal)
+        with pytest.raises(BadRequestError) as raised:
+            await caller(router).chat.completions.create(model="capability:reasoning", messages=ASK)
+    assert raised.value.status_code == 400
+    error = raised.value.body
+    assert error["message"] == refusal["error"]["message"]
+    assert error["type"] == "invalid_request_error"
+    assert error["request_id"] == raised.value.response.headers["X-Request-ID"]
 
 
 # --- OpenAI-compatible providers: tools and JSON output passed through ---------------------
