@@ -147,8 +147,10 @@ async def openai_chunks(lines: AsyncIterator[str], usage: list[int]) -> AsyncIte
 
 def _tokens(completion: Any) -> list[int]:
     """The [prompt, completion] tokens of an OpenAI completion or chunk (0 when absent);
-    ValueError when it is no JSON object."""
+    ValueError when it or its usage is no JSON object."""
     if not isinstance(completion, dict):
         raise ValueError(f"a {type(completion).__name__}, not a JSON object")
     usage = completion.get("usage") or {}
+    if not isinstance(usage, dict):
+        raise ValueError(f"a usage that is a {type(usage).__name__}, not a JSON object")
     return [usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)]

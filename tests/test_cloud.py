@@ -543,6 +543,20 @@ async def test_a_malformed_anthropic_answer_is_an_error_envelope_never_a_500(
     assert 'kind="malformed"' in metrics
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_malformed_openai_provider_answer_is_an_error_envelope_never_a_500(
+    start_router, monkeypatch, stream
+):
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-123")
+    router = await start_router(providers={"openai": OPENAI})
+    body = b'data: {"usage": [1, 2]}\n\n' if stream else b"[1, 2]"
+    with respx.mock(assert_all_called=True) as cloud:
+        cloud.post("https://api.openai.com/v1/chat/completions").respond(200, content=body)
+        failed = await router.post("/v1/chat/completions", json=CHAT | {"stream": stream})
+    assert failed.status_code == 503
+    assert "out of shape" in failed.json()["error"]["message"]
+
+
 async def test_a_malformed_anthropic_event_mid_stream_ends_it_with_an_error_event(
     start_router, monkeypatch
 ):
