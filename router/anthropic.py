@@ -15,8 +15,9 @@ provider's configured model may be an older one, while a tool whose ``input_sche
 schema is served by every model with tool use, and the model's input is always a JSON
 object. The request gets one more tool, ``JSON_TOOL``, forced (or, beside the caller's
 tools under ``auto``, any tool: answering is then calling it), and its input comes back as
-the message content, JSON text, with finish_reason ``stop``. An object is what OpenAI's
-JSON modes answer too (a json_schema's root must be an object there as well).
+the message content, JSON text, with finish_reason ``stop`` (text beside it is dropped:
+the content must parse). An object is what OpenAI's JSON modes answer too (a json_schema's
+root must be an object there as well).
 """
 
 from __future__ import annotations
@@ -274,6 +275,8 @@ async def openai_chunks_from_anthropic(
             raise Malformed(f"an Anthropic event out of shape: {what}") from None
         if chunk:
             yield chunk
+    if not stream.stopped:  # cut short: no finish reason to tell
+        raise Malformed("an Anthropic stream that ended before its message_stop")
     yield stream.end(usage)
 
 
@@ -292,6 +295,7 @@ class _Stream:
         self.answer: int | None = None  # the index of JSON_TOOL's block, in json_answer
         self.said: set[int] = set()  # the tool_use blocks whose input has had a piece
         self.finish: openai.FinishReason = "stop"
+        self.stopped = False  # message_stop came
 
     def read(self, event: dict[str, Any], usage: list[int]) -> bytes | None:
         """The chunk an event makes, if any."""
@@ -309,6 +313,8 @@ class _Stream:
         if kind == "message_delta":
             usage[1] = event.get("usage", {}).get("output_tokens", usage[1])
             self.finish = FINISH_REASONS.get(event["delta"].get("stop_reason") or "", "stop")
+        elif kind == "message_stop":
+            self.stopped = True
         elif kind == "error":
             raise StreamFailed(event.get("error", {}).get("message", "the provider failed"))
         return None

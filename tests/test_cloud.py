@@ -575,6 +575,21 @@ async def test_a_malformed_anthropic_event_mid_stream_ends_it_with_an_error_even
     assert error["code"] == "upstream_failed"
 
 
+async def test_an_anthropic_stream_cut_before_its_message_stop_ends_with_an_error_event(
+    start_router, monkeypatch
+):
+    router = await anthropic_router(start_router, monkeypatch)
+    events = (DATA / "anthropic" / "messages_stream_tool_use.txt").read_text()
+    cut = events[: events.index("event: message_delta")]
+    with respx.mock(assert_all_called=True) as cloud:
+        cloud.post(MESSAGES).respond(content=cut, headers={"Content-Type": "text/event-stream"})
+        answer = await router.post("/v1/chat/completions", json=CHAT | {"stream": True})
+    events = [e for e in answer.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    assert "message_stop" in json.loads(events[-2].removeprefix("data: "))["error"]["message"]
+    assert '"finish_reason"' not in answer.text  # never told as a whole answer
+
+
 async def test_an_anthropic_error_event_mid_stream_ends_it_with_an_error_event(
     start_router, monkeypatch
 ):
