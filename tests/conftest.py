@@ -725,3 +725,17 @@ def openai_server(tmp_path_factory) -> Iterator[OpenAIServer]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+MINILM = "all-minilm:22m"
+
+
+@pytest.fixture(scope="session")
+def minilm(tmp_path_factory) -> Iterator[Engine]:
+    """all-MiniLM-L6-v2, converted from its PyPI package and loaded once for the session."""
+    settings = ModelHostSettings(
+        model=MINILM, models_dir=tmp_path_factory.mktemp("minilm"), context_length=512
+    )
+    loaded = load_engine(settings)
+    yield loaded
+    loaded.close()

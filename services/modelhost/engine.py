@@ -169,7 +169,8 @@ class Engine:
         self.n_ctx = llama.n_ctx()
         self.n_vocab = llama.n_vocab()
         self._vocab = llama_cpp.llama_model_get_vocab(llama.model)
-        self._formatter = _chat_formatter(llama, model.chat_format)
+        # An embedding model has no chat template and is never asked to render one.
+        self._formatter = _chat_formatter(llama, model.chat_format) if model.generates else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         # One llama.cpp context: one generation at a time.
         self.queue = ModelQueue(limit=max_pending, slots=1)
@@ -419,9 +420,31 @@ class Engine:
         tokens = self.tokenize(WARM_UP_TEXT)
         while len(tokens) < WARM_UP_PROMPT_TOKENS:
             tokens += self.tokenize(WARM_UP_TEXT, add_bos=False)
+        if not self.model.generates:
+            self.warmed_up = self._warm_up_embedding(tokens)
+            return self.warmed_up
         job = Job(tokens=tokens, sampling=Sampling(temperature=0.0), num_predict=8)
         self.warmed_up = self._run(job, lambda _: None, threading.Event())
         return self.warmed_up
+
+    def _warm_up_embedding(self, tokens: list[int]) -> Outcome:
+        """An embedding model's warm-up: one real embedding, which must come out a vector
+        of the model's width with a length (a host is ready only when it can do its job)."""
+        embedded = self.embedder.embed([tokens], threading.Event())
+        vector = embedded.vectors[0]
+        if vector.shape != (self.embedder.n_embd,) or not np.isfinite(vector).all():
+            raise RuntimeError(f"the warm-up embedding is not {self.embedder.n_embd} numbers")
+        if not np.linalg.norm(vector) > 0:
+            raise RuntimeError("the warm-up embedding is all zeros")
+        return Outcome(
+            done_reason="stop",
+            prompt_eval_count=len(tokens),
+            prompt_eval_cached_count=0,
+            prompt_eval_duration=embedded.duration,
+            eval_count=0,
+            eval_duration=0,
+            tokens=tokens,
+        )
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -548,11 +571,14 @@ def load_engine(settings: ModelHostSettings) -> Engine:
     model = lookup(settings.model)
     path = locate(model, settings.models_dir)
     threads = settings.threads or default_threads()
+    n_ctx = min(settings.context_length, model.max_context or settings.context_length)
+    if n_ctx < settings.context_length:
+        log.info("%s: context capped at the %d positions it has", model.name, n_ctx)
     started = time.perf_counter_ns()
     llama = Llama(
         model_path=str(path),
-        n_ctx=settings.context_length,
-        n_batch=min(settings.batch_size, settings.context_length),
+        n_ctx=n_ctx,
+        n_batch=min(settings.batch_size, n_ctx),
         n_threads=threads,
         n_threads_batch=threads,
         chat_format=model.chat_format,
