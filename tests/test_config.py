@@ -36,10 +36,30 @@ def test_default_profile_matches_the_design():
     assert settings.host == "127.0.0.1"
     assert (settings.registry.port, settings.router.port) == (6121, 6103)
     ports = {name: w.port for name, w in settings.wrappers.items()}
-    assert ports == {"reasoner": 8050, "classifier": 8051, "tlc_domain_classifier": 8052}
+    assert ports == {
+        "reasoner": 8050,
+        "classifier": 8051,
+        "tlc_domain_classifier": 8052,
+        "embedder": 8053,
+    }
     assert {b.kind for b in settings.backends.values()} == {"embedded"}
     assert settings.registry_url == "http://127.0.0.1:6121"
     assert settings.registry_token is None
+
+
+def test_default_profile_has_a_dedicated_embedder():
+    settings = load_settings()
+    backend = settings.backends["minilm"]
+    assert (backend.kind, backend.model, backend.port) == ("embedded", "all-minilm:22m", 11436)
+    wrapper = settings.wrappers["embedder"]
+    assert (wrapper.backend, wrapper.model) == ("minilm", "all-minilm:22m")
+    assert (wrapper.agent_id, wrapper.role, wrapper.capabilities) == (
+        "emb_all_minilm_22m",
+        "embedder",
+        ["embedding"],
+    )
+    ports = [b.port for b in settings.backends.values()]
+    assert len(set(ports)) == len(ports)
 
 
 def test_ollama_profile_matches_the_design():

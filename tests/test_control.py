@@ -40,10 +40,12 @@ def test_default_profile_runs_model_hosts_registry_wrappers_and_router_in_that_o
     assert names == [
         "modelhost-smollm2",
         "modelhost-gemma3",
+        "modelhost-minilm",
         "registry",
         "wrapper-reasoner",
         "wrapper-classifier",
         "wrapper-tlc_domain_classifier",
+        "wrapper-embedder",
         "router",
     ]
     by_name = {d.name: d for d in found}
@@ -356,7 +358,7 @@ def test_every_daemon_gets_the_token_files_path_and_reads_the_token_from_it(tmp_
     parser = configparser.ConfigParser(interpolation=None)
     parser.read_string(written)
     programs = [parser[s] for s in parser if s.startswith("program:")]
-    assert len(programs) == 7
+    assert len(programs) == 9
     for program in programs:
         env = dict(re.findall(r'(\w+)="([^"]*)"', program["environment"]))
         assert env["SWARM_REGISTRY_TOKEN_FILE"] == str(tmp_path / "swarm.token")

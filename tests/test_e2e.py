@@ -33,9 +33,11 @@ DAEMON_PORTS = {
     "router": "SWARM_ROUTER__PORT",
     "smollm2": "SWARM_BACKENDS__SMOLLM2__PORT",
     "gemma3": "SWARM_BACKENDS__GEMMA3__PORT",
+    "minilm": "SWARM_BACKENDS__MINILM__PORT",
     "reasoner": "SWARM_WRAPPERS__REASONER__PORT",
     "classifier": "SWARM_WRAPPERS__CLASSIFIER__PORT",
     "tlc": "SWARM_WRAPPERS__TLC_DOMAIN_CLASSIFIER__PORT",
+    "embedder": "SWARM_WRAPPERS__EMBEDDER__PORT",
 }
 REREGISTER_S = 10  # DESIGN 7: a dead wrapper is back in routing within 10 s of its restart
 
@@ -88,7 +90,7 @@ def test_up_prints_every_url_once_everything_is_healthy(swarm):
     statuses = swarm.json("status")
     unwell = [s["name"] for s in statuses if (s["state"], s["health"]) != ("RUNNING", "healthy")]
     assert unwell == []
-    assert len(statuses) == 7
+    assert len(statuses) == 9
 
 
 def test_up_again_is_harmless(swarm):
@@ -154,6 +156,11 @@ def test_every_capability_is_discovered_and_routed_to_a_local_agent(swarm):
             agent_id,
             endpoint,
         )
+    # The dedicated embedder (a wrapper whose backend embeds may register embedding too).
+    embedders = [
+        (a["agent_id"], a["endpoint"], a["status"]) for a in swarm.json("discover", "embedding")
+    ]
+    assert ("emb_all_minilm_22m", swarm.urls["embedder"], "passing") in embedders
 
 
 def test_chat_through_the_router_with_the_openai_client_streamed_and_not(swarm):
@@ -277,7 +284,7 @@ def test_a_killed_wrapper_is_restarted_and_calls_meanwhile_do_not_fail(swarm):
 def test_down_stops_everything_and_leaves_no_process(swarm):
     pids = swarm.pids()
     supervisord = int((Path(swarm.env["SWARM_DATA_DIR"]) / "supervisord.pid").read_text())
-    assert len(pids) == 7
+    assert len(pids) == 9
     done = swarm.swarm("down", timeout=120)
     assert done.returncode == 0, done.stderr
     pids["supervisord"] = supervisord
@@ -286,5 +293,5 @@ def test_down_stops_everything_and_leaves_no_process(swarm):
     assert {s["state"] for s in swarm.json("status", check=False)} == {"NOT_STARTED"}
     # Wrappers stop first, so each told the registry it was leaving.
     logs = Path(swarm.env["SWARM_DATA_DIR"]) / "logs"
-    for wrapper in ("reasoner", "classifier", "tlc_domain_classifier"):
+    for wrapper in ("reasoner", "classifier", "tlc_domain_classifier", "embedder"):
         assert "deregistered" in (logs / f"wrapper-{wrapper}.log").read_text()
