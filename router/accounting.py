@@ -16,7 +16,7 @@ from router.errors import UpstreamFailed
 from router.metrics import RouterMetrics
 from router.usage import UsageLog
 from schemas.config import ProviderConfig
-from schemas.usage import Status, UsageRecord
+from schemas.usage import Endpoint, Status, UsageRecord
 from services.common.context import current_request_id, new_id
 
 
@@ -32,6 +32,7 @@ class Outcome:
     # Served by another candidate because the first-ranked one, expected to wait this
     # long (ms; None: not known), was not within the call's wait budget: the call spilled.
     spilled_from: tuple[Candidate, float | None] | None = None
+    endpoint: Endpoint = "chat"
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Accounting:
             fallback_from=outcome.tried[0][0].name if outcome.tried else None,
             reason="spill" if outcome.spilled_from else None,
             spill_wait_ms=outcome.spilled_from[1] if outcome.spilled_from else None,
+            endpoint=outcome.endpoint,
         )
         self.usage.add(route)
         if candidate is None:

@@ -20,12 +20,13 @@ from router.metrics import RouterMetrics
 from router.ratelimit import RateLimiter, RateLimitMiddleware
 from router.service import Router
 from router.settings import RouterSettings
-from router.upstream import LocalAgents, Upstreams
+from router.upstream import EMBEDDINGS_PATH, LocalAgents, Upstreams
 from router.usage import UsageLog, UsageStore
 from services.common.database import create_db_engine, db_runner
 from services.common.http import install_plumbing, peer_client, serve_lean
 
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
+MODEL_CALL_PATHS = (*CHAT_PATHS, EMBEDDINGS_PATH)
 
 
 def create_app(
@@ -77,6 +78,7 @@ def create_app(
                 engine,
                 clock=wall_clock,
                 reference_price_per_1k=settings.reference_price_per_1k_tokens,
+                reference_embedding_price_per_1k=settings.reference_embedding_price_per_1k_tokens,
             )
             retention = settings.usage_retention_days * 86_400
             usage = UsageLog(store, db_runner(engine), retention=retention)
@@ -116,9 +118,10 @@ def create_app(
     if settings.rate_limit_per_second > 0:
         limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst, clock)
         # Inside the shared plumbing: a 429 carries the request id and is counted.
-        app.add_middleware(RateLimitMiddleware, limiter=limiter, paths=(*CHAT_PATHS, "/route"))
+        paths = (*MODEL_CALL_PATHS, "/route")
+        app.add_middleware(RateLimitMiddleware, limiter=limiter, paths=paths)
     install_plumbing(app, max_body_bytes=settings.max_body_bytes, readiness=routes.readiness)
     app.include_router(routes.router)
     app.include_router(dashboard.router)
-    serve_lean(app, [routes.router], CHAT_PATHS)
+    serve_lean(app, [routes.router], MODEL_CALL_PATHS)
     return app

@@ -1,5 +1,6 @@
-"""Forward one chat call: walk its candidates best first, fall back on failure, retry the
-walk after a backoff; relay a stream.
+"""Forward one model call (chat, or embeddings): walk its candidates best first, fall back
+on failure, retry the walk after a backoff; relay a stream. An embeddings call goes to
+registry agents only: the router's cloud client speaks chat.
 
 A candidate fails when it cannot be reached, times out, or answers 5xx or 429
 (``router.upstream``); the call then goes to the next candidate, up to ``max_attempts``.
@@ -26,8 +27,8 @@ from router.breaker import Breaker, Breakers
 from router.candidates import Candidate, Waiting, within_budget
 from router.errors import UpstreamFailed
 from router.load import Load, Loads
-from router.upstream import Answer, Upstream
-from schemas.usage import Status
+from router.upstream import CHAT_PATH, EMBEDDINGS_PATH, Answer, Upstream
+from schemas.usage import Endpoint, Status
 from services.common.backoff import backoff_delay
 from services.common.errors import ServiceUnavailable, SwarmError
 from services.common.streaming import SSE_DONE, EventStream, sse_error
@@ -45,6 +46,8 @@ class Walk:
     capability: str
     stream: bool
     began: float
+    endpoint: Endpoint = "chat"
+    model: str | None = None  # only candidates serving this model (None: any)
     tried: Tried = field(default_factory=list)  # the failed attempts, in order
     counted: set[str] = field(default_factory=set)  # endpoints whose circuit it charged
     spent: set[str] = field(default_factory=set)  # endpoints that failed it itself (500)
@@ -57,12 +60,18 @@ class Walk:
         spill = self.over_budget
         if candidate is None or spill is None or spill[0] == candidate:
             spill = None
-        return Outcome(self.capability, candidate, self.tried, self.stream, self.began, spill)
+        return Outcome(
+            self.capability, candidate, self.tried, self.stream, self.began, spill, self.endpoint
+        )
+
+    @property
+    def path(self) -> str:
+        return EMBEDDINGS_PATH if self.endpoint == "embeddings" else CHAT_PATH
 
 
 @dataclass
 class Forwarder:
-    """Forwards chat calls; one :class:`Walk` each."""
+    """Forwards model calls; one :class:`Walk` each."""
 
     candidates: Callable[..., list[Candidate]]  # Router.candidates: who may serve, best first
     waiting: Waiting  # Router.waiting: a candidate's expected wait and calls open
@@ -76,12 +85,19 @@ class Forwarder:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     random: Callable[[], float] = random_module.random
 
-    async def chat(
-        self, body: bytes, capability: str, stream: bool, budget_ms: float | None = None
+    async def forward(
+        self,
+        body: bytes,
+        capability: str,
+        stream: bool,
+        budget_ms: float | None = None,
+        endpoint: Endpoint = "chat",
+        model: str | None = None,
     ) -> Response:
-        """Forward an OpenAI chat call to the first candidate that serves it; with a wait
-        budget, to those expected to wait within it first (router.candidates.within_budget)."""
-        walk = Walk(capability, stream, self.clock())
+        """Forward an OpenAI call (``endpoint``: chat, or embeddings) to the first candidate
+        that serves it (``model``: only those serving that model); with a wait budget, to
+        those expected to wait within it first (router.candidates.within_budget)."""
+        walk = Walk(capability, stream, self.clock(), endpoint, model)
         for retry in itertools.count():
             failures_before = len(walk.tried)
             ranked = self.candidates(capability)
@@ -90,6 +106,10 @@ class Forwarder:
                 if len(walk.tried) >= self.max_attempts:
                     break
                 if candidate.endpoint in walk.spent:
+                    continue
+                if endpoint != "chat" and not candidate.is_agent:
+                    continue  # a cloud provider: chat only
+                if model is not None and candidate.model != model:
                     continue
                 breaker = self.breakers[candidate.endpoint]
                 if not breaker.begin():
@@ -113,7 +133,7 @@ class Forwarder:
         load.in_flight += 1
         started = self.clock()
         try:
-            answer = await self.upstream.send(candidate, body, walk.stream)
+            answer = await self.upstream.send(candidate, body, walk.stream, walk.path)
         except UpstreamFailed as failure:
             load.in_flight -= 1
             self._charge(walk, candidate.endpoint, breaker, failure)

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(route_class=StrictJSONRoute)
 # The calls the rate limit applies to (router.app); 404 names the capabilities that exist.
 ROUTED = errors(404, 429, 503)
+EMBEDDING = "embedding"  # the capability of an agent that embeds
 _STREAMED = "JSON, or the candidate's SSE events passed through when `stream` is true; a "
 _STREAMED += "failure after the first event is an event of the error envelope."
 
@@ -91,6 +92,25 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
     capability = routing.capability_of(body.model, request.headers.get("X-Capability"))
     asked_wait_ms = max_wait_ms(request)
     return await routing.chat(await request.body(), capability, body.stream, asked_wait_ms)
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=openai.CreateEmbeddingResponse,
+    responses=ROUTED,
+    summary="OpenAI embeddings, routed by capability (embedding) with fallback",
+    openapi_extra=WAIT_BUDGET,
+)
+async def embeddings(body: openai.EmbeddingRequest, request: Request) -> Response:
+    """As chat completions are routed: ``model`` ``capability:embedding`` (or another
+    capability, or ``X-Capability``), or a model an agent serves, then by agents serving
+    that model only (another model's vectors do not compare); registry agents only."""
+    routing = router_of(request)
+    header = request.headers.get("X-Capability")
+    capability = routing.capability_of(body.model, header, wanted=EMBEDDING)
+    named = None if body.model.startswith(CAPABILITY_PREFIX) or header else body.model
+    body_bytes = await request.body()
+    return await routing.embeddings(body_bytes, capability, max_wait_ms(request), model=named)
 
 
 def max_wait_ms(request: Request) -> int | None:

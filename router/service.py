@@ -1,5 +1,5 @@
 """The router as its routes see it: which capabilities it serves, where a call would go,
-and the chat call forwarded.
+and the chat and embeddings calls forwarded.
 
 Its parts: the candidates ranked (router.candidates), the upstream call to a local agent
 or a cloud provider (router.upstream, router.cloud), the walk over the candidates with
@@ -139,16 +139,17 @@ class Router:
         fallbacks = [candidate.public() for candidate in rest]
         return RouteDecision(**best.public().model_dump(), fallbacks=fallbacks, reason=reason)
 
-    def capability_of(self, model: str, header: str | None) -> str:
-        """The capability a chat call asks for: ``capability:<name>``, ``X-Capability``, or
-        the capability of the agent serving a concrete model."""
+    def capability_of(self, model: str, header: str | None, wanted: str | None = None) -> str:
+        """The capability a call asks for: ``capability:<name>``, ``X-Capability``, or the
+        capability of the agent serving a concrete model: ``wanted`` when it has it (an
+        embeddings call's ``embedding``), else its first."""
         if model.startswith(CAPABILITY_PREFIX):
             return model.removeprefix(CAPABILITY_PREFIX).strip().lower()
         if header:
             return header.strip().lower()
         agent = self.directory.by_model.get(model)
         if agent is not None and agent.capabilities:
-            return agent.capabilities[0]
+            return wanted if wanted in agent.capabilities else agent.capabilities[0]
         raise NotFound(
             f"no agent serves the model {model!r}; ask for a capability with "
             f'"model": "capability:<name>" or the X-Capability header',
@@ -162,4 +163,19 @@ class Router:
         """Forward an OpenAI chat call to the first candidate that serves it, within the
         call's wait budget when it has one (router.forward)."""
         budget = self.wait_budget_ms(capability, asked_wait_ms)
-        return await self.forwarder.chat(body, capability, stream, budget)
+        return await self.forwarder.forward(body, capability, stream, budget)
+
+    async def embeddings(
+        self,
+        body: bytes,
+        capability: str,
+        asked_wait_ms: int | None = None,
+        model: str | None = None,
+    ) -> Response:
+        """Forward an OpenAI embeddings call as a chat call is (its candidates, fallbacks,
+        circuits, wait budget and record), to registry agents only; ``model``: to those
+        serving it only, as vectors of different models do not compare."""
+        budget = self.wait_budget_ms(capability, asked_wait_ms)
+        return await self.forwarder.forward(
+            body, capability, False, budget, "embeddings", model=model
+        )

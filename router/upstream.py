@@ -1,7 +1,8 @@
 """The upstream call: one interface for whatever serves a candidate, as httpx gives its
 transports one.
 
-An upstream sends a chat body to a candidate and returns its :class:`Answer`, or raises
+An upstream sends a chat (or, to an agent, an embeddings) body to a candidate and returns
+its :class:`Answer`, or raises
 :class:`~router.errors.UpstreamFailed` when the candidate could not serve it (the next one
 may); a stream's chunks raise it too when the upstream fails after its first byte. How the
 router reacts to each failure is in ``router.errors``. Two kinds serve: registry agents
@@ -23,6 +24,7 @@ from router.errors import UpstreamFailed, failed_answer
 from services.common.context import REQUEST_ID_HEADER, current_request_id
 
 CHAT_PATH = "/v1/chat/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
 
 
 @dataclass
@@ -38,6 +40,15 @@ class Answer:
 
 
 class Upstream(Protocol):
+    async def send(
+        self, candidate: Candidate, body: bytes, stream: bool, path: str = CHAT_PATH
+    ) -> Answer:
+        """The candidate's answer to an OpenAI body for ``path`` (chat, or embeddings);
+        raises UpstreamFailed."""
+        ...
+
+
+class ChatUpstream(Protocol):
     async def send(self, candidate: Candidate, body: bytes, stream: bool) -> Answer:
         """The candidate's answer to an OpenAI chat body; raises UpstreamFailed."""
         ...
@@ -46,31 +57,36 @@ class Upstream(Protocol):
 class Upstreams:
     """Registry agents and cloud providers behind one ``send``, chosen by the candidate."""
 
-    def __init__(self, agents: Upstream, cloud: Upstream | None) -> None:
+    def __init__(self, agents: Upstream, cloud: ChatUpstream | None) -> None:
         self.agents = agents
         self.cloud = cloud  # None when no provider is keyed
 
-    async def send(self, candidate: Candidate, body: bytes, stream: bool) -> Answer:
+    async def send(
+        self, candidate: Candidate, body: bytes, stream: bool, path: str = CHAT_PATH
+    ) -> Answer:
         if candidate.is_agent:  # also an agent of locality "cloud": a wrapper, at its endpoint
-            return await self.agents.send(candidate, body, stream)
-        assert self.cloud is not None  # provider candidates exist only for keyed providers
+            return await self.agents.send(candidate, body, stream, path)
+        # Cloud providers serve chat only (router.forward never offers them another call).
+        assert self.cloud is not None
+        assert path == CHAT_PATH
         return await self.cloud.send(candidate, body, stream)
 
 
 class LocalAgents:
-    """Registry agents, through the aiohttp pool: the body goes as it came."""
+    """Registry agents, through the aiohttp pool: the body goes as it came, to the same
+    path on the agent."""
 
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self.session = session
 
-    async def send(self, candidate: Candidate, body: bytes, stream: bool) -> Answer:
+    async def send(
+        self, candidate: Candidate, body: bytes, stream: bool, path: str = CHAT_PATH
+    ) -> Answer:
         headers = {"Content-Type": "application/json"}
         if request_id := current_request_id():
             headers[REQUEST_ID_HEADER] = request_id
         try:
-            answer = await self.session.post(
-                candidate.endpoint + CHAT_PATH, data=body, headers=headers
-            )
+            answer = await self.session.post(candidate.endpoint + path, data=body, headers=headers)
             failure = failed_answer(answer.status, answer.headers.get("Retry-After"))
             if failure is not None:
                 answer.release()

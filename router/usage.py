@@ -83,19 +83,32 @@ T = Table(
     # Added by issue 14; a database made before has them added at start (add_missing_columns).
     Column("reason", String(16)),
     Column("spill_wait_ms", Float),
+    # Added by issue 15: "embeddings", or "chat" (null in a row stored before: a chat call).
+    Column("endpoint", String(16)),
     # The dashboard reads a time window of one kind, or of one agent.
     Index("ix_usage_kind_time", "kind", "time"),
     Index("ix_usage_agent_time", "agent_id", "time"),
 )
 
 
+EMBEDDING = T.c.endpoint == "embeddings"
+
+
 class UsageStore:
     def __init__(
-        self, engine: Engine, *, clock: Callable[[], float], reference_price_per_1k: float
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], float],
+        reference_price_per_1k: float,
+        reference_embedding_price_per_1k: float = 0.0,
     ) -> None:
+        """The reference prices value what the calls would have cost in the cloud: chat
+        tokens at ``reference_price_per_1k``, embedding tokens at the embedding price."""
         self.engine = engine
         self.clock = clock
         self.reference_price_per_1k = reference_price_per_1k
+        self.reference_embedding_price_per_1k = reference_embedding_price_per_1k
         METADATA.create_all(engine)
         add_missing_columns(engine, T)
         self._insert = _insert_or_ignore(engine.dialect.name)
@@ -145,6 +158,8 @@ class UsageStore:
             func.coalesce(func.sum(case((local, tokens), else_=0)), 0),
             func.coalesce(func.sum(T.c.cost), 0.0),
             func.coalesce(func.sum(case((T.c.status == "error", 1), else_=0)), 0),
+            func.coalesce(func.sum(case((EMBEDDING, 1), else_=0)), 0),
+            func.coalesce(func.sum(case((EMBEDDING, T.c.prompt_tokens), else_=0)), 0),
         ).where(T.c.kind == "call", T.c.time >= since)
         routes = select(
             func.count(),
@@ -152,10 +167,13 @@ class UsageStore:
             func.coalesce(func.sum(case((T.c.reason == "spill", 1), else_=0)), 0),
         ).where(T.c.kind == "route", T.c.time >= since)
         with self.engine.connect() as conn:
-            n, n_local, prompt, completion, local_tokens, cost, errors = conn.execute(calls).one()
+            n, n_local, prompt, completion, local_tokens, cost, errors, n_embed, embed_tokens = (
+                conn.execute(calls).one()
+            )
             routed, fallbacks, spills = conn.execute(routes).one()
         all_tokens = prompt + completion
-        would = all_tokens / 1000 * self.reference_price_per_1k
+        would_embed = embed_tokens / 1000 * self.reference_embedding_price_per_1k
+        would = (all_tokens - embed_tokens) / 1000 * self.reference_price_per_1k + would_embed
         return UsageSummary(
             window_seconds=window,
             calls=n,
@@ -175,6 +193,9 @@ class UsageStore:
             fallbacks=fallbacks,
             fallback_rate=_share(fallbacks, routed),
             spills=spills,
+            embedding_calls=n_embed,
+            embedding_tokens=embed_tokens,
+            embedding_would_have_cost=round(would_embed, 6),
         )
 
     def timeseries(self, window: float, buckets: int) -> UsageTimeseries:
@@ -231,8 +252,10 @@ class UsageStore:
                 func.count(),
                 func.sum(T.c.prompt_tokens),
                 func.sum(T.c.completion_tokens),
-                func.sum(T.c.latency_ms),
+                func.sum(case((EMBEDDING, 0.0), else_=T.c.latency_ms)),
                 func.sum(case((T.c.status == "error", 1), else_=0)),
+                func.sum(case((EMBEDDING, 1), else_=0)),
+                func.sum(case((EMBEDDING, T.c.prompt_tokens), else_=0)),
             )
             .where(T.c.kind == "call", T.c.time >= since)
             .group_by(who, T.c.provider)
@@ -249,7 +272,7 @@ class UsageStore:
             for agent, latency in conn.execute(latencies):
                 measured.setdefault(agent, []).append(latency)
         agents = []
-        for agent, provider, calls, prompt, completion, latency_sum, errors in rows:
+        for agent, provider, calls, prompt, completion, latency_sum, errors, n_embed, embed in rows:
             ms = sorted(measured.get(agent, []))
             agents.append(
                 AgentUsage(
@@ -266,6 +289,8 @@ class UsageStore:
                     latency_p99_ms=_percentile(ms, 0.99),
                     latency_histogram=_histogram(ms),
                     errors=errors,
+                    embedding_calls=n_embed,
+                    embedding_tokens=embed,
                 )
             )
         agents.sort(key=lambda usage: -usage.calls)
@@ -364,6 +389,7 @@ def _row(record: UsageRecord) -> dict:
 def _record(row) -> UsageRecord:
     data = {key: value for key, value in row.items() if key != "id"}
     data["time"] = datetime.fromtimestamp(row["time"], UTC)
+    data["endpoint"] = row["endpoint"] or "chat"
     return UsageRecord.model_validate(data)
 
 

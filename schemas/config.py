@@ -315,6 +315,12 @@ class RouterConfig(Section):
     reference_price_per_1k_tokens: float = Field(
         default=0.002, ge=0, description="What the dashboard's 'saved' prices tokens at; 0: none."
     )
+    reference_embedding_price_per_1k_tokens: float = Field(
+        default=0.00002,
+        ge=0,
+        description="What the dashboard's 'saved' prices embedding tokens at (OpenAI's "
+        "text-embedding-3-small: $0.02 per million); 0: none.",
+    )
     discovery_refresh_seconds: Seconds = Field(
         default=1.0, description="How often the router re-reads the registry's agents."
     )

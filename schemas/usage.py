@@ -8,6 +8,9 @@ Two kinds of record share one table and join on the request id:
 - a **route** is the router's outcome for one request: which candidate served, after
   which fallbacks (or whether it spilled over a wait budget), with the caller's end-to-end
   latency and time to first token.
+
+Either kind says which endpoint the call was (``endpoint``): a chat or generate call, or
+an embedding (input tokens only), priced apart at the reference embedding price.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from schemas.agents import Strict
 MAX_BATCH = 1_000
 # "cancelled": the caller left mid-stream. Its tokens count; it is no error of the model.
 Status = Literal["ok", "error", "cancelled"]
+# What was called: a chat or generate call (either API), or embeddings (either API).
+Endpoint = Literal["chat", "embeddings"]
 # Upper bounds (ms) of the per-agent latency histogram's buckets, as Prometheus' ``le``; one
 # more bucket counts the calls slower than the last. Fixed, so that the histograms of
 # different agents and windows compare bar by bar.
@@ -75,6 +80,11 @@ class UsageRecord(Strict):
         "null when that wait was not known (its slots full of the router's calls).",
     )
     cost: float = Field(default=0.0, ge=0, le=MAX_COST_PER_CALL, allow_inf_nan=False)
+    endpoint: Endpoint = Field(
+        default="chat",
+        description='"embeddings" for an embedding call (its tokens are all input), else '
+        '"chat" (chat and generate).',
+    )
 
 
 # How many of a batch's refusals a daemon logs: a batch may hold a thousand bad records.
@@ -152,7 +162,10 @@ class UsageSummary(BaseModel):
     local_tokens: int
     cloud_tokens: int
     cost: float
-    would_have_cost: float = Field(description="All tokens at the reference cloud price.")
+    would_have_cost: float = Field(
+        description="All tokens at the reference cloud prices: chat tokens at the chat "
+        "price, embedding tokens at the embedding price."
+    )
     saved: float
     errors: int
     error_rate: float | None
@@ -162,6 +175,11 @@ class UsageSummary(BaseModel):
     spills: int = Field(
         description="Routed requests that spilled: served by another candidate because the "
         "first-ranked one's expected wait was over the call's wait budget."
+    )
+    embedding_calls: int = Field(default=0, description="Of ``calls``, embedding calls.")
+    embedding_tokens: int = Field(default=0, description="Their (input) tokens.")
+    embedding_would_have_cost: float = Field(
+        default=0.0, description="Of ``would_have_cost``: the embedding tokens' share."
     )
 
 
@@ -187,7 +205,9 @@ class AgentUsage(BaseModel):
     calls: int
     prompt_tokens: int
     completion_tokens: int
-    tokens_per_second: float | None
+    tokens_per_second: float | None = Field(
+        description="Completion tokens a second of its chat calls (embeddings make none)."
+    )
     latency_p50_ms: float | None
     latency_p95_ms: float | None
     latency_p99_ms: float | None
@@ -196,6 +216,8 @@ class AgentUsage(BaseModel):
         "at most each bound of ``latency_buckets_ms``, then slower than the last."
     )
     errors: int
+    embedding_calls: int = Field(default=0, description="Of ``calls``, embedding calls.")
+    embedding_tokens: int = Field(default=0, description="Their (input) tokens.")
 
 
 class UsageByAgent(BaseModel):
