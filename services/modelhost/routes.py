@@ -7,7 +7,9 @@ Shapes follow Ollama's ``docs/api.md`` (``schemas.ollama``); errors on ``/api/*`
   ignored: the model stays as loaded, and ``keep_alive`` never unloads it;
 - a prompt that leaves no room in the context is refused (400) rather than truncated, and
   an answer that fills the context ends with ``done_reason`` "length" (no context shift);
-- ``suffix``, images, ``think`` and ``tools`` get Ollama's 400 for a model without them;
+- ``suffix``, images and ``think`` get Ollama's 400 for a model without them;
+- ``tools`` are served on ``/api/chat`` for every model, with or without tool markup in
+  its template: what the host does is in ``services.modelhost.tools``;
 - generations are served first come, first served, at most ``max_pending`` admitted at
   once (running and queued): one more gets Ollama's 503 with a ``Retry-After`` from the
   measured service time (``queue``); the queue's figures are in ``/health`` and
@@ -19,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -55,6 +57,8 @@ from services.common.errors import BadRequest, NotFound, SwarmError
 from services.common.metrics import CLIENT_CLOSED_REQUEST
 from services.common.openapi import NDJSON, OLLAMA_STREAMED, errors, streaming
 from services.common.strict_json import StrictJSONRoute
+from services.common.tool_calls import Call, CallWatch, ToolSpec, parse_calls
+from services.modelhost import tools
 from services.modelhost.engine import Engine, Job, Outcome, Piece, Sampling, grammar_for
 from services.modelhost.queue import Ticket
 
@@ -225,7 +229,7 @@ async def show(body: ShowRequest, request: Request) -> ShowResponse:
         template=metadata.get("tokenizer.chat_template") or engine.model.chat_format,
         details=_details(engine),
         model_info=engine.model_info(),
-        capabilities=["completion"],
+        capabilities=["completion", "tools"],
         modified_at=_modified_at(engine),
     )
 
@@ -242,11 +246,23 @@ class _Answer:
     with_context: bool
     arrived: int
     """perf_counter_ns() when the request arrived."""
+    tools: Sequence[ToolSpec] = ()
+    """The chat's tools: an answer that is all a call of them becomes ``tool_calls``."""
 
     def partial(self, piece: Piece) -> BaseModel:
         return self._make(piece.text, piece.logprobs, done=False)
 
-    def final(self, text: str, logprobs: list[Logprob] | None, outcome: Outcome) -> BaseModel:
+    def calls(self, calls: Sequence[Call]) -> BaseModel:
+        """The chunk of a streamed answer's calls, sent whole as Ollama does."""
+        return self._make("", None, done=False, tool_calls=calls)
+
+    def final(
+        self,
+        text: str,
+        logprobs: list[Logprob] | None,
+        outcome: Outcome,
+        calls: Sequence[Call] | None = None,
+    ) -> BaseModel:
         stats = {
             "done_reason": outcome.done_reason,
             "total_duration": time.perf_counter_ns() - self.arrived,
@@ -263,12 +279,19 @@ class _Answer:
         }
         if self.with_context:
             stats["context"] = outcome.tokens
-        return self._make(text, logprobs, done=True, **stats)
+        return self._make(text, logprobs, done=True, tool_calls=calls, **stats)
 
-    def _make(self, text: str, logprobs: list[Logprob] | None, **fields: Any) -> BaseModel:
+    def _make(
+        self,
+        text: str,
+        logprobs: list[Logprob] | None,
+        tool_calls: Sequence[Call] | None = None,
+        **fields: Any,
+    ) -> BaseModel:
         common = {"model": self.model, "created_at": timestamp_now(), "logprobs": logprobs}
         if self.chat:
-            message = Message(role="assistant", content=text)
+            called = tools.ollama_tool_calls(tool_calls) if tool_calls else None
+            message = Message(role="assistant", content=text, tool_calls=called)
             return ChatResponse(**common, message=message, **fields)
         return GenerateResponse(**common, response=text, **fields)
 
@@ -285,13 +308,26 @@ def _error_message(exc: Exception) -> str:
 
 
 async def _stream(events: AsyncIterator[Piece | Outcome], answer: _Answer) -> AsyncIterator[bytes]:
+    watch = CallWatch(answer.tools) if answer.tools else None
+    held: list[Logprob] = []  # of the text held back while it may be a call
     async with contextlib.aclosing(events):
         try:
             async for event in events:
-                if isinstance(event, Piece):
+                if isinstance(event, Outcome):
+                    if watch is not None:
+                        text, calls = watch.finish()
+                        if calls:
+                            yield _line(answer.calls(calls))
+                        elif text:
+                            yield _line(answer.partial(Piece(text, held or None)))
+                    yield _line(answer.final("", None, event))
+                elif watch is None:
                     yield _line(answer.partial(event))
                 else:
-                    yield _line(answer.final("", None, event))
+                    held.extend(event.logprobs or ())
+                    if text := watch.feed(event.text):
+                        yield _line(answer.partial(Piece(text, held or None)))
+                        held = []
         except Exception as exc:
             # The status line is long gone: Ollama ends the stream with an error line.
             yield _line(OllamaError(error=_error_message(exc)))
@@ -343,7 +379,9 @@ async def _collect(
         raise SwarmError(_error_message(failure)) from failure
     if outcome is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # the client is gone
-    return _json(answer.final("".join(texts), logprobs or None, outcome))
+    text = "".join(texts)
+    calls = parse_calls(text, answer.tools) if answer.tools else None
+    return _json(answer.final("" if calls else text, logprobs or None, outcome, calls))
 
 
 async def _respond(
@@ -406,20 +444,19 @@ def _generate_job(engine: Engine, body: GenerateRequest) -> Job:
     return _job(engine, tokens, body, stop)
 
 
-def _chat_job(engine: Engine, body: ChatRequest) -> Job:
-    messages = [{"role": m.role, "content": m.content} for m in body.messages]
-    prompt, has_bos, stop = engine.render_chat(messages)
-    return _job(engine, engine.tokenize(prompt, add_bos=not has_bos), body, stop)
+def _chat_job(engine: Engine, body: ChatRequest) -> tuple[Job, list[ToolSpec]]:
+    specs = tools.checked_tools(engine, body.tools)
+    messages, template_tools = tools.prompt_messages(engine, body.messages, specs)
+    prompt, has_bos, stop = engine.render_chat(messages, template_tools)
+    return _job(engine, engine.tokenize(prompt, add_bos=not has_bos), body, stop), specs
 
 
-def _refuse_unsupported(name: str, *, think: Any, images: bool, tools: bool = False) -> None:
+def _refuse_unsupported(name: str, *, think: Any, images: bool) -> None:
     # Ollama's answers for a model without these capabilities.
     if think:
         raise BadRequest(f'"{name}" does not support thinking')
     if images:
         raise BadRequest(f'"{name}" does not support images')
-    if tools:
-        raise BadRequest(f'"{name}" does not support tools')
 
 
 def _load_reason(keep_alive: Any) -> str:
@@ -461,12 +498,7 @@ async def chat(body: ChatRequest, request: Request) -> Response:
     arrived = time.perf_counter_ns()
     engine = _engine(request)
     _check_model(engine, body.model)
-    _refuse_unsupported(
-        body.model,
-        think=body.think,
-        images=any(m.images for m in body.messages),
-        tools=bool(body.tools),
-    )
+    _refuse_unsupported(body.model, think=body.think, images=any(m.images for m in body.messages))
     if not body.messages:
         empty = ChatResponse(
             model=body.model,
@@ -476,6 +508,6 @@ async def chat(body: ChatRequest, request: Request) -> Response:
             done_reason=_load_reason(body.keep_alive),
         )
         return _json(empty)
-    job = await anyio.to_thread.run_sync(partial(_chat_job, engine, body))
-    answer = _Answer(body.model, chat=True, with_context=False, arrived=arrived)
+    job, specs = await anyio.to_thread.run_sync(partial(_chat_job, engine, body))
+    answer = _Answer(body.model, chat=True, with_context=False, arrived=arrived, tools=specs)
     return await _respond(request, engine, job, answer, body.stream)
