@@ -28,6 +28,7 @@ from tests.conftest import (
     make_settings,
     read,
     read_lines,
+    replaced,
     sent_json,
     streamed,
     streamed_or_whole,
@@ -102,7 +103,8 @@ async def test_generate_streams_and_answers_whole(wrapper, backend, path):
 
 
 async def test_generate_passes_raw_format_and_logprobs_on(wrapper, backend):
-    answer = read("generate_response_logprobs.json")
+    # An answer in the format asked: the wrapper checks it (a 502 else).
+    answer = replaced(read("generate_response_logprobs.json"), ("response",), '{"age": 22}')
     route = backend.post("/api/generate").respond(json=answer)
     schema = {"type": "object", "properties": {"age": {"type": "integer"}}}
     got = await wrapper.ollama.generate(

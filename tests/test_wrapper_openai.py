@@ -29,6 +29,7 @@ from tests.conftest import (
     post_and_leave,
     read,
     read_lines,
+    replaced,
     sent_json,
     streamed,
 )
@@ -115,7 +116,9 @@ async def test_sampling_parameters_become_ollama_options(wrapper, backend):
 
 @pytest.mark.anyio
 async def test_response_format_becomes_the_ollama_format(wrapper, backend):
-    route = backend.post("/api/chat").respond(json=read("chat_response.json"))
+    # An answer in the format asked: the wrapper checks it (a 502 else).
+    answer = replaced(read("chat_response.json"), ("message", "content"), '{"colour": "blue"}')
+    route = backend.post("/api/chat").respond(json=answer)
     schema = {
         "type": "object",
         "properties": {"colour": {"type": "string"}},

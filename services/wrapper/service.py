@@ -2,6 +2,13 @@
 
 Both APIs come here: a request becomes a ``Job`` (model pinned, limits checked, rendered
 for the prompt style), which runs on the backend whole or streamed.
+
+What comes back is checked against what was asked, on every Ollama-API backend: an answer
+whose text is all a JSON call of the request's tools becomes ``tool_calls`` (a backend
+whose template marks calls otherwise gives the call as content), and an answer asked for
+in a JSON ``format`` that ended normally must parse (and validate, for a schema): one that
+does not is a 502 ``upstream_invalid_json`` (streamed: the stream's error event), as the
+backend ignored the format. An answer cut short ("length") is passed on as it is.
 """
 
 from __future__ import annotations
@@ -10,15 +17,16 @@ import itertools
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
 from schemas import ollama as api
 from schemas.agents import AgentDefinition, Heartbeat
-from services.common.errors import BadRequest, ServiceUnavailable
+from services.common.errors import BadGateway, BadRequest, ServiceUnavailable
 from services.common.streaming import close
+from services.common.tool_calls import CallWatch, ToolSpec, is_valid_json, parse_calls, tool_specs
 from services.wrapper import translate
 from services.wrapper.backend import Backend
 from services.wrapper.openai_backend import OpenAIBackend
@@ -36,6 +44,12 @@ class Job:
     request: api.ChatRequest | api.GenerateRequest
     prompt: str  # the text sent to the model, for estimates
     as_chat: bool  # a chat request sent as a completion: answers come back in chat shape
+    tools: list[ToolSpec] = field(default_factory=list)  # an answer that calls them is a call
+
+    @property
+    def format(self) -> api.Format:
+        """The JSON format the answer was asked in, if any."""
+        return self.request.format
 
 
 @dataclass
@@ -50,11 +64,12 @@ class Wrapper:
     # --- jobs ----------------------------------------------------------------------------
 
     def chat_job(self, request: api.ChatRequest) -> Job:
+        tools = tool_specs(request.tools)
         request = self._pin(request)
         if self.settings.prompt_style == "completion":
             completion = translate.completion_request(request, self.settings.completion_template)
-            return self._checked(Job(completion, completion.prompt or "", as_chat=True))
-        return self._checked(Job(request, translate.prompt_text(request), as_chat=False))
+            return self._checked(Job(completion, completion.prompt or "", True, tools))
+        return self._checked(Job(request, translate.prompt_text(request), False, tools))
 
     def generate_job(self, request: api.GenerateRequest) -> Job:
         request = self._pin(request)
@@ -102,15 +117,19 @@ class Wrapper:
 
     async def run(self, job: Job) -> Answer:
         if isinstance(job.request, api.ChatRequest):
-            return await self.backend.chat(job.request)
-        answer = await self.backend.generate(job.request)
-        return translate.chat_answer(answer) if job.as_chat else answer
+            answer: Answer = await self.backend.chat(job.request)
+        else:
+            answer = await self.backend.generate(job.request)
+            answer = translate.chat_answer(answer) if job.as_chat else answer
+        return checked_answer(job, answer)
 
     def stream(self, job: Job) -> AsyncIterator[Answer]:
         if isinstance(job.request, api.ChatRequest):
-            return self.backend.chat_stream(job.request)
-        parts = self.backend.generate_stream(job.request)
-        return _map(parts, translate.chat_answer) if job.as_chat else parts
+            parts = self.backend.chat_stream(job.request)
+        else:
+            parts = self.backend.generate_stream(job.request)
+            parts = _map(parts, translate.chat_answer) if job.as_chat else parts
+        return _checked_stream(job, parts) if job.tools or job.format else parts
 
     # --- health and registration ---------------------------------------------------------
 
@@ -142,6 +161,84 @@ async def first_chunk(stream: AsyncIterator[Answer]) -> Answer:
         raise ServiceUnavailable(
             "the model backend ended the stream without an answer", code="backend_error"
         ) from None
+
+
+def checked_answer(job: Job, answer: Answer) -> Answer:
+    """``answer`` with a call in its text as ``tool_calls``; a 502 for one that ignored
+    the JSON format it was asked in."""
+    if not isinstance(answer, api.ChatResponse):
+        _check_json(job, answer, answer.response)
+        return answer
+    if answer.message.tool_calls:
+        return answer
+    calls = parse_calls(answer.message.content, job.tools) if job.tools else None
+    if calls:
+        return _with_calls(answer, calls)
+    _check_json(job, answer, answer.message.content)
+    return answer
+
+
+async def _checked_stream(job: Job, parts: AsyncIterator[Answer]) -> AsyncIterator[Answer]:
+    """``checked_answer`` for a stream: text that may be a call is held back to the end
+    (then sent as one chunk of calls, as Ollama streams them, or as text); the format is
+    checked at the end (an error raised in place of the done chunk)."""
+    watch = CallWatch(job.tools) if job.tools else None
+    texts: list[str] = []
+    called = False
+    try:
+        async for part in parts:
+            text = answer_text(part)
+            texts.append(text)
+            if isinstance(part, api.ChatResponse):
+                called = called or bool(part.message.tool_calls)
+                if watch is not None:
+                    out = watch.feed(text) if text else ""
+                    if part.done:
+                        held, calls = watch.finish()
+                        if calls:
+                            called = True
+                            yield _chunk_before(part, _with_calls(part, calls).message)
+                        out += held
+                    if out != text:
+                        part = _with_text(part, out)
+                    if not (part.done or out or part.message.tool_calls):
+                        continue  # held back (a chunk of logprobs only loses them)
+            if part.done and not called:
+                _check_json(job, part, "".join(texts))
+            yield part
+    finally:
+        await close(parts)
+
+
+def _chunk_before(done: api.ChatResponse, message: api.Message) -> api.ChatResponse:
+    """A chunk of ``message`` to send before the done chunk (no end, no counts)."""
+    return api.ChatResponse(
+        model=done.model, created_at=done.created_at, done=False, message=message
+    )
+
+
+def _with_text(answer: api.ChatResponse, text: str) -> api.ChatResponse:
+    message = answer.message.model_copy(update={"content": text})
+    return answer.model_copy(update={"message": message})
+
+
+def _with_calls(answer: api.ChatResponse, calls: list[Any]) -> api.ChatResponse:
+    message = answer.message.model_copy(
+        update={"content": "", "tool_calls": translate.ollama_calls(calls)}
+    )
+    return answer.model_copy(update={"message": message})
+
+
+def _check_json(job: Job, answer: Answer, text: str) -> None:
+    if job.format is None or answer.done_reason == "length":
+        return
+    schema = job.format if isinstance(job.format, dict) else None
+    if not is_valid_json(text, schema):
+        wanted = "JSON valid against the schema asked" if schema is not None else "JSON"
+        raise BadGateway(
+            f"the model backend ignored the format: its answer is not {wanted}",
+            code="upstream_invalid_json",
+        )
 
 
 async def _map(stream: AsyncIterator[Any], convert: Callable[[Any], Any]) -> AsyncIterator[Any]:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas import ollama, openai
 from services.common.errors import BadRequest
+from services.common.tool_calls import Call, call_schema, forced_tool, tool_specs
 
 # OpenAI's rule of thumb for English text; used only when the backend gives no count.
 CHARS_PER_TOKEN = 4
@@ -112,7 +113,12 @@ def ollama_chat_request(
     body: openai.ChatCompletionRequest, model: str, max_tokens: int | None = None
 ) -> ollama.ChatRequest:
     """An OpenAI chat completion request as the Ollama ``/api/chat`` request it means;
-    ``max_tokens`` bounds the answer when the request does not."""
+    ``max_tokens`` bounds the answer when the request does not.
+
+    A forced call (``tool_choice`` "required" or a named function) is the Ollama ``format``
+    of a call's JSON schema, sent with the tools: the backend's grammar makes the answer a
+    call (see ``services.common.tool_calls``)."""
+    forced = forced_tools(body)
     tools = None
     if body.tools and body.tool_choice != "none":
         tools = [
@@ -129,12 +135,28 @@ def ollama_chat_request(
         model=model,
         messages=ollama_messages(body.messages),
         stream=body.stream,
-        format=ollama_format(body.response_format),
+        format=call_schema(forced) if forced else ollama_format(body.response_format),
         options=ollama_options(body, max_tokens),
         tools=tools,
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs,
     )
+
+
+def forced_tools(body: openai.ChatCompletionRequest) -> list[Any] | None:
+    """The tools checked (400 naming the problem), and those a call must be one of when
+    ``tool_choice`` forces one."""
+    return forced_tool(body.tool_choice, tool_specs(body.tools))
+
+
+def ollama_calls(calls: list[Call]) -> list[ollama.ToolCall]:
+    """Calls read from an answer's text in Ollama's shape (arguments an object, indexed)."""
+    return [
+        ollama.ToolCall(
+            function=ollama.ToolCallFunction(name=call.name, arguments=call.arguments, index=i)
+        )
+        for i, call in enumerate(calls)
+    ]
 
 
 def ollama_messages(messages: list[openai.ChatMessage]) -> list[ollama.Message]:
