@@ -13,12 +13,13 @@ import httpx
 import ollama
 from fastapi import FastAPI
 
+from schemas.agents import AgentDefinition, Heartbeat
 from services.common.http import install_plumbing, peer_client, serve_lean
-from services.wrapper import ollama_routes, openai_routes, status_routes, tmd_routes
+from services.wrapper import embed_routes, ollama_routes, openai_routes, status_routes, tmd_routes
 from services.wrapper.aiohttp_client import AiohttpClient, ollama_client
 from services.wrapper.backend import Backend, FinalAnswer
 from services.wrapper.openai_backend import OpenAIBackend
-from services.wrapper.registration import Registrar, Sleep
+from services.wrapper.registration import EmbeddingProbe, Registrar, Sleep, with_embedding
 from services.wrapper.service import Wrapper, wall_clock
 from services.wrapper.settings import WrapperSettings
 from services.wrapper.stats import Stats
@@ -32,6 +33,7 @@ MODEL_CALL_PATHS = (
     "/api/chat",
     "/api/generate",
     "/generate",
+    *embed_routes.PATHS,
 )
 
 
@@ -84,10 +86,21 @@ def create_app(
                 started=clock(),
                 created=wall_clock(),
             )
+            embeds = EmbeddingProbe(wrapper.backend)
+
+            async def definition() -> AgentDefinition:
+                return with_embedding(await wrapper.agent_definition(), bool(embeds.embeds))
+
+            async def check() -> Heartbeat:
+                beat = await wrapper.heartbeat()
+                if beat.status == "passing":
+                    await embeds.ask()  # once it has an answer, nothing
+                return beat
+
             registrar = Registrar(
                 http,
-                definition=wrapper.agent_definition,
-                check=wrapper.heartbeat,
+                definition=definition,
+                check=check,
                 interval=settings.heartbeat_interval_seconds,
                 token=settings.registry_token,
                 sleep=sleep,
@@ -120,7 +133,12 @@ def create_app(
         lifespan=lifespan,
     )
     install_plumbing(app, max_body_bytes=settings.max_body_bytes, readiness=status_routes.readiness)
-    routers = [openai_routes.router, ollama_routes.router, status_routes.router]
+    routers = [
+        openai_routes.router,
+        ollama_routes.router,
+        embed_routes.router,
+        status_routes.router,
+    ]
     if settings.taxonomy is not None:
         routers.append(tmd_routes.router)
     for router in routers:

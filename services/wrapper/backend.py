@@ -165,6 +165,42 @@ class Backend:
         except ValueError as exc:
             raise self.error(exc) from None
 
+    # --- embeddings ----------------------------------------------------------------------
+
+    async def embed(self, request: api.EmbedRequest) -> api.EmbedResponse:
+        answer = await self._call(
+            self.client.embed(
+                model=request.model,
+                input=request.input or "",  # nothing (or empty) only loads the model
+                truncate=request.truncate,
+                dimensions=request.dimensions,
+                options=_options(request.options),
+                keep_alive=request.keep_alive,
+            )
+        )
+        return self._convert(api.EmbedResponse, {"model": request.model} | _dumped(answer))
+
+    async def embeddings(self, request: api.EmbeddingsRequest) -> api.EmbeddingsResponse:
+        answer = await self._call(
+            self.client.embeddings(
+                model=request.model,
+                prompt=request.prompt,
+                options=_options(request.options),
+                keep_alive=request.keep_alive,
+            )
+        )
+        return self._convert(api.EmbeddingsResponse, answer)
+
+    async def embed_token_ids(self, body: dict[str, Any]) -> Any:
+        """An OpenAI embeddings body whose input is token ids, sent to the backend's
+        ``/v1/embeddings`` (the Ollama API embeds text only; Ollama and the embedded host
+        both serve OpenAI's); its answer's JSON."""
+        answer = await self._call(self.client._request_raw("POST", "/v1/embeddings", json=body))
+        try:
+            return answer.json()
+        except ValueError as exc:
+            raise self.error(exc) from None
+
     # --- metadata ------------------------------------------------------------------------
 
     async def version(self) -> api.VersionResponse:
@@ -335,6 +371,16 @@ def _message(message: api.Message) -> dict[str, Any]:
     if message.images:
         data["images"] = _images(message.images)
     return data
+
+
+def _options(options: api.Options | None) -> dict[str, Any] | None:
+    return options.model_dump(exclude_none=True) if options else None
+
+
+def _dumped(answer: Any) -> dict[str, Any]:
+    return (
+        answer.model_dump(exclude_none=True) if isinstance(answer, pydantic.BaseModel) else answer
+    )
 
 
 def _common_arguments(request: api.ChatRequest | api.GenerateRequest) -> dict[str, Any]:

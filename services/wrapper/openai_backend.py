@@ -30,6 +30,7 @@ from services.wrapper.backend import (
     BackendStatus,
     transport_error,
 )
+from services.wrapper.embeddings import bad_answer, cut, normalised, vectors_of
 
 # Where servers tell a model's context in ``/v1/models``: vLLM's max_model_len, LM Studio's
 # and others' context_length, llama-server's meta.n_ctx_train (the model's, not the slot's).
@@ -89,17 +90,57 @@ class OpenAIBackend:
         """An OpenAI chat body sent as it is; the server's chunks as they come."""
         return self._chunks("/chat/completions", body)
 
+    # --- embeddings ----------------------------------------------------------------------
+
+    async def forward_embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An OpenAI embeddings body sent as it is; the server's answer as it is."""
+        data = await self._request("/embeddings", body)
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            raise self._bad_answer("embeddings without data")
+        return data
+
+    async def embed(self, request: api.EmbedRequest) -> api.EmbedResponse:
+        """Ollama's ``/api/embed`` as an OpenAI call: unit-length vectors, one per input.
+        ``truncate`` cannot be passed on: a server refuses an input over its context."""
+        texts = [request.input] if isinstance(request.input, str) else request.input or []
+        if not any(texts):  # as Ollama: nothing to embed only loads the model
+            return api.EmbedResponse(model=request.model, embeddings=[])
+        body: dict[str, Any] = {"model": self.model, "input": texts}
+        if request.dimensions is not None:
+            body["dimensions"] = request.dimensions
+        vectors, tokens = vectors_of(await self.forward_embeddings(body))
+        if len(vectors) != len(texts):
+            raise bad_answer(f"{len(vectors)} vectors for {len(texts)} inputs")
+        units = [cut(normalised(v), request.dimensions) for v in vectors]
+        return api.EmbedResponse(model=request.model, embeddings=units, prompt_eval_count=tokens)
+
+    async def embeddings(self, request: api.EmbeddingsRequest) -> api.EmbeddingsResponse:
+        """Ollama's legacy ``/api/embeddings``: the server's vector (its last token's when
+        it gives one per token), not normalised."""
+        if not request.prompt:
+            return api.EmbeddingsResponse(embedding=[])
+        body = {"model": self.model, "input": [request.prompt]}
+        answer = await self.forward_embeddings(body)
+        vectors, _ = vectors_of(answer, pooled_unit=False)
+        if len(vectors) != 1:
+            raise bad_answer(f"{len(vectors)} vectors for one input")
+        return api.EmbeddingsResponse(embedding=vectors[0])
+
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            answer = await self.http.request("POST", path, json=body)
-            self._check(answer)
-            data = answer.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise self.error(exc) from None
+        data = await self._request(path, body)
         if not isinstance(data, dict) or not data.get("choices"):
             raise self._bad_answer("no choices")
         self.decoded = True
         return data
+
+    async def _request(self, path: str, body: dict[str, Any]) -> Any:
+        """The JSON of the server's answer to a POST; its refusal as the wrapper's error."""
+        try:
+            answer = await self.http.request("POST", path, json=body)
+            self._check(answer)
+            return answer.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise self.error(exc) from None
 
     async def _chunks(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The ``data:`` events of a streamed answer, parsed, up to ``[DONE]``. Leaving

@@ -6,6 +6,14 @@ Registration retries with exponential backoff and full jitter until the registry
 heartbeat acknowledging another definition than the one registered (someone replaced the
 record: the ack carries its fingerprint, so noticing costs no request) registers again; a
 graceful shutdown deregisters.
+
+A wrapper registers ``embedding`` when its backend embeds: the profile may list it, and
+otherwise the wrapper asks the backend with a real one-input embed at the first heartbeat
+that finds the backend healthy (``EmbeddingProbe``). ``/api/show`` cannot tell: it lists
+only "completion" for SmolLM2, which embeds. A backend that is down or busy is asked again
+at the next beat; any other failure (a server without an embeddings endpoint, a model that
+cannot embed) is a no, for the process's life. The yes changes the definition: the same
+beat registers it again, before its heartbeat.
 """
 
 from __future__ import annotations
@@ -20,7 +28,11 @@ from pydantic import SecretStr
 
 from schemas.agents import AgentDefinition, AgentRecord, Heartbeat, definition_fingerprint
 from schemas.health import ModelInfo
+from schemas.ollama import EmbedRequest
 from services.common.backoff import backoff_delay
+from services.common.errors import SwarmError
+from services.wrapper.backend import Backend
+from services.wrapper.openai_backend import OpenAIBackend
 from services.wrapper.settings import WrapperSettings
 
 log = logging.getLogger(__name__)
@@ -29,6 +41,10 @@ DEREGISTER_TIMEOUT_SECONDS = 2.0
 RECOVERY_SECONDS = 1.0  # the heartbeat interval while the backend is not passing
 
 Sleep = Callable[[float], Awaitable[None]]
+
+EMBEDDING = "embedding"  # the capability of a wrapper whose backend embeds
+# Failures that say nothing of whether the backend embeds: it is asked again later.
+_NOT_AN_ANSWER = frozenset({"backend_unavailable", "backend_timeout", "backend_busy"})
 
 
 def agent_definition(
@@ -60,6 +76,36 @@ def agent_definition(
         cost_per_1k_tokens=settings.cost_per_1k_tokens,
         metadata={key: value for key, value in metadata.items() if value is not None},
     )
+
+
+class EmbeddingProbe:
+    """Whether the backend embeds (``embeds``; None: not known yet), asked with a real
+    one-input embed (``ask``, once the backend is healthy) until it has said yes or no."""
+
+    def __init__(self, backend: Backend | OpenAIBackend) -> None:
+        self.backend = backend
+        self.embeds: bool | None = None
+
+    async def ask(self) -> None:
+        if self.embeds is None:
+            probe = EmbedRequest(model=self.backend.model, input="embedding probe")
+            try:
+                self.embeds = bool((await self.backend.embed(probe)).embeddings)
+            except SwarmError as exc:
+                if exc.code not in _NOT_AN_ANSWER:
+                    self.embeds = False
+                    log.info("the backend does not embed (%s): no embedding", exc.message)
+            except Exception:
+                self.embeds = False
+                log.exception("the embedding probe failed: no embedding")
+
+
+def with_embedding(definition: AgentDefinition, embeds: bool) -> AgentDefinition:
+    """``definition`` with the ``embedding`` capability when the backend embeds."""
+    if not embeds or EMBEDDING in definition.capabilities:
+        return definition
+    capabilities = [*definition.capabilities, EMBEDDING]
+    return definition.model_copy(update={"capabilities": capabilities})
 
 
 class Registrar:
@@ -132,8 +178,10 @@ class Registrar:
         if await self.definition() != self.registered:
             await self.register()
             return
-        assert self.registered is not None
         beat = await self.check()
+        if await self.definition() != self.registered:  # the check learnt something new
+            await self.register()
+        assert self.registered is not None
         self.passing = beat.status == "passing"
         response = await self.http.post(
             f"/heartbeat/{self.registered.agent_id}",

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from schemas.agents import MAX_MILLISECONDS, AgentLoad, expected_wait_ms
 from schemas.health import Performance, PromptCache
 from schemas.ollama import ChatResponse, GenerateResponse
-from schemas.usage import Status, UsageRecord
+from schemas.usage import Endpoint, Status, UsageRecord
 from services.common.context import current_request_id, new_id
 from services.common.errors import SwarmError
 from services.common.metrics import LLM_DURATION_BUCKETS, TTFT_BUCKETS
@@ -216,10 +216,11 @@ class Stats:
         # (seconds in a slot, completion tokens) of the last calls served, left early or not
         self.served: deque[tuple[float, int]] = deque(maxlen=LOAD_WINDOW)
 
-    def begin(self, api: str, stream: bool) -> Call:
+    def begin(self, api: str, stream: bool, endpoint: Endpoint = "chat") -> Call:
+        """A call of ``api`` (a metrics label); ``endpoint`` goes in its usage record."""
         self.in_flight += 1
         self.metrics.active.inc()
-        call = Call(self, api, stream)
+        call = Call(self, api, stream, endpoint)
         self.slots.enter(call, call.started)
         return call
 
@@ -267,6 +268,7 @@ class Call:
 
     __slots__ = (
         "ended",
+        "endpoint",
         "first_token_at",
         "series",
         "served_from",
@@ -275,9 +277,10 @@ class Call:
         "stream",
     )
 
-    def __init__(self, stats: Stats, api: str, stream: bool) -> None:
+    def __init__(self, stats: Stats, api: str, stream: bool, endpoint: Endpoint = "chat") -> None:
         self.stats = stats
         self.stream = stream
+        self.endpoint = endpoint
         self.series = stats.metrics.series(api, "true" if stream else "false")
         self.started = stats.clock()
         self.served_from: float | None = None  # when it took a slot (Slots)
@@ -294,7 +297,8 @@ class Call:
         if self._end(now):
             return
         elapsed = now - self.started
-        self.stats.recent.append((elapsed, completion_tokens))
+        if self.endpoint == "chat":  # /info's throughput and latency are of generation
+            self.stats.recent.append((elapsed, completion_tokens))
         self._served(now, completion_tokens)
         self.series.ok.inc()
         self.series.duration.observe(elapsed)
@@ -365,6 +369,7 @@ class Call:
                 stream=self.stream,
                 status=status,
                 cost=cost,
+                endpoint=self.endpoint,
             )
         )
 
