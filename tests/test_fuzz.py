@@ -150,6 +150,14 @@ def generate(request: httpx.Request) -> httpx.Response:
         return answer_as_asked("generate_response.json", "generate_stream.ndjson")(request)
 
 
+def embed(request: httpx.Request) -> httpx.Response:
+    """Ollama's /api/embed answer, with one vector per input."""
+    given = json.loads(request.content).get("input")
+    texts = [given] if isinstance(given, str) else given or []
+    answer = read("embed_response.json")
+    return httpx.Response(200, json=answer | {"embeddings": answer["embeddings"][:1] * len(texts)})
+
+
 @pytest.fixture(scope="module")
 def ollama_backend() -> Iterator[respx.MockRouter]:
     with respx.mock(base_url=BACKEND, assert_all_called=False) as mock:
@@ -161,6 +169,9 @@ def ollama_backend() -> Iterator[respx.MockRouter]:
         mock.post("/api/chat").mock(
             side_effect=answer_as_asked("chat_response.json", "chat_stream.ndjson")
         )
+        mock.post("/api/embed").mock(side_effect=embed)
+        mock.post("/api/embeddings").respond(json=read("embeddings_response.json"))
+        mock.post("/v1/embeddings").respond(json=read("openai_embeddings_response.json"))
         yield mock
 
 
