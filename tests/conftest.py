@@ -703,6 +703,8 @@ def openai_server(tmp_path_factory) -> Iterator[OpenAIServer]:
     # Calls served one after another, as a wrapper's probe and a call may overlap (by
     # default a new call cuts the running one short); every call must carry the key.
     argv += ["--interrupt_requests", "False", "--api_key", OPENAI_SERVER_KEY]
+    # Its /v1/embeddings answers only with embedding mode on (chat still works with it).
+    argv += ["--embedding", "true"]
     with log.open("wb") as output:
         process = subprocess.Popen(
             argv,
