@@ -28,7 +28,9 @@ from services.common.database import create_db_engine
 from tests.conftest import (
     MODEL,
     NOW,
+    OPENAI_SERVER_KEY,
     SMOLLM,
+    SMOLLM_CONTEXT,
     Daemons,
     FakeClock,
     Running,
@@ -242,10 +244,10 @@ async def registered_capabilities(wrapper, registry_http) -> list[str]:
     return record.json()["capabilities"]
 
 
-async def started(start_wrapper, settings=None) -> Running:
+async def started(start_wrapper, settings=None, within: float = 5.0, **kwargs) -> Running:
     """A wrapper after its registration and first heartbeat (when the probe asks)."""
-    running = await start_wrapper(settings, sleeper=Sleeper())
-    await running.sleeper.asleep()
+    running = await start_wrapper(settings, sleeper=Sleeper(), **kwargs)
+    await running.sleeper.asleep(within=within)
     return running
 
 
@@ -499,3 +501,50 @@ def test_the_router_refuses_bad_embedding_input_in_the_envelope(swarm):
     no_model = httpx.post(f"{router}/v1/embeddings", json={"model": "nobody:1b", "input": "hi"})
     assert no_model.status_code == 404
     assert no_model.json()["error"]["code"] == "model_not_found"
+
+
+# --- a kind: openai backend: a real llama-cpp-python server ---------------------------------
+
+
+def openai_backend_settings(url: str):
+    return make_settings(
+        model=SMOLLM,
+        backend="server",
+        backend_url=url,
+        backend_kind="openai",
+        backend_api_key=OPENAI_SERVER_KEY,
+        context_length=SMOLLM_CONTEXT,
+        max_tokens_limit=8,
+    )
+
+
+@pytest.fixture
+async def served(start_wrapper, openai_server):
+    # backend=None: the wrapper makes its own client for the kind, as in production.
+    # A real server's first decode and embedding: on a busy machine, seconds.
+    settings = openai_backend_settings(openai_server.url)
+    return await started(start_wrapper, settings, within=120, backend=None)
+
+
+@pytest.mark.anyio
+@pytest.mark.process
+async def test_a_kind_openai_backend_embeds_on_both_apis(served, openai_server, registry_http):
+    before = openai_server.served("/v1/embeddings")
+    got = await served.openai.embeddings.create(
+        model="any", input=["hello", "world"], encoding_format="float"
+    )
+    assert [len(item.embedding) for item in got.data] == [DIMENSIONS, DIMENSIONS]
+    # llama-cpp-python gives SmolLM2's vectors per token: pooled as Ollama pools it
+    assert norm(got.data[0].embedding) == pytest.approx(1.0, abs=1e-5)
+    assert got.usage.prompt_tokens > 0
+    again = await served.openai.embeddings.create(model="any", input="hello")
+    assert close_to(again.data[0].embedding, got.data[0].embedding, 1e-6)
+    cut = await served.openai.embeddings.create(model="any", input="hello", dimensions=32)
+    assert len(cut.data[0].embedding) == 32
+    ollama_answer = await served.ollama.embed(model="any", input="hello")
+    assert close_to(list(ollama_answer.embeddings[0]), got.data[0].embedding, 1e-5)
+    legacy = await served.ollama.embeddings(model="any", prompt="hello")
+    assert len(legacy.embedding) == DIMENSIONS
+    assert openai_server.served("/v1/embeddings") == before + 5  # every call reached it
+    # its first heartbeat asked the server: a yes
+    assert "embedding" in await registered_capabilities(served, registry_http)
