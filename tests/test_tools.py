@@ -19,11 +19,20 @@ import openai
 import pytest
 
 from schemas import openai as openai_schema
-from services.common.tool_calls import CallWatch, ToolSpec, call_schema, parse_calls
+from services.common.tool_calls import (
+    Call,
+    CallWatch,
+    ToolSpec,
+    call_schema,
+    calls_text,
+    parse_calls,
+    tools_prompt,
+)
 from tests.conftest import (
     SMOLLM,
     Daemons,
     free_port,
+    make_settings,
     read,
     read_lines,
     replaced,
@@ -31,6 +40,7 @@ from tests.conftest import (
     streamed,
 )
 from tests.test_hostile_input import in_process, sender, sweep
+from tests.test_wrapper_openai_backend import openai_settings
 
 WEATHER = {
     "type": "function",
@@ -547,6 +557,37 @@ async def test_the_ollama_api_reads_a_call_in_content_too(wrapper, backend):
 
 
 @pytest.mark.anyio
+async def test_a_completion_style_model_is_taught_the_tools_and_its_call_is_read(
+    start_wrapper, backend
+):
+    wrapper = await start_wrapper(make_settings(prompt_style="completion"))
+    content = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
+    route = backend.post("/api/generate").respond(
+        json=replaced(read("generate_response.json"), ("response",), content)
+    )
+    called = {"role": "assistant", "content": None, "tool_calls": [_openai_call("add", a=3, b=4)]}
+    history = [*ASK, called, {"role": "tool", "tool_call_id": "call_1", "content": "7"}]
+    completion = await wrapper.openai.chat.completions.create(
+        model="any", messages=history, tools=TOOLS, tool_choice="required"
+    )
+    sent = sent_json(route)
+    assert sent["raw"] is True
+    assert sent["format"] == call_schema(SPECS)
+    assert sent["prompt"].startswith(tools_prompt(SPECS))
+    assert calls_text([Call("add", {"a": 3, "b": 4})]) in sent["prompt"]
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert_valid_openai_calls(completion.choices[0].message.tool_calls, {"add"})
+
+
+def _openai_call(name: str, **arguments: Any) -> dict:
+    return {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments)},
+    }
+
+
+@pytest.mark.anyio
 async def test_a_backend_that_ignores_the_format_is_a_502(wrapper, backend):
     backend.post("/api/chat").respond(json=read("chat_response.json"))  # plain text
     for response_format in (
@@ -638,3 +679,25 @@ def test_a_watch_holds_back_only_what_may_be_a_call():
     json_text = CallWatch(tools)
     json_text.feed('{"a": 1}')
     assert json_text.finish() == ('{"a": 1}', None)
+
+
+# --- a kind: openai backend: the call forwarded as it is, tool_choice included ---------------
+
+
+@pytest.mark.anyio
+@pytest.mark.process
+async def test_a_kind_openai_backend_gets_tool_choice_as_it_is(start_wrapper, openai_server):
+    # llama-cpp-python's server constrains a named function itself: its call comes back only
+    # if tool_choice reached it.
+    settings = openai_settings(openai_server.url, max_tokens_limit=64)
+    served = await start_wrapper(settings, backend=None)
+    completion = await served.openai.chat.completions.create(
+        model="any",
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "add"}},
+        temperature=0,
+    )
+    calls = completion.choices[0].message.tool_calls
+    assert [call.function.name for call in calls] == ["add"]
+    jsonschema.validate(json.loads(calls[0].function.arguments), SCHEMAS["add"])

@@ -24,6 +24,8 @@ from services.common.errors import BadRequest
 MAX_TOOLS = 128
 MAX_PARAMETERS_CHARS = 16_384
 
+CALL_FORM = '{"name": "<tool name>", "arguments": {<the arguments>}}'
+
 
 @dataclass(frozen=True)
 class ToolSpec:
@@ -94,6 +96,25 @@ def _check_parameters(name: str, parameters: Any, param: str) -> None:
         ) from None
     except RecursionError:
         raise BadRequest(f"the parameters of tool {name!r} nest too deep", param=param) from None
+
+
+def tools_prompt(specs: Sequence[ToolSpec]) -> str:
+    """The system text that teaches a model without tool markup the tools and a call's form."""
+    lines = ["You can call these tools:"]
+    for spec in specs:
+        lines.append(f"- {spec.name}: {spec.description or 'no description'}")
+        lines.append(f"  arguments (JSON schema): {json.dumps(spec.arguments_schema)}")
+    lines.append(
+        f"To call a tool, answer with only this JSON and nothing else: {CALL_FORM}. "
+        "To call several, answer with a JSON list of such objects. Otherwise answer as usual."
+    )
+    return "\n".join(lines)
+
+
+def calls_text(calls: Sequence[Call]) -> str:
+    """Calls in the history, shown to a model without tool markup in the form it calls in."""
+    shown = [{"name": call.name, "arguments": call.arguments} for call in calls]
+    return json.dumps(shown[0] if len(shown) == 1 else shown)
 
 
 def forced_tool(tool_choice: Any, tools: Sequence[ToolSpec]) -> list[ToolSpec] | None:

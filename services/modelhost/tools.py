@@ -23,16 +23,20 @@ What the host does, as Ollama does for a model whose template has tools:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 from schemas.ollama import Message, ToolCall, ToolCallFunction
 from services.common.errors import BadRequest
-from services.common.tool_calls import Call, ToolSpec, call_schema, tool_specs
+from services.common.tool_calls import (
+    Call,
+    ToolSpec,
+    call_schema,
+    calls_text,
+    tool_specs,
+    tools_prompt,
+)
 from services.modelhost.engine import Engine, grammar_for
-
-CALL_FORM = '{"name": "<tool name>", "arguments": {<the arguments>}}'
 
 
 def template_renders_tools(engine: Engine) -> bool:
@@ -56,19 +60,6 @@ def checked_tools(engine: Engine, tools: Sequence[Any] | None) -> list[ToolSpec]
                 param=f"tools.{index}.function.parameters",
             ) from None
     return specs
-
-
-def tools_prompt(specs: Sequence[ToolSpec]) -> str:
-    """The system text that teaches a model without tool markup the tools and a call's form."""
-    lines = ["You can call these tools:"]
-    for spec in specs:
-        lines.append(f"- {spec.name}: {spec.description or 'no description'}")
-        lines.append(f"  arguments (JSON schema): {json.dumps(spec.arguments_schema)}")
-    lines.append(
-        f"To call a tool, answer with only this JSON and nothing else: {CALL_FORM}. "
-        "To call several, answer with a JSON list of such objects. Otherwise answer as usual."
-    )
-    return "\n".join(lines)
 
 
 def prompt_messages(
@@ -117,11 +108,7 @@ def _plain_message(message: Message) -> dict[str, Any]:
         return {"role": "user", "content": f"Result of {name}: {message.content}"}
     if not message.tool_calls:
         return {"role": message.role, "content": message.content}
-    calls = [
-        {"name": call.function.name, "arguments": call.function.arguments}
-        for call in message.tool_calls
-    ]
-    shown = json.dumps(calls[0] if len(calls) == 1 else calls)
+    shown = calls_text([Call(c.function.name, c.function.arguments) for c in message.tool_calls])
     content = f"{message.content}\n{shown}" if message.content else shown
     return {"role": message.role, "content": content}
 

@@ -42,9 +42,8 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
     wrapper = wrapper_of(request)
     settings = wrapper.settings
     if isinstance(wrapper.backend, OpenAIBackend) and settings.prompt_style == "chat":
-        # An OpenAI server takes the call as it is (tool_choice too): nothing to translate,
-        # the tools checked all the same.
-        translate.forced_tools(body)
+        # An OpenAI server takes the call as it is (tools and tool_choice too): nothing to
+        # translate; the tools are checked on the way (translate.ollama_chat_request).
         return await forwarded.forward(wrapper, wrapper.backend, body, await request.body())
     call = wrapper.stats.begin("openai", body.stream)
     with counting_failures(call):

@@ -16,7 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas import ollama, openai
 from services.common.errors import BadRequest
-from services.common.tool_calls import Call, call_schema, forced_tool, tool_specs
+from services.common.tool_calls import (
+    Call,
+    call_schema,
+    calls_text,
+    forced_tool,
+    tool_specs,
+    tools_prompt,
+)
 
 # OpenAI's rule of thumb for English text; used only when the backend gives no count.
 CHARS_PER_TOKEN = 4
@@ -63,19 +70,32 @@ def render_completion_prompt(
     messages: Iterable[ollama.Message], template: CompletionTemplate
 ) -> str:
     """The one place a conversation is turned into a completion prompt."""
-    turns = [getattr(template, m.role).replace("{content}", m.content) for m in messages]
+    turns = [getattr(template, m.role).replace("{content}", _turn_text(m)) for m in messages]
     return "".join(turns) + template.generation if turns else ""
+
+
+def _turn_text(message: ollama.Message) -> str:
+    """A turn's text; calls in the history in the JSON form a model without markup calls in."""
+    if not message.tool_calls:
+        return message.content
+    calls = [Call(c.function.name, c.function.arguments) for c in message.tool_calls]
+    return f"{message.content}\n{calls_text(calls)}" if message.content else calls_text(calls)
 
 
 def completion_request(
     request: ollama.ChatRequest, template: CompletionTemplate
 ) -> ollama.GenerateRequest:
-    """A chat request for a model without a chat template: a raw ``/api/generate`` call."""
+    """A chat request for a model without a chat template: a raw ``/api/generate`` call;
+    its tools described in a first system turn (``tool_calls.tools_prompt``)."""
     options = request.options or ollama.Options()
     stop = [*(options.stop or []), *template.stop]
+    messages = request.messages
+    if request.tools:
+        described = tools_prompt(tool_specs(request.tools))
+        messages = [ollama.Message(role="system", content=described), *messages]
     return ollama.GenerateRequest(
         model=request.model,
-        prompt=render_completion_prompt(request.messages, template),
+        prompt=render_completion_prompt(messages, template),
         raw=True,
         stream=request.stream,
         format=request.format,
