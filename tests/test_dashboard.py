@@ -118,6 +118,35 @@ async def test_the_latency_histogram_counts_every_successful_call_once(start_rou
     assert cloud["latency_histogram"] == [0, 0, 1, 0, 0, 0, 0, 0, 0]
 
 
+# --- embeddings ----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_embedding_calls_are_shown_apart_in_the_summary_and_per_agent(start_router):
+    router = await start_router(
+        reference_price_per_1k_tokens=0.002, reference_embedding_price_per_1k_tokens=0.0001
+    )
+    records = [
+        call_record(1, "llm_a", "local", 300, 700, 500.0),
+        call_record(2, "llm_a", "local", 5000, 0, 40.0) | {"endpoint": "embeddings"},
+        call_record(3, "llm_b", "local", 1000, 0, 20.0) | {"endpoint": "embeddings"},
+    ]
+    assert (await router.post("/usage", json={"records": records})).json()["accepted"] == 3
+    summary = (await router.get("/api/usage/summary", params={"window": "1h"})).json()
+    assert summary["calls"] == 3
+    assert (summary["embedding_calls"], summary["embedding_tokens"]) == (2, 6000)
+    assert summary["embedding_would_have_cost"] == pytest.approx(6 * 0.0001)
+    # chat tokens at the chat price, embedding tokens at the embedding price
+    assert summary["would_have_cost"] == pytest.approx(1 * 0.002 + 6 * 0.0001)
+    assert summary["saved"] == summary["would_have_cost"]  # all local: cost 0
+    by_agent = (await router.get("/api/usage/by-agent", params={"window": "1h"})).json()
+    agents = {agent["agent_id"]: agent for agent in by_agent["agents"]}
+    assert (agents["llm_a"]["embedding_calls"], agents["llm_a"]["embedding_tokens"]) == (1, 5000)
+    assert (agents["llm_b"]["embedding_calls"], agents["llm_b"]["embedding_tokens"]) == (1, 1000)
+    assert agents["llm_a"]["tokens_per_second"] == 1400.0  # 700 in 0.5 s: chat calls only
+    assert agents["llm_b"]["tokens_per_second"] is None  # embeddings make no tokens
+
+
 # --- the page in a real browser ------------------------------------------------------------
 
 
@@ -188,6 +217,9 @@ def expected_cards(summary: dict) -> dict[str, str]:
         "calls-cloud": shown_count(summary["cloud_calls"]),
         "saved": shown_money(summary["saved"]),
         "would-have-cost": shown_money(summary["would_have_cost"]),
+        "embedding-calls": shown_count(summary["embedding_calls"]),
+        "embedding-tokens": shown_count(summary["embedding_tokens"]),
+        "embedding-would-have-cost": shown_money(summary["embedding_would_have_cost"]),
         "local-share": shown_share(summary.get("local_share")),
         "calls-local": shown_count(summary["local_calls"]),
         "calls": shown_count(summary["calls"]),
@@ -207,6 +239,8 @@ def expected_row(usage: dict, health: str) -> dict[str, str]:
         "calls": shown_count(usage["calls"]),
         "errors": shown_count(usage["errors"]),
         "tokens": shown_count(usage["prompt_tokens"] + usage["completion_tokens"]),
+        "embedding-calls": shown_count(usage["embedding_calls"]),
+        "embedding-tokens": shown_count(usage["embedding_tokens"]),
         "tokens-per-second": shown_rate(usage.get("tokens_per_second")),
         "p50": shown_ms(usage.get("latency_p50_ms")),
         "p95": shown_ms(usage.get("latency_p95_ms")),
@@ -322,6 +356,9 @@ def test_the_dashboard_shows_what_the_usage_api_says(swarm, browser, tmp_path):
     summary = api("/api/usage/summary")
     calls = [r for r in data["records"] if r.get("kind", "call") == "call"]
     assert summary["calls"] == len(calls)  # every recorded call is in the 24 h window
+    embeddings = [r for r in calls if r.get("endpoint") == "embeddings"]
+    assert summary["embedding_calls"] == len(embeddings) == 2
+    assert summary["embedding_tokens"] == sum(r["prompt_tokens"] for r in embeddings)
     assert shown(browser, ".cards") == expected_cards(summary)
 
     agents = httpx.get(f"{router}/api/agents").json()["agents"]

@@ -141,6 +141,9 @@
     setField("calls-cloud", fmt.count(s.cloud_calls));
     setField("saved", fmt.money(s.saved));
     setField("would-have-cost", fmt.money(s.would_have_cost));
+    setField("embedding-calls", fmt.count(s.embedding_calls));
+    setField("embedding-tokens", fmt.count(s.embedding_tokens));
+    setField("embedding-would-have-cost", fmt.money(s.embedding_would_have_cost));
     setField("local-share", fmt.share(s.local_share));
     setField("calls-local", fmt.count(s.local_calls));
     setField("calls", fmt.count(s.calls));
@@ -347,7 +350,7 @@
       const none = registry.error
         ? "No calls in this window, and the registry cannot be read."
         : "No agents registered and no calls in this window.";
-      empty.append(node("td", { colspan: 10 }, none));
+      empty.append(node("td", { colspan: 12 }, none));
       body.replaceChildren(empty);
       return;
     }
@@ -356,7 +359,14 @@
         const id = usage ? usage.agent_id : record.agent_id;
         const provider = usage ? usage.provider : record.locality;
         const state = health(record, provider, registry.error);
-        const u = usage || { calls: 0, errors: 0, prompt_tokens: 0, completion_tokens: 0 };
+        const u = usage || {
+          calls: 0,
+          errors: 0,
+          prompt_tokens: 0,
+          completion_tokens: 0,
+          embedding_calls: 0,
+          embedding_tokens: 0,
+        };
         const tr = node("tr", { "data-agent": id });
         const who = node("td");
         who.append(node("span", { class: "agent-id" }, id));
@@ -375,6 +385,8 @@
           cell("calls", fmt.count(u.calls)),
           cell("errors", fmt.count(u.errors)),
           cell("tokens", fmt.count(u.prompt_tokens + u.completion_tokens)),
+          cell("embedding-calls", fmt.count(u.embedding_calls)),
+          cell("embedding-tokens", fmt.count(u.embedding_tokens)),
           cell("tokens-per-second", fmt.rate(u.tokens_per_second)),
           cell("p50", fmt.ms(u.latency_p50_ms)),
           cell("p95", fmt.ms(u.latency_p95_ms)),
