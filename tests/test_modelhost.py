@@ -532,12 +532,13 @@ def test_bad_bodies_answer_ollama_errors(host, body, status) -> None:
     assert response.json()["error"]
 
 
-def test_tools_are_refused_like_ollama(client) -> None:
+def test_tools_are_served_and_shown_as_a_capability(client) -> None:
+    # What the host does with them: tests/test_tools.py.
+    assert "tools" in client.show(SMOLLM).capabilities
     tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
-    with pytest.raises(ollama.ResponseError) as caught:
-        client.chat(model=SMOLLM, messages=[{"role": "user", "content": "hi"}], tools=[tool])
-    assert caught.value.status_code == 400
-    assert "tools" in caught.value.error
+    messages = [{"role": "user", "content": "hi"}]
+    answer = client.chat(model=SMOLLM, messages=messages, tools=[tool], options={"num_predict": 4})
+    assert answer.done
 
 
 def test_failure_mid_stream_ends_with_an_error_line(host, engine, monkeypatch) -> None:
