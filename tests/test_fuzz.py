@@ -204,6 +204,15 @@ def test_the_router_serves_what_its_schema_says(tmp_path_factory):
     report("router", fuzz(app), started)
 
 
+def asking_no_format(case: schemathesis.Case) -> None:
+    """The fake backend ignores formats, and the wrapper answers an answer that ignored one
+    with its documented 502 (tests/test_tools.py): fuzzed bodies ask for none (a forced
+    tool call is one too)."""
+    if isinstance(case.body, dict):
+        for name in ("format", "response_format", "tool_choice"):
+            case.body.pop(name, None)
+
+
 def test_a_wrapper_serves_what_its_schema_says(ollama_backend):
     """The TLC classifier: every wrapper route, and the classifier's own."""
     app = create_wrapper_app(
@@ -214,7 +223,7 @@ def test_a_wrapper_serves_what_its_schema_says(ollama_backend):
         sleep=forever,
     )
     started = time.monotonic()
-    report("wrapper", fuzz(app), started)
+    report("wrapper", fuzz(app, prepare=asking_no_format), started)
 
 
 def served_model_one_token(case: schemathesis.Case) -> None:

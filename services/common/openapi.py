@@ -36,6 +36,7 @@ _DESCRIPTIONS = {
     413: "The body is over the size limit.",
     422: "The request is JSON but fails validation; the message names the field.",
     429: "Over the client's rate limit; `Retry-After` says when to try again.",
+    502: "The backend answered, but not as asked (it ignored the JSON format asked).",
     503: "Cannot serve now (backend down, nothing to route to); `Retry-After` when known.",
 }
 # Models that streams refer to: put in the schema's components when a route names them.

@@ -35,7 +35,8 @@ router = APIRouter(tags=["Ollama"], responses=errors(503), route_class=StrictJSO
 @router.post(
     "/api/chat",
     response_model=api.ChatResponse,
-    responses=streaming(NDJSON, api.ChatResponse, OllamaError, description=OLLAMA_STREAMED),
+    responses=streaming(NDJSON, api.ChatResponse, OllamaError, description=OLLAMA_STREAMED)
+    | errors(502),
     summary="Chat",
 )
 async def chat(body: api.ChatRequest, request: Request) -> Response:
@@ -46,7 +47,8 @@ async def chat(body: api.ChatRequest, request: Request) -> Response:
 @router.post(
     "/api/generate",
     response_model=api.GenerateResponse,
-    responses=streaming(NDJSON, api.GenerateResponse, OllamaError, description=OLLAMA_STREAMED),
+    responses=streaming(NDJSON, api.GenerateResponse, OllamaError, description=OLLAMA_STREAMED)
+    | errors(502),
     summary="Generate",
 )
 @router.post("/generate", response_model=api.GenerateResponse, include_in_schema=False)

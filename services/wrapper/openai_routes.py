@@ -34,7 +34,8 @@ _STREAMED += "failure after the first event is an event of the error envelope."
 @router.post(
     "/v1/chat/completions",
     response_model=openai.ChatCompletion,
-    responses=streaming(SSE, openai.ChatCompletionChunk, ErrorEnvelope, description=_STREAMED),
+    responses=streaming(SSE, openai.ChatCompletionChunk, ErrorEnvelope, description=_STREAMED)
+    | errors(502),
     summary="Chat completion",
 )
 @router.post("/chat/completions", response_model=openai.ChatCompletion, include_in_schema=False)
