@@ -18,11 +18,11 @@ from typing import Any
 import jsonschema
 from jsonschema.exceptions import SchemaError
 
+from schemas.openai import MAX_TOOLS
 from services.common.errors import BadRequest
 
 # Bounds that keep the checks and the grammar built from the schemas fast: a request's
-# tools, the JSON text of one tool's parameters and of all of them.
-MAX_TOOLS = 128
+# tools (MAX_TOOLS, OpenAI's bound), the JSON text of one tool's parameters and of all.
 MAX_PARAMETERS_CHARS = 16_384
 MAX_ALL_PARAMETERS_CHARS = 65_536
 
