@@ -1278,6 +1278,12 @@ def test_minilm_loads_as_a_mean_pooled_bert(minilm) -> None:
     ]  # fmt: skip
 
 
+def test_minilm_shows_the_embedding_capability_alone(minilm_client) -> None:
+    shown = minilm_client.post("/api/show", json={"model": MINILM}).json()
+    assert shown["capabilities"] == ["embedding"]
+    assert shown["model_info"]["bert.embedding_length"] == 384
+
+
 def test_minilm_embeds_unit_vectors_the_same_for_the_same_text(minilm_client) -> None:
     answer = minilm_client.post("/api/embed", json={"model": MINILM, "input": TEXTS})
     assert answer.status_code == 200

@@ -229,7 +229,7 @@ async def show(body: ShowRequest, request: Request) -> ShowResponse:
         template=metadata.get("tokenizer.chat_template") or engine.model.chat_format,
         details=_details(engine),
         model_info=engine.model_info(),
-        capabilities=["completion", "tools"],
+        capabilities=list(engine.model.capabilities),
         modified_at=_modified_at(engine),
     )
 
