@@ -8,24 +8,12 @@ import time
 from collections.abc import AsyncIterator
 
 import anyio
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 
-from services.common.errors import BadRequest
 from services.common.http import install_plumbing
 from services.modelhost import embed_routes, routes
 from services.modelhost.engine import Engine, load_engine
 from services.modelhost.settings import ModelHostSettings
-
-# The generation paths, by the word Ollama's 400 names them with for a model without them.
-_GENERATING = {"/api/generate": "generate", "/api/chat": "chat"}
-
-
-async def refuse_generation(request: Request) -> None:
-    """Ollama's 400 on generate and chat for a model that only embeds (all-minilm)."""
-    what = _GENERATING.get(request.url.path)
-    model = request.app.state.engine.model
-    if what is not None and not model.generates:
-        raise BadRequest(f'"{model.name}" does not support {what}')
 
 
 def create_app(settings: ModelHostSettings, engine: Engine | None = None) -> FastAPI:
@@ -64,6 +52,6 @@ def create_app(settings: ModelHostSettings, engine: Engine | None = None) -> Fas
     registry = install_plumbing(
         app, max_body_bytes=settings.max_body_bytes, readiness=routes.readiness
     )
-    app.include_router(routes.router, dependencies=[Depends(refuse_generation)])
+    app.include_router(routes.router)
     app.include_router(embed_routes.router)
     return app

@@ -7,7 +7,8 @@ Shapes follow Ollama's ``docs/api.md`` (``schemas.ollama``); errors on ``/api/*`
   ignored: the model stays as loaded, and ``keep_alive`` never unloads it;
 - a prompt that leaves no room in the context is refused (400) rather than truncated, and
   an answer that fills the context ends with ``done_reason`` "length" (no context shift);
-- ``suffix``, images and ``think`` get Ollama's 400 for a model without them;
+- ``suffix``, images and ``think`` get Ollama's 400 for a model without them, and so do
+  generate and chat for an embedding model (all-minilm);
 - ``tools`` are served on ``/api/chat`` for every model, with or without tool markup in
   its template: what the host does is in ``services.modelhost.tools``;
 - generations are served first come, first served, at most ``max_pending`` admitted at
@@ -451,6 +452,12 @@ def _chat_job(engine: Engine, body: ChatRequest) -> tuple[Job, list[ToolSpec]]:
     return _job(engine, engine.tokenize(prompt, add_bos=not has_bos), body, stop), specs
 
 
+def _refuse_embedding_only(engine: Engine, name: str, what: str) -> None:
+    # Ollama's answer for an embedding model (all-minilm) asked to generate or chat.
+    if not engine.model.generates:
+        raise BadRequest(f'"{name}" does not support {what}')
+
+
 def _refuse_unsupported(name: str, *, think: Any, images: bool) -> None:
     # Ollama's answers for a model without these capabilities.
     if think:
@@ -473,6 +480,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     arrived = time.perf_counter_ns()
     engine = _engine(request)
     _check_model(engine, body.model)
+    _refuse_embedding_only(engine, body.model, "generate")
     if body.suffix:
         raise BadRequest(f'"{body.model}" does not support insert')
     _refuse_unsupported(body.model, think=body.think, images=bool(body.images))
@@ -498,6 +506,7 @@ async def chat(body: ChatRequest, request: Request) -> Response:
     arrived = time.perf_counter_ns()
     engine = _engine(request)
     _check_model(engine, body.model)
+    _refuse_embedding_only(engine, body.model, "chat")
     _refuse_unsupported(body.model, think=body.think, images=any(m.images for m in body.messages))
     if not body.messages:
         empty = ChatResponse(
