@@ -236,8 +236,9 @@ def served_model_one_token(case: schemathesis.Case) -> None:
     if isinstance(body.get("model"), str):
         body["model"] = SMOLLM
     generates = case.operation.path in ("/api/generate", "/api/chat")
-    if generates and isinstance(body.get("options", {}), dict):
-        body["options"] = {**body.get("options", {}), "num_predict": 1}
+    options = body.get("options")
+    if generates and (options is None or isinstance(options, dict)):  # null: unbounded too
+        body["options"] = {**(options or {}), "num_predict": 1}
 
 
 def test_the_model_host_serves_what_its_schema_says(engine, tmp_path):
