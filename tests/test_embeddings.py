@@ -229,6 +229,17 @@ async def test_bad_input_is_refused_in_the_envelope(wrapper, backend, given):
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/api/embed"])
+async def test_a_body_over_the_bound_is_a_413(wrapper, backend, path):
+    route = backend.post("/api/embed").respond(json=read("embed_response.json"))
+    over = "x" * wrapper.settings.max_body_bytes
+    response = await wrapper.http.post(path, json={"model": MODEL, "input": [over]})
+    assert response.status_code == 413
+    assert "error" in response.json()
+    assert not route.called
+
+
+@pytest.mark.anyio
 async def test_bad_ollama_input_is_refused_in_ollamas_envelope(wrapper, backend):
     for body in ({"model": MODEL, "input": [1]}, {"model": MODEL, "input": ["x"] * 2049}):
         response = await wrapper.http.post("/api/embed", json=body)
