@@ -10,6 +10,7 @@ ignores ``format``.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -17,8 +18,10 @@ import jsonschema
 import ollama
 import openai
 import pytest
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from schemas import openai as openai_schema
+from schemas.ollama import Message
 from services.common.tool_calls import (
     Call,
     CallWatch,
@@ -28,6 +31,9 @@ from services.common.tool_calls import (
     parse_calls,
     tools_prompt,
 )
+from services.modelhost.app import create_app
+from services.modelhost.settings import ModelHostSettings
+from services.modelhost.tools import prompt_messages
 from tests.conftest import (
     SMOLLM,
     Daemons,
@@ -436,9 +442,6 @@ def test_a_schema_the_grammar_builder_cannot_take_is_400_at_the_host(swarm):
 
 @pytest.mark.anyio
 async def test_hostile_tools_never_make_the_host_fail(engine, tmp_path):
-    from services.modelhost.app import create_app
-    from services.modelhost.settings import ModelHostSettings
-
     app = create_app(ModelHostSettings(model=SMOLLM, models_dir=tmp_path), engine=engine)
     # A prompt over the context: the tools are checked, made grammars and rendered, then
     # the call is refused (400) before any decoding, so the sweep runs fast.
@@ -701,3 +704,85 @@ async def test_a_kind_openai_backend_gets_tool_choice_as_it_is(start_wrapper, op
     calls = completion.choices[0].message.tool_calls
     assert [call.function.name for call in calls] == ["add"]
     jsonschema.validate(json.loads(calls[0].function.arguments), SCHEMAS["add"])
+
+
+@pytest.mark.anyio
+async def test_the_ollama_api_streams_a_call_in_content_as_one_chunk(wrapper, backend):
+    lines = read_lines("chat_stream_json_content.ndjson")
+    backend.post("/api/chat").mock(side_effect=lambda _: streamed(lines))
+    parts = [
+        part
+        async for part in await wrapper.ollama.chat(
+            model="any", messages=ASK, tools=TOOLS, stream=True
+        )
+    ]
+    assert [part.done for part in parts] == [False, True]
+    (call,) = parts[0].message.tool_calls
+    assert (call.function.name, dict(call.function.arguments)) == (
+        "get_current_weather",
+        {"location": "Paris, FR", "format": "celsius"},
+    )
+    assert parts[0].message.content == parts[1].message.content == ""
+    assert parts[1].done_reason == "stop"
+
+
+@pytest.mark.anyio
+async def test_an_ollama_stream_that_ignores_the_format_ends_with_an_error_line(wrapper, backend):
+    backend.post("/api/chat").mock(side_effect=lambda _: streamed(read_lines("chat_stream.ndjson")))
+    body = {"model": "any", "messages": ASK, "format": "json", "stream": True}
+    response = await wrapper.http.post("/api/chat", json=body)
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert "ignored the format" in lines[-1]["error"]
+    assert not any(line.get("done") for line in lines[:-1])
+
+
+def test_a_template_that_renders_tools_gets_them_and_the_history_in_its_shape():
+    # The tool parts of a Hugging Face template (Qwen 2.5's, shortened).
+    template = (
+        "{% for tool in tools %}<tool>{{ tool.function.name }}: "
+        "{{ tool.function.parameters | tojson }}</tool>\n{% endfor %}"
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+        "{% for call in m.tool_calls or [] %}<call>{{ call.function.name }} "
+        "{{ call.function.arguments | tojson }}</call>{% endfor %}\n{% endfor %}"
+    )
+    engine = SimpleNamespace(
+        model=SimpleNamespace(chat_format=None),
+        llama=SimpleNamespace(metadata={"tokenizer.chat_template": template}),
+    )
+    history = [
+        Message(role="user", content="Add 1 and 2."),
+        Message.model_validate(
+            {
+                "role": "assistant",
+                "tool_calls": [{"function": {"name": "add", "arguments": {"a": 1, "b": 2}}}],
+            }
+        ),
+        Message(role="tool", content="3", tool_name="add"),
+    ]
+    messages, tools = prompt_messages(engine, history, SPECS)
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool"]  # no system text
+    prompt = Jinja2ChatFormatter(template, eos_token="", bos_token="")(
+        messages=messages, tools=tools
+    ).prompt
+    assert f"<tool>add: {json.dumps(SCHEMAS['add'] | {'type': 'object'})}</tool>" in prompt
+    assert '<call>add {"a": 1, "b": 2}</call>' in prompt
+    assert "<tool>3" in prompt
+
+
+def test_a_template_without_tools_is_taught_them_and_shown_calls_as_json():
+    engine = SimpleNamespace(model=SimpleNamespace(chat_format="gemma"), llama=None)
+    call = {"function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+    history = [
+        Message(role="system", content="Be brief."),
+        Message(role="user", content="Add 1 and 2."),
+        Message.model_validate({"role": "assistant", "tool_calls": [call]}),
+        Message(role="tool", content="3", tool_name="add"),
+    ]
+    messages, tools = prompt_messages(engine, history, SPECS)
+    assert tools is None
+    assert messages[0] == {"role": "system", "content": f"Be brief.\n\n{tools_prompt(SPECS)}"}
+    assert messages[2] == {
+        "role": "assistant",
+        "content": calls_text([Call("add", {"a": 1, "b": 2})]),
+    }
+    assert messages[3] == {"role": "user", "content": "Result of add: 3"}
