@@ -275,6 +275,13 @@ class WrapperConfig(Section):
         "queues itself); a wrapper backend: replica i calls its replica i, or its first when "
         "it has fewer.",
     )
+    probe_embedding: bool = Field(
+        default=True,
+        description="Register the embedding capability when a real one-input embed on the "
+        "backend succeeds (a profile may also list it). Off for a chat model beside a "
+        "dedicated embedder: vectors of two models do not compare, so capability:embedding "
+        "should reach one of them only.",
+    )
     prompts: dict[str, Any] = Field(default_factory=dict)
     taxonomy: Path | None = Field(
         default=None,

@@ -23,9 +23,13 @@ import openai
 import pytest
 
 from router.usage import UsageStore
+from schemas.agents import AgentDefinition
+from schemas.ollama import EmbedRequest, EmbedResponse
 from schemas.usage import UsageRecord
 from services.common.database import create_db_engine
+from services.wrapper.registration import EmbeddingProbe, with_embedding
 from tests.conftest import (
+    DATA,
     MODEL,
     NOW,
     OPENAI_SERVER_KEY,
@@ -356,6 +360,9 @@ def swarm(tmp_path_factory) -> Iterator[Daemons]:
         SWARM_WRAPPERS__REASONER__PORT=str(ports["reasoner"]),
         SWARM_ROUTER__PORT=str(ports["router"]),
         SWARM_WRAPPERS__REASONER__HEARTBEAT_INTERVAL_SECONDS="0.5",
+        # The default profile keeps the reasoner out of capability:embedding (the embedder
+        # answers it); here it is the one agent that embeds, found by the probe.
+        SWARM_WRAPPERS__REASONER__PROBE_EMBEDDING="true",
     )
     daemons.urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     try:
@@ -437,6 +444,36 @@ def test_the_ollama_client_embeds_through_the_wrapper(swarm, direct):
     assert len(legacy.embedding) == DIMENSIONS
     unit = [v / norm(legacy.embedding) for v in legacy.embedding]
     assert close_to(unit, got.embeddings[0], 1e-4)  # the same vector, not normalised
+
+
+class _EmbeddingBackend:
+    """A backend that embeds, counting the times it is asked."""
+
+    model = "smollm2:135m"
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        self.asked += 1
+        return EmbedResponse(model=self.model, embeddings=[[0.6, 0.8]])
+
+
+@pytest.mark.anyio
+async def test_a_profile_that_turns_the_probe_off_never_asks_nor_registers_embedding():
+    definition = AgentDefinition.model_validate(
+        json.loads((DATA / "agent_reasoner.json").read_text())
+    )
+    backend = _EmbeddingBackend()
+    probe = EmbeddingProbe(backend, enabled=False)
+    await probe.ask()
+    assert backend.asked == 0
+    assert "embedding" not in with_embedding(definition, bool(probe.embeds)).capabilities
+    probe = EmbeddingProbe(backend)
+    await probe.ask()
+    await probe.ask()  # a yes is kept: asked once
+    assert backend.asked == 1
+    assert with_embedding(definition, bool(probe.embeds)).capabilities[-1] == "embedding"
 
 
 @pytest.mark.process

@@ -29,6 +29,7 @@ wrappers:
     replicas: 2
     capabilities: [reasoning, planning]
     role: reasoner
+    probe_embedding: false   # a probe's yes arrives a beat apart on each replica
     heartbeat_interval_seconds: 0.5
 """
 

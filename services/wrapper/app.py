@@ -86,7 +86,7 @@ def create_app(
                 started=clock(),
                 created=wall_clock(),
             )
-            embeds = EmbeddingProbe(wrapper.backend)
+            embeds = EmbeddingProbe(wrapper.backend, enabled=settings.probe_embedding)
 
             async def definition() -> AgentDefinition:
                 return with_embedding(await wrapper.agent_definition(), bool(embeds.embeds))

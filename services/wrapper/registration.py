@@ -13,7 +13,9 @@ that finds the backend healthy (``EmbeddingProbe``). ``/api/show`` cannot tell: 
 only "completion" for SmolLM2, which embeds. A backend that is down or busy is asked again
 at the next beat; any other failure (a server without an embeddings endpoint, a model that
 cannot embed) is a no, for the process's life. The yes changes the definition: the same
-beat registers it again, before its heartbeat.
+beat registers it again, before its heartbeat. ``probe_embedding: false`` in the profile
+keeps a chat model out of ``capability:embedding`` (its vectors do not compare with a
+dedicated embedder's); its endpoints still embed when called by name.
 """
 
 from __future__ import annotations
@@ -82,9 +84,10 @@ class EmbeddingProbe:
     """Whether the backend embeds (``embeds``; None: not known yet), asked with a real
     one-input embed (``ask``, once the backend is healthy) until it has said yes or no."""
 
-    def __init__(self, backend: Backend | OpenAIBackend) -> None:
+    def __init__(self, backend: Backend | OpenAIBackend, *, enabled: bool = True) -> None:
         self.backend = backend
-        self.embeds: bool | None = None
+        # A profile that turned the probe off has said no.
+        self.embeds: bool | None = None if enabled else False
 
     async def ask(self) -> None:
         if self.embeds is None:
