@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 MAX_LATENCIES = 100_000  # rows read for the percentiles and histograms of one by-agent answer
 PRUNE_EVERY_SECONDS = 3_600
+# Dollars to the nano-dollar: a short text embedded at $0.00002 per 1k tokens costs
+# $0.0000004, which six decimals would show as nothing.
+MONEY_DECIMALS = 9
 # The ledger is written on the event loop (SQLite: services.common.database.db_runner),
 # so each write holds every call for as long as it takes: ~20 us a row. Written every
 # FLUSH_SECONDS, at most WRITE_BATCH rows at a time with calls let in between, a write
@@ -184,9 +187,9 @@ class UsageStore:
             completion_tokens=completion,
             local_tokens=local_tokens,
             cloud_tokens=all_tokens - local_tokens,
-            cost=round(cost, 6),
-            would_have_cost=round(would, 6),
-            saved=round(max(0.0, would - cost), 6),
+            cost=round(cost, MONEY_DECIMALS),
+            would_have_cost=round(would, MONEY_DECIMALS),
+            saved=round(max(0.0, would - cost), MONEY_DECIMALS),
             errors=errors,
             error_rate=_share(errors, n),
             routed=routed,
@@ -195,7 +198,7 @@ class UsageStore:
             spills=spills,
             embedding_calls=n_embed,
             embedding_tokens=embed_tokens,
-            embedding_would_have_cost=round(would_embed, 6),
+            embedding_would_have_cost=round(would_embed, MONEY_DECIMALS),
         )
 
     def timeseries(self, window: float, buckets: int) -> UsageTimeseries:
@@ -235,7 +238,7 @@ class UsageStore:
                     calls=calls,
                     local_tokens=local_tokens,
                     cloud_tokens=cloud_tokens,
-                    cost=round(cost, 6),
+                    cost=round(cost, MONEY_DECIMALS),
                     errors=errors,
                     fallbacks=fallbacks,
                 )
