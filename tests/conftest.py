@@ -270,6 +270,7 @@ class Daemons:
         self.directory = directory
         self.env = process_env(directory, **env)
         self.running: dict[str, subprocess.Popen] = {}
+        self.urls: dict[str, str] = {}
 
     def start(
         self, name: str, *argv: str, url: str, health: str = "/health", deadline: float = 60.0
@@ -298,6 +299,34 @@ class Daemons:
                 process.kill()
             process.wait(timeout=10)
         self.running.clear()
+
+
+def reasoner_swarm(directory: Path, *extra: str, **env: str) -> Daemons:
+    """The default profile's registry, SmolLM2 model host, reasoner wrapper and router, each
+    on a free port and started (``urls`` by those names, and ``extra`` services' ports set
+    but not started); ``env`` sets more of the profile."""
+    wrappers = ("reasoner", *extra)
+    names = ("registry", "host", "router", *wrappers)
+    ports = {name: free_port() for name in names}
+    daemons = Daemons(
+        directory,
+        SWARM_REGISTRY__PORT=str(ports["registry"]),
+        SWARM_BACKENDS__SMOLLM2__PORT=str(ports["host"]),
+        SWARM_ROUTER__PORT=str(ports["router"]),
+        **{f"SWARM_WRAPPERS__{name.upper()}__PORT": str(ports[name]) for name in wrappers},
+        **env,
+    )
+    daemons.urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    try:
+        daemons.start("registry", "registry", url=daemons.urls["registry"])
+        host = ("services.modelhost", "--backend", "smollm2")
+        daemons.start("host", *host, url=daemons.urls["host"], health="/api/version")
+        daemons.start("reasoner", "services", "reasoner", url=daemons.urls["reasoner"])
+        daemons.start("router", "router", url=daemons.urls["router"])
+    except BaseException:
+        daemons.kill_all()
+        raise
+    return daemons
 
 
 OLLAMA_DATA = DATA / "ollama"

@@ -40,9 +40,9 @@ from tests.conftest import (
     Running,
     Sleeper,
     call_record,
-    free_port,
     make_settings,
     read,
+    reasoner_swarm,
     sent_json,
 )
 
@@ -352,34 +352,15 @@ def test_embedding_tokens_are_priced_at_the_reference_embedding_price(tmp_path):
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory) -> Iterator[Daemons]:
-    ports = {name: free_port() for name in ("registry", "host", "reasoner", "router")}
-    daemons = Daemons(
+    daemons = reasoner_swarm(
         tmp_path_factory.mktemp("embeddings"),
-        SWARM_REGISTRY__PORT=str(ports["registry"]),
-        SWARM_BACKENDS__SMOLLM2__PORT=str(ports["host"]),
-        SWARM_WRAPPERS__REASONER__PORT=str(ports["reasoner"]),
-        SWARM_ROUTER__PORT=str(ports["router"]),
         SWARM_WRAPPERS__REASONER__HEARTBEAT_INTERVAL_SECONDS="0.5",
         # The default profile keeps the reasoner out of capability:embedding (the embedder
         # answers it); here it is the one agent that embeds, found by the probe.
         SWARM_WRAPPERS__REASONER__PROBE_EMBEDDING="true",
     )
-    daemons.urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    try:
-        daemons.start("registry", "registry", url=daemons.urls["registry"])
-        daemons.start(
-            "host",
-            "services.modelhost",
-            "--backend",
-            "smollm2",
-            url=daemons.urls["host"],
-            health="/api/version",
-        )
-        daemons.start("reasoner", "services", "reasoner", url=daemons.urls["reasoner"])
-        daemons.start("router", "router", url=daemons.urls["router"])
-        yield daemons
-    finally:
-        daemons.kill_all()
+    yield daemons
+    daemons.kill_all()
 
 
 def until(check, what: str, within: float = 20.0):

@@ -14,7 +14,7 @@ import ollama
 import openai
 import pytest
 
-from tests.conftest import Daemons, free_port
+from tests.conftest import free_port, reasoner_swarm
 
 pytestmark = pytest.mark.process
 
@@ -24,34 +24,14 @@ GREEDY = {"temperature": 0, "seed": 7, "max_tokens": 24}
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
-    ports = {name: free_port() for name in ("registry", "host", "reasoner", "classifier", "router")}
-    daemons = Daemons(
+    daemons = reasoner_swarm(
         tmp_path_factory.mktemp("swarm"),
-        SWARM_REGISTRY__PORT=str(ports["registry"]),
-        SWARM_BACKENDS__SMOLLM2__PORT=str(ports["host"]),
-        SWARM_WRAPPERS__REASONER__PORT=str(ports["reasoner"]),
-        SWARM_WRAPPERS__CLASSIFIER__PORT=str(ports["classifier"]),
-        SWARM_ROUTER__PORT=str(ports["router"]),
+        "classifier",
         SWARM_BACKENDS__GEMMA3__PORT=str(free_port()),  # never started: a dead backend
         SWARM_WRAPPERS__REASONER__HEARTBEAT_INTERVAL_SECONDS="0.5",
     )
-    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    try:
-        daemons.start("registry", "registry", url=urls["registry"])
-        daemons.start(
-            "host",
-            "services.modelhost",
-            "--backend",
-            "smollm2",
-            url=urls["host"],
-            health="/api/version",
-        )
-        daemons.start("reasoner", "services", "reasoner", url=urls["reasoner"])
-        daemons.start("router", "router", url=urls["router"])
-        daemons.urls = urls
-        yield daemons
-    finally:
-        daemons.kill_all()
+    yield daemons
+    daemons.kill_all()
 
 
 @pytest.fixture

@@ -36,11 +36,10 @@ from services.modelhost.settings import ModelHostSettings
 from services.modelhost.tools import prompt_messages
 from tests.conftest import (
     SMOLLM,
-    Daemons,
-    free_port,
     make_settings,
     read,
     read_lines,
+    reasoner_swarm,
     replaced,
     sent_json,
     streamed,
@@ -121,31 +120,9 @@ def streamed_calls(chunks: list[Any]) -> tuple[list[dict], str | None, str]:
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
-    ports = {name: free_port() for name in ("registry", "host", "reasoner", "router")}
-    daemons = Daemons(
-        tmp_path_factory.mktemp("tools"),
-        SWARM_REGISTRY__PORT=str(ports["registry"]),
-        SWARM_BACKENDS__SMOLLM2__PORT=str(ports["host"]),
-        SWARM_WRAPPERS__REASONER__PORT=str(ports["reasoner"]),
-        SWARM_ROUTER__PORT=str(ports["router"]),
-    )
-    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    try:
-        daemons.start("registry", "registry", url=urls["registry"])
-        daemons.start(
-            "host",
-            "services.modelhost",
-            "--backend",
-            "smollm2",
-            url=urls["host"],
-            health="/api/version",
-        )
-        daemons.start("reasoner", "services", "reasoner", url=urls["reasoner"])
-        daemons.start("router", "router", url=urls["router"])
-        daemons.urls = urls
-        yield daemons
-    finally:
-        daemons.kill_all()
+    daemons = reasoner_swarm(tmp_path_factory.mktemp("tools"))
+    yield daemons
+    daemons.kill_all()
 
 
 @pytest.fixture(scope="module")
