@@ -9,7 +9,6 @@ reads it: a word-initial piece carries a leading "▁", a ``##`` continuation lo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -19,6 +18,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 from safetensors.numpy import load as load_safetensors
+
+from services.modelhost.catalog import file_sha256
 
 # sentence-transformers' pooling modes, as llama.cpp names them.
 _POOLING = {
@@ -119,14 +120,6 @@ def convert(read: Read, out: Path, name: str) -> None:
     writer.close()
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def converted(archive: Path, models_dir: Path, stem: str) -> Path:
     """The GGUF of the model zipped in ``archive``, converted once into ``models_dir``.
 
@@ -134,7 +127,7 @@ def converted(archive: Path, models_dir: Path, stem: str) -> Path:
     unchanged one is reused; it is written to a temporary name and renamed into place, so
     a host stopped mid-way (or a replica converting beside it) never leaves half a file.
     """
-    key = sha256(archive)[:16]
+    key = file_sha256(archive)[:16]
     path = models_dir / f"{stem}.{key}.f16.gguf"
     if path.is_file():
         return path

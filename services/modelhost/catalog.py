@@ -8,6 +8,7 @@ sentence-transformers BERT (safetensors) that ``bert_gguf`` converts once into a
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 from dataclasses import dataclass
@@ -140,3 +141,12 @@ def locate(model: PackagedModel, models_dir: Path) -> Path:
         return Path(assemble(models_dir / model.file))
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(f"{model.name}: cannot assemble the model file: {exc}") from exc
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read a megabyte at a time (model files are tens of megabytes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -32,7 +32,6 @@ import asyncio
 import codecs
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import threading
@@ -51,7 +50,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from schemas.ollama import Logprob, Options, TokenLogprob
 from services.common.errors import BadRequest
-from services.modelhost.catalog import PackagedModel, locate, lookup
+from services.modelhost.catalog import PackagedModel, file_sha256, locate, lookup
 from services.modelhost.embedder import Embedded, Embedder
 from services.modelhost.grammar import GrammarConstraint
 from services.modelhost.queue import ModelQueue, Ticket
@@ -558,14 +557,6 @@ def grammar_for(format: str | dict[str, Any] | None) -> str | None:
         raise BadRequest(f"invalid JSON schema in format: {exc}") from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_engine(settings: ModelHostSettings) -> Engine:
     """Locate and load the settings' model (blocking: call it in a worker thread)."""
     model = lookup(settings.model)
@@ -592,7 +583,7 @@ def load_engine(settings: ModelHostSettings) -> Engine:
         model,
         path,
         load_duration=load_duration,
-        digest=_sha256(path),
+        digest=file_sha256(path),
         max_pending=settings.max_pending,
         prompt_cache=settings.prompt_cache,
     )
