@@ -34,6 +34,7 @@ from registry.app import create_app
 from registry.settings import RegistrySettings
 from router.app import create_app as create_router_app
 from router.settings import RouterSettings
+from schemas.config import ProviderConfig
 from services.modelhost.engine import Engine, load_engine
 from services.modelhost.settings import ModelHostSettings
 from services.wrapper.app import create_app as create_wrapper_app
@@ -458,6 +459,22 @@ async def post_and_leave(app: Any, path: str, body: dict, spec_version: str) -> 
 
 
 # --- wrappers (only the Ollama backend is mocked) ---------------------------------------
+
+
+def data(name: str) -> Any:
+    """A JSON fixture from tests/data/ (``openai/...``, ``anthropic/...``)."""
+    return json.loads((DATA / name).read_text())
+
+
+# A keyed OpenAI provider as the router's cloud fallback (its answers: tests/data/openai/).
+OPENAI_PROVIDER = ProviderConfig(
+    kind="openai",
+    base_url="https://api.openai.com/v1",
+    api_key_env="TEST_OPENAI_KEY",
+    models={"reasoning": "gpt-4o-mini"},
+    price_per_1k_input=0.15,
+    price_per_1k_output=0.6,
+)
 
 
 def read(name: str) -> Any:

@@ -12,19 +12,11 @@ from openai import AsyncOpenAI, BadRequestError
 
 from router.anthropic import answers_in_json, anthropic_request, openai_completion
 from schemas.config import ProviderConfig
-from tests.conftest import DATA
+from tests.conftest import DATA, OPENAI_PROVIDER, data
 
 pytestmark = pytest.mark.anyio
 
 CHAT = {"model": "capability:reasoning", "messages": [{"role": "user", "content": "Hi"}]}
-OPENAI = ProviderConfig(
-    kind="openai",
-    base_url="https://api.openai.com/v1",
-    api_key_env="TEST_OPENAI_KEY",
-    models={"reasoning": "gpt-4o-mini"},
-    price_per_1k_input=0.15,
-    price_per_1k_output=0.6,
-)
 ANTHROPIC = ProviderConfig(
     kind="anthropic",
     base_url="https://api.anthropic.com",
@@ -35,13 +27,9 @@ ANTHROPIC = ProviderConfig(
 )
 
 
-def data(name: str):
-    return json.loads((DATA / name).read_text())
-
-
 async def test_a_keyed_openai_compatible_provider_serves_and_is_priced(start_router, monkeypatch):
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-123")
-    router = await start_router(providers={"openai": OPENAI})
+    router = await start_router(providers={"openai": OPENAI_PROVIDER})
     with respx.mock(assert_all_called=True) as cloud:
         route = cloud.post("https://api.openai.com/v1/chat/completions").respond(
             json=data("openai/chat_completion.json")
@@ -63,7 +51,7 @@ async def test_a_keyed_openai_compatible_provider_serves_and_is_priced(start_rou
 
 async def test_a_provider_without_its_key_is_never_called(start_router, monkeypatch):
     monkeypatch.delenv("TEST_OPENAI_KEY", raising=False)
-    router = await start_router(providers={"openai": OPENAI})
+    router = await start_router(providers={"openai": OPENAI_PROVIDER})
     with respx.mock(assert_all_called=False) as cloud:
         route = cloud.post("https://api.openai.com/v1/chat/completions")
         answer = await router.post("/v1/chat/completions", json=CHAT)
@@ -87,7 +75,7 @@ class BrokenStream(httpx.AsyncByteStream):
 
 async def test_a_provider_stream_broken_before_its_first_chunk_is_closed(start_router, monkeypatch):
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-123")
-    router = await start_router(providers={"openai": OPENAI})
+    router = await start_router(providers={"openai": OPENAI_PROVIDER})
     broken = BrokenStream()
     with respx.mock(assert_all_called=True) as cloud:
         cloud.post("https://api.openai.com/v1/chat/completions").respond(
@@ -548,7 +536,7 @@ async def test_a_malformed_openai_provider_answer_is_an_error_envelope_never_a_5
     start_router, monkeypatch, stream
 ):
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-123")
-    router = await start_router(providers={"openai": OPENAI})
+    router = await start_router(providers={"openai": OPENAI_PROVIDER})
     body = b'data: {"usage": [1, 2]}\n\n' if stream else b"[1, 2]"
     with respx.mock(assert_all_called=True) as cloud:
         cloud.post("https://api.openai.com/v1/chat/completions").respond(200, content=body)
@@ -628,7 +616,7 @@ async def test_tools_and_json_output_pass_through_an_openai_provider_unchanged(
     start_router, monkeypatch
 ):
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-123")
-    router = await start_router(providers={"openai": OPENAI})
+    router = await start_router(providers={"openai": OPENAI_PROVIDER})
     answer = data("openai/chat_completion_tool_calls.json")
     asked = {
         "tools": TOOLS,
@@ -649,7 +637,7 @@ async def test_streamed_tool_calls_pass_through_an_openai_provider_unchanged(
     start_router, monkeypatch
 ):
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-123")
-    router = await start_router(providers={"openai": OPENAI})
+    router = await start_router(providers={"openai": OPENAI_PROVIDER})
     chunks = data("openai/chat_completion_stream_tool_calls.json")
     events = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
     with respx.mock(assert_all_called=True) as cloud:

@@ -29,7 +29,15 @@ from schemas.agents import AgentLoad, AgentRecord
 from schemas.config import ProviderConfig
 from schemas.usage import UsageRecord
 from services.common.database import create_db_engine, db_runner
-from tests.conftest import DATA, NOW, FakeClock, call_record, free_port, post_and_leave
+from tests.conftest import (
+    NOW,
+    OPENAI_PROVIDER,
+    FakeClock,
+    call_record,
+    data,
+    free_port,
+    post_and_leave,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -811,19 +819,6 @@ async def test_a_client_over_its_limit_gets_429_with_the_limit_headers(start_rou
 
 # --- cloud providers as fallbacks (the providers themselves: tests/test_cloud.py) --------
 
-OPENAI = ProviderConfig(
-    kind="openai",
-    base_url="https://api.openai.com/v1",
-    api_key_env="TEST_OPENAI_KEY",
-    models={"reasoning": "gpt-4o-mini"},
-    price_per_1k_input=0.15,
-    price_per_1k_output=0.6,
-)
-
-
-def data(name: str):
-    return json.loads((DATA / name).read_text())
-
 
 async def test_local_first_then_the_cloud_when_the_local_agent_fails(
     start_router, registry_http, upstreams, monkeypatch
@@ -831,7 +826,7 @@ async def test_local_first_then_the_cloud_when_the_local_agent_fails(
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-123")
     local, local_url = await upstreams()
     await register(registry_http, "llm_local", local_url)
-    router = await start_router(providers={"openai": OPENAI})
+    router = await start_router(providers={"openai": OPENAI_PROVIDER})
     with respx.mock(assert_all_called=False) as cloud:
         route = cloud.post("https://api.openai.com/v1/chat/completions").respond(
             json=data("openai/chat_completion.json")
@@ -950,7 +945,7 @@ def test_the_expected_wait_is_the_larger_of_the_routers_count_and_the_reported_w
     assert wait(Load(in_flight=1), parallel=1, expected_wait_ms=0.0) is None
     assert wait(Load(in_flight=1), expected_wait_ms=700.0) is None
     assert wait(Load(in_flight=1), parallel=2, expected_wait_ms=0.0) == 0.0  # a slot free
-    cloud = provider_candidate("openai", OPENAI, "reasoning")
+    cloud = provider_candidate("openai", OPENAI_PROVIDER, "reasoning")
     assert expected_wait_ms(cloud, Load(in_flight=50), NOW_S) == 0.0  # no queue known of
 
 
@@ -1078,7 +1073,7 @@ async def test_a_call_spills_only_when_every_local_candidate_is_over_its_budget(
     await register(registry_http, "b-second", second_url)
     await heartbeat(registry_http, "a-first", parallel=1, expected_wait_ms=3_000.0)
     await heartbeat(registry_http, "b-second", parallel=1, expected_wait_ms=1_500.0)
-    router = await start_router(providers={"openai": OPENAI})
+    router = await start_router(providers={"openai": OPENAI_PROVIDER})
 
     async def chat(request_id: str, budget: str | None) -> httpx.Response:
         headers = {"X-Request-ID": request_id} | ({"X-Max-Wait-Ms": budget} if budget else {})
@@ -1155,7 +1150,7 @@ async def test_with_a_slow_local_agent_and_a_budget_a_burst_spills_and_nothing_f
         _, other_url = await upstreams()
         await register(registry_http, "reasoner", other_url, "reasoning")
     else:
-        providers = {"openai": OPENAI}
+        providers = {"openai": OPENAI_PROVIDER}
     # the profile's budget: less than one call ahead of a new one
     router = await start_router(providers=providers, max_local_wait_ms={"classification": 100})
     burst = CHAT | {"model": "capability:classification"}
@@ -1212,7 +1207,7 @@ async def test_a_burst_spreads_before_the_local_agents_wait_is_known(
         held.append(upstream)
         await register(registry_http, agent_id, url, capability)
         await heartbeat(registry_http, agent_id, **idle)
-    providers = {"openai": OPENAI} if second == "cloud" else {}
+    providers = {"openai": OPENAI_PROVIDER} if second == "cloud" else {}
     router = await start_router(clock=FakeClock(0.0), providers=providers)
     headers = {"X-Max-Wait-Ms": budget} if budget else {}
     decision = await router.post("/route", json={"capability": "classification"}, headers=headers)
