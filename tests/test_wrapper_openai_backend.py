@@ -3,7 +3,10 @@ serving SmolLM2, reached through the wrapper with the official openai and ollama
 
 from __future__ import annotations
 
+import json
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
@@ -17,6 +20,7 @@ from tests.conftest import (
     SMOLLM_CONTEXT,
     OpenAIServer,
     Sleeper,
+    data,
     free_port,
     make_settings,
 )
@@ -244,3 +248,85 @@ def test_openai_backend_config_errors(tmp_path, backend, expected):
     with pytest.raises(ConfigError) as raised:
         load_settings(profile)
     assert expected in str(raised.value)
+
+
+# --- JSON output: a server that ignores response_format ---------------------------------------
+
+
+class _IgnoresFormat(BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that answers OpenAI's documented example, whatever
+    ``response_format`` asks: "Hello! ..." as text, whole or streamed."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        listing = data("openai/models.json")
+        listing["data"][0]["id"] = SMOLLM
+        self._send("application/json", json.dumps(listing).encode())
+
+    def do_POST(self) -> None:
+        asked = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        if not asked.get("stream"):
+            self._send("application/json", json.dumps(data("openai/chat_completion.json")).encode())
+            return
+        events = [f"data: {json.dumps(c)}\n\n" for c in data("openai/chat_completion_stream.json")]
+        self._send("text/event-stream", "".join([*events, "data: [DONE]\n\n"]).encode())
+
+    def _send(self, media_type: str, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", media_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+async def ignores_format(start_wrapper):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _IgnoresFormat)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        yield await start_wrapper(openai_settings(url, max_tokens_limit=64), backend=None)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}},
+    ],
+)
+async def test_an_answer_that_ignored_the_json_format_is_a_502(ignores_format, response_format):
+    client = ignores_format.openai
+    with pytest.raises(openai.APIStatusError) as raised:
+        await client.chat.completions.create(
+            model="any", messages=HELLO, response_format=response_format
+        )
+    assert raised.value.status_code == 502
+    assert raised.value.body["code"] == "upstream_invalid_json"
+    # Asked for text, the same answer passes: the format is what it failed.
+    plain = await client.chat.completions.create(model="any", messages=HELLO)
+    assert plain.choices[0].message.content == "Hello! How can I assist you today?"
+
+
+async def test_a_stream_that_ignored_the_json_format_ends_with_the_error_event(ignores_format):
+    stream = await ignores_format.openai.chat.completions.create(
+        model="any", messages=HELLO, response_format={"type": "json_object"}, stream=True
+    )
+    texts: list[str] = []
+
+    async def read_all() -> None:
+        async for chunk in stream:
+            assert not any(choice.finish_reason for choice in chunk.choices)  # never "stop"
+            texts.extend(choice.delta.content or "" for choice in chunk.choices)
+
+    with pytest.raises(openai.APIError) as raised:
+        await read_all()
+    assert "".join(texts) == "Hello!"
+    assert "ignored the format" in raised.value.message

@@ -3,7 +3,10 @@
 The caller's own body goes on (vendor fields included), with the wrapper's model and token
 limit; the server's answer and chunks come back as they are. The wrapper still checks the
 prompt against the context, counts the call and reports its usage: from the server's
-``usage`` when it gives one (it is asked for it in streams), else estimated.
+``usage`` when it gives one (it is asked for it in streams), else estimated. An answer
+asked in a JSON ``response_format`` that ended with "stop" must be that JSON, as on every
+backend kind (``service.check_format``): else a 502, in a stream the error event in place
+of the finishing chunk.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from services.common.errors import ServiceUnavailable
 from services.common.streaming import SSE_DONE, close, sse, sse_error, sse_response
 from services.wrapper import translate
 from services.wrapper.openai_backend import OpenAIBackend
-from services.wrapper.service import Job, Wrapper, first_chunk
+from services.wrapper.service import Job, Wrapper, check_format, first_chunk
 from services.wrapper.stats import Call, counting_failures, stream_failure
 
 
@@ -32,16 +35,19 @@ async def forward(
         limit = wrapper.settings.max_tokens_limit
         job = wrapper.chat_job(translate.ollama_chat_request(body, wrapper.settings.model, limit))
         sent = _pinned(json.loads(raw), job, body.stream)
+        wanted = translate.ollama_format(body.response_format)
         if not body.stream:
             answer = await backend.forward(sent)
-            text = openai.content_text((answer["choices"][0].get("message") or {}).get("content"))
+            choice = answer["choices"][0]
+            text = openai.content_text((choice.get("message") or {}).get("content"))
+            _check_finished(wanted, choice.get("finish_reason"), text)
             prompt, completion = _counts(answer.get("usage"), job, text=text)
             call.done(prompt, completion)
             return Response(json.dumps(answer).encode(), media_type="application/json")
         chunks = backend.forward_stream(sent)
         first = await first_chunk(chunks)
     call.first_token()
-    return sse_response(_events(first, chunks, call, job, body.include_usage))
+    return sse_response(_events(first, chunks, call, job, body.include_usage, wanted))
 
 
 def _pinned(sent: dict[str, Any], job: Job, stream: bool) -> dict[str, Any]:
@@ -52,6 +58,12 @@ def _pinned(sent: dict[str, Any], job: Job, stream: bool) -> dict[str, Any]:
     if stream:  # the counts, where the server gives them; the caller gets them if asked
         sent["stream_options"] = {"include_usage": True}
     return sent
+
+
+def _check_finished(format: Any, finish_reason: Any, text: str) -> None:
+    # Only a text answer that says it is whole: a call is no answer text, "length" is cut.
+    if finish_reason == "stop":
+        check_format(format, finish_reason, text)
 
 
 def _counts(usage: Any, job: Job, *, text: str = "", chunks: int = 0) -> tuple[int, int]:
@@ -71,17 +83,25 @@ async def _events(
     call: Call,
     job: Job,
     include_usage: bool,
+    format: Any,
 ) -> AsyncIterator[bytes]:
     pieces = 0
     usage = None
     finished = False
+    texts: list[str] = []
     try:
         chunk: dict[str, Any] | None = first
         while chunk is not None:
             usage = chunk.get("usage") or usage
             choices = chunk.get("choices") or []
-            pieces += sum(1 for choice in choices if (choice.get("delta") or {}).get("content"))
-            finished = finished or any(choice.get("finish_reason") for choice in choices)
+            for choice in choices:
+                if content := (choice.get("delta") or {}).get("content"):
+                    pieces += 1
+                    if format is not None:
+                        texts.append(content)
+                if reason := choice.get("finish_reason"):
+                    _check_finished(format, reason, "".join(texts))
+                    finished = True
             if choices or include_usage:  # a usage-only chunk only when the caller asked
                 yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
             chunk = await anext(chunks, None)

@@ -167,14 +167,14 @@ def checked_answer(job: Job, answer: Answer) -> Answer:
     """``answer`` with a call in its text as ``tool_calls``; a 502 for one that ignored
     the JSON format it was asked in."""
     if not isinstance(answer, api.ChatResponse):
-        _check_json(job, answer, answer.response)
+        check_format(job.format, answer.done_reason, answer.response)
         return answer
     if answer.message.tool_calls:
         return answer
     calls = parse_calls(answer.message.content, job.tools) if job.tools else None
     if calls:
         return _with_calls(answer, calls)
-    _check_json(job, answer, answer.message.content)
+    check_format(job.format, answer.done_reason, answer.message.content)
     return answer
 
 
@@ -204,7 +204,7 @@ async def _checked_stream(job: Job, parts: AsyncIterator[Answer]) -> AsyncIterat
                     if not (part.done or out or part.message.tool_calls):
                         continue  # held back (a chunk of logprobs only loses them)
             if part.done and not called:
-                _check_json(job, part, "".join(texts))
+                check_format(job.format, part.done_reason, "".join(texts))
             yield part
     finally:
         await close(parts)
@@ -229,10 +229,11 @@ def _with_calls(answer: api.ChatResponse, calls: list[Any]) -> api.ChatResponse:
     return answer.model_copy(update={"message": message})
 
 
-def _check_json(job: Job, answer: Answer, text: str) -> None:
-    if job.format is None or answer.done_reason == "length":
+def check_format(format: api.Format, done_reason: str | None, text: str) -> None:
+    """502 when an answer asked in a JSON ``format`` ended normally but is not that JSON."""
+    if format is None or done_reason == "length":
         return
-    schema = job.format if isinstance(job.format, dict) else None
+    schema = format if isinstance(format, dict) else None
     if not is_valid_json(text, schema):
         wanted = "JSON valid against the schema asked" if schema is not None else "JSON"
         raise BadGateway(
