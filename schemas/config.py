@@ -138,6 +138,15 @@ class RegistryConfig(Section):
     url: Annotated[Endpoint, _refuse_empty("http://host:port")] | None = Field(
         default=None, description="Where clients reach the registry; default http://host:port."
     )
+    urls: list[Endpoint] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=16,
+        description="Registry replicas on one database, in the order wrappers and routers "
+        "try them: each goes to the next on a connection failure or a 5xx. Default: the "
+        "one registry at url. From the environment as a JSON list: "
+        'SWARM_REGISTRY__URLS=\'["http://10.0.0.2:6121","http://10.0.0.3:6121"]\'.',
+    )
     ttl_seconds: Seconds = 30.0
     reap_after_seconds: Seconds = Field(
         default=300.0, description="Grace after expiry before a critical agent is removed."
@@ -517,6 +526,13 @@ class SwarmSettings(BaseSettings):
         if self.registry.url:
             return self.registry.url.rstrip("/")
         return self.local_url(self.registry.host, self.registry.port)
+
+    @property
+    def registry_urls(self) -> list[str]:
+        """The registries wrappers and routers use, first tried first."""
+        if self.registry.urls:
+            return [url.rstrip("/") for url in self.registry.urls]
+        return [self.registry_url]
 
     @property
     def router_url(self) -> str:
