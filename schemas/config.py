@@ -155,7 +155,10 @@ class RegistryConfig(Section):
     endpoint_allowlist: Annotated[list[AllowlistEntry], AfterValidator(_some_host)] = Field(
         default_factory=lambda: ["127.0.0.0/8", "::1", "localhost"],
         max_length=256,
-        description="Hosts agents may register from; empty is an error, not 'nobody'.",
+        description="The hosts agents' endpoints may name: names, *.suffix, IPs and CIDR "
+        "networks. The default admits loopback endpoints only: a fleet lists its networks "
+        "(['10.0.0.0/24']). An any-address endpoint (0.0.0.0) is refused whatever this says. "
+        "Empty is an error, not 'nobody'.",
     )
     max_body_bytes: int = Field(default=65_536, ge=1_024, le=16 * 1024 * 1024)
     max_page_size: int = Field(default=1_000, ge=1, le=100_000)
@@ -249,6 +252,12 @@ class WrapperConfig(Section):
     agent_id: Identifier
     name: str = Field(min_length=1, max_length=128)
     host: SectionHost | None = None
+    advertise: SectionHost | None = Field(
+        default=None,
+        description="The address routers and other hosts reach this wrapper at, which it "
+        "registers as its endpoint; default its host. Required when it binds an any-address "
+        "(0.0.0.0, ::), which no other machine can call.",
+    )
     port: Port
     model: str = Field(min_length=1, max_length=200)
     backend: str = Field(
@@ -320,6 +329,15 @@ class ProviderConfig(Section):
 class RouterConfig(Section):
     host: SectionHost | None = None
     port: Port = 6103
+    urls: list[Endpoint] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=16,
+        description="Router replicas, in the order the swarm CLI tries them: it goes to the "
+        "next when one does not answer (an HTTP answer, even a 5xx, is the answer). Default: "
+        "the one router at host:port. From the environment as a JSON list: "
+        'SWARM_ROUTER__URLS=\'["http://10.0.0.2:6103","http://10.0.0.3:6103"]\'.',
+    )
     capability_fallbacks: dict[Capability, list[Capability]] = Field(default_factory=dict)
     max_local_wait_ms: dict[Capability, Annotated[int, Field(ge=1, le=86_400_000)]] = Field(
         default_factory=dict,
@@ -479,6 +497,11 @@ class SwarmSettings(BaseSettings):
                     hint = ": describe the server once and name each model in its wrappers"
                 raise ValueError(f"{key}: port {port} is already used by {other}{hint}")
         for name, wrapper in self.wrappers.items():
+            if is_unspecified(self.wrapper_address(name)):
+                raise ValueError(
+                    f"wrappers.{name}.advertise: it binds {wrapper.host or self.host}, an "
+                    "any-address no router can call: give the address it is reached at"
+                )
             if wrapper.backend not in self.backends and wrapper.backend not in self.wrappers:
                 raise ValueError(
                     f"wrappers.{name}.backend: {wrapper.backend!r} names no backend or wrapper"
@@ -538,6 +561,23 @@ class SwarmSettings(BaseSettings):
     def router_url(self) -> str:
         return self.local_url(self.router.host, self.router.port)
 
+    @property
+    def router_urls(self) -> list[str]:
+        """The routers the swarm CLI uses, first tried first."""
+        if self.router.urls:
+            return [url.rstrip("/") for url in self.router.urls]
+        return [self.router_url]
+
+    def wrapper_address(self, name: str) -> str:
+        """The address ``wrappers.<name>`` is reached at from other hosts (and registers):
+        its advertise, else the address it binds."""
+        wrapper = self.wrappers[name]
+        return wrapper.advertise or wrapper.host or self.host
+
+    def wrapper_url(self, name: str, replica: int = 1) -> str:
+        """Where a replica of ``wrappers.<name>`` is reached: its advertised address."""
+        return self.local_url(self.wrapper_address(name), self.wrappers[name].port + replica - 1)
+
     def local_url(self, host: str | None, port: int) -> str:
         """Where a daemon of this profile is reached: its own host or the profile's."""
         return f"http://{_url_host(host or self.host)}:{port}"
@@ -568,9 +608,8 @@ class SwarmSettings(BaseSettings):
             return self.local_url(backend.host, backend.port + replica - 1)
         if backend is not None:
             return self.server_url(name)
-        target = self.wrappers[name]
-        behind = replica if replica <= target.replicas else 1
-        return self.local_url(target.host, target.port + behind - 1)
+        behind = replica if replica <= self.wrappers[name].replicas else 1
+        return self.wrapper_url(name, behind)
 
 
 def replica_name(name: str, replica: int) -> str:
@@ -594,6 +633,14 @@ def _is_ollama(settings: SwarmSettings, key: str) -> bool:
     section, _, rest = key.partition(".")
     backend = settings.backends.get(rest.rpartition(".")[0]) if section == "backends" else None
     return backend is not None and backend.kind == "ollama"
+
+
+def is_unspecified(host: str) -> bool:
+    """0.0.0.0 or ::: the address a server binds to listen everywhere, never one to call."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
 
 
 def _url_host(host: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from router.settings import RouterSettings
 from schemas.config import ConfigError, RouterConfig, WrapperConfig, load_settings
+from services.common.server import exposure_problem, is_loopback
 from services.modelhost.settings import ModelHostSettings
 from services.wrapper.settings import WrapperSettings
 from tests.conftest import BACKEND, DATA, REPO, process_env, read, sent_json
@@ -341,6 +342,99 @@ def test_a_daemon_with_a_bad_value_stops_with_one_line(tmp_path, env, expected):
     assert len(lines) == 1, result.stderr
     assert expected in lines[0]
     assert Path(lines[0].split("config ", 1)[1].split(":", 1)[0]).name == "swarm.yaml"
+
+
+# --- across hosts: no open daemon off loopback, no any-address endpoint, router replicas ------
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.3", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST.", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.0.2.2", False),
+        ("gpu1.swarm.internal", False),
+    ],
+)
+def test_loopback_addresses(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_off_loopback_a_daemon_needs_the_registry_token(tmp_path):
+    open_profile = load_settings(write(tmp_path, "host: 127.0.0.1\n"))
+    assert exposure_problem("127.0.0.2", open_profile) is None
+    problem = exposure_problem("10.0.0.5", open_profile)
+    assert problem is not None
+    assert "10.0.0.5" in problem
+    assert "SWARM_REGISTRY_TOKEN" in problem
+    secured = load_settings(write(tmp_path, "registry_token: fleet-secret\n"))
+    assert exposure_problem("0.0.0.0", secured) is None
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "registry", "--host", "0.0.0.0"],
+        # An address this machine does not have: the refusal comes before any bind (exit 3).
+        ["-m", "registry", "--host", "198.51.100.7"],
+        ["-m", "router", "--host", "0.0.0.0"],
+        ["-m", "services", "reasoner", "--host", "0.0.0.0"],
+    ],
+    ids=["registry-any", "registry-unbound", "router", "wrapper"],
+)
+def test_a_daemon_off_loopback_without_a_token_stops_with_one_line(tmp_path, argv):
+    result = subprocess.run(
+        [sys.executable, *argv],
+        cwd=REPO,
+        env=process_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"refusing to listen on {argv[-1]}")
+    assert "registry token" in lines[0]
+
+
+def test_a_wrapper_on_the_any_address_must_advertise_one(tmp_path):
+    wrapper = (
+        "wrappers:\n  reasoner:\n    {agent_id: r, name: R, host: 0.0.0.0, port: 9000, "
+        "model: m, backend: ollama, capabilities: [reasoning], role: reasoner%s}\n"
+        "  chained:\n    {agent_id: c, name: C, host: 10.0.0.6, port: 9010, model: m, "
+        "backend: reasoner, capabilities: [classification], role: classifier}\n"
+        "backends:\n  ollama: {kind: ollama, port: 11434}\n"
+    )
+    with pytest.raises(ConfigError, match=r"wrappers\.reasoner\.advertise: it binds 0\.0\.0\.0"):
+        load_settings(write(tmp_path, wrapper % ""))
+    settings = load_settings(write(tmp_path, wrapper % ", advertise: 10.0.0.5"))
+    assert settings.wrapper_url("reasoner") == "http://10.0.0.5:9000"
+    assert settings.backend_url("chained") == "http://10.0.0.5:9000"
+    reasoner = WrapperSettings.from_swarm(settings, "reasoner")
+    assert (reasoner.host, reasoner.endpoint) == ("0.0.0.0", "http://10.0.0.5:9000")
+
+
+def test_the_cli_tries_the_routers_in_order(tmp_path, monkeypatch):
+    assert load_settings(write(tmp_path, "router: {port: 7000}\n")).router_urls == [
+        "http://127.0.0.1:7000"
+    ]
+    monkeypatch.setenv("SWARM_ROUTER__URLS", '["http://10.0.0.2:6103/", "http://10.0.0.3:6103"]')
+    settings = load_settings(write(tmp_path, ""))
+    assert settings.router_urls == ["http://10.0.0.2:6103", "http://10.0.0.3:6103"]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(text)
+    return profile
 
 
 # --- replicas: N copies of a wrapper (and of its embedded host), ports counted up ------------

@@ -157,6 +157,18 @@ def test_the_allowlist_is_configurable(make_registry, registry_settings, agent):
     )
 
 
+@pytest.mark.parametrize("endpoint", ["http://0.0.0.0:8050", "http://[::]:8050"])
+def test_an_any_address_endpoint_is_422_whatever_the_allowlist(
+    make_registry, registry_settings, agent, endpoint
+):
+    everyone = make_registry(registry_settings, endpoint_allowlist=["0.0.0.0/0", "::/0"])
+    response = everyone.post("/register", json=agent | {"endpoint": endpoint})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("endpoint_unspecified", "endpoint")
+    assert "advertise" in error["message"]
+
+
 @pytest.mark.parametrize(
     ("host", "allowed"),
     [

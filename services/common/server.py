@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import http
+import ipaddress
 import logging
 import sys
 from functools import partial
@@ -27,6 +28,7 @@ from services.common.middleware import BodyTimeoutMiddleware
 log = logging.getLogger(__name__)
 
 STARTUP_FAILURE = 3  # uvicorn's exit code when the server could not start
+EXPOSED_WITHOUT_TOKEN = 2  # as for any other profile a daemon cannot run with
 
 
 class _RequestIdFilter(logging.Filter):
@@ -183,8 +185,35 @@ class Server(uvicorn.Server):
         gc.freeze()
 
 
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host``: a loopback address or ``localhost``.
+    Any other name counts as reachable from elsewhere (no DNS lookup to argue otherwise)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problem(host: str, swarm: SwarmSettings) -> str | None:
+    """Why a daemon must not bind ``host`` with this profile, or None: off loopback, other
+    machines can reach it, and without a registry token anyone there could register an
+    agent or report usage."""
+    if swarm.registry_token is not None or is_loopback(host):
+        return None
+    return (
+        f"refusing to listen on {host}, reachable from other machines, without a registry "
+        "token: set SWARM_REGISTRY_TOKEN (the same on every host), or bind a loopback address"
+    )
+
+
 def serve(app: Any, swarm: SwarmSettings, *, host: str, port: int) -> None:
-    """Run ``app`` on ``host:port`` with the profile's log level and server limits."""
+    """Run ``app`` on ``host:port`` with the profile's log level and server limits; a
+    non-loopback ``host`` without a registry token is one line on stderr and exit 2."""
+    if problem := exposure_problem(host, swarm):
+        print(problem, file=sys.stderr)
+        raise SystemExit(EXPOSED_WITHOUT_TOKEN)
     configure_logging(swarm.log_level)
     config = server_config(
         app, host=host, port=port, log_level=swarm.log_level, limits=swarm.server

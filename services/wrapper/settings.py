@@ -88,7 +88,8 @@ class WrapperSettings(WrapperConfig):
             # of its own: the one behind it reports the call, once.
             "usage_url": None if config.backend in swarm.wrappers else swarm.router_url,
             "registry_token": swarm.registry_token,
-            "endpoint": swarm.local_url(host, port),
+            # What routers on other hosts call: never the any-address it may bind.
+            "endpoint": swarm.local_url(config.advertise or host, port),
             "parallel": parallel_slots(swarm, name),
         }
         return cls(**values | given)
