@@ -52,8 +52,9 @@ def service_user() -> str | None:
     with contextlib.suppress(KeyError):
         pwd.getpwnam(SERVICE_USER)
         return SERVICE_USER
+    useradd = [_tool("useradd"), "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
     made = subprocess.run(
-        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER],
+        [*useradd, SERVICE_USER],
         capture_output=True,
         text=True,
     )
@@ -64,7 +65,15 @@ def service_user() -> str | None:
 
 
 def _as(user: str | None) -> list[str]:
-    return ["runuser", "-u", user, "--"] if user else []
+    return [_tool("runuser"), "-u", user, "--"] if user else []
+
+
+def _tool(name: str) -> str:
+    """A root's tool, also when PATH lacks the sbin dirs (a CI job's environment)."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        raise NoPostgres(f"{name} not found: it runs PostgreSQL as {SERVICE_USER} when root")
+    return found
 
 
 def _runnable_bindir(bindir: Path, user: str | None, scratch: Path) -> Path:
