@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from registry import routes
+from registry.clock import registry_clock
 from registry.metrics import RegistryMetrics
 from registry.settings import RegistrySettings
 from registry.store import AgentStore, Clock, reap_periodically
@@ -18,12 +19,17 @@ from services.common.database import create_db_engine, db_runner
 from services.common.http import install_plumbing
 
 
-def create_app(settings: RegistrySettings, clock: Clock = time.time) -> FastAPI:
+def create_app(settings: RegistrySettings, clock: Clock | None = None) -> FastAPI:
+    """The registry; ``clock`` decides TTLs (default: the database's, registry.clock)."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_db_engine(settings.database_url)
         store = AgentStore(
-            engine, clock, default_ttl=settings.ttl_seconds, reap_after=settings.reap_after_seconds
+            engine,
+            clock or registry_clock(engine),
+            default_ttl=settings.ttl_seconds,
+            reap_after=settings.reap_after_seconds,
         )
         run = db_runner(engine)
         await run(store.create_tables)

@@ -65,6 +65,8 @@ _RECORDS = TypeAdapter(list[AgentRecord])
 # How far _rarity_query counts a capability: far enough to tell rare from common, short
 # enough that counting a capability every agent has stays well under a millisecond.
 RAREST_PROBE = 2_000
+# The key of the PostgreSQL advisory lock replicas take to create the tables in turn.
+SCHEMA_LOCK = 0x5377_6172_6D52_6567  # "SwarmReg"
 # The columns discovery and listing filter on by equality.
 LABELS = ("tier", "locality", "role")
 
@@ -114,6 +116,7 @@ _HEARTBEAT_WAIT = (
     )
     .values(expected_wait_ms=bindparam("wait"))
 )
+_REAP = delete(AGENTS).where(AGENTS.c.expires_at < bindparam("cutoff")).returning(AGENTS.c.agent_id)
 _GET = select(*record_columns(bindparam("now"))).where(AGENTS.c.agent_id == bindparam("target"))
 
 
@@ -167,21 +170,23 @@ class AgentStore:
 
         Registrations are soft state: every agent registers again on its next heartbeat
         (the registry answers 404), so starting empty loses nothing an agent cannot resend.
+        Replicas starting at once on one PostgreSQL take turns (an advisory lock held to the
+        commit; PostgreSQL's DDL is transactional): one creates, the others find the tables.
         """
-        found = inspect(self.engine)
-        for table in TABLES:
-            if not found.has_table(table.name):
-                continue
-            stored = {column["name"] for column in found.get_columns(table.name)}
-            if stored != {column.name for column in table.columns}:
-                log.warning(
-                    "the %s table is from another version of the registry: replacing the "
-                    "tables; agents register again on their next heartbeat",
-                    table.name,
-                )
-                AgentRow.metadata.drop_all(self.engine, tables=TABLES)
-                break
-        AgentRow.metadata.create_all(self.engine, tables=TABLES)
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
+            found = inspect(conn)
+            for table in TABLES:
+                if found.has_table(table.name) and _shape(found, table.name) != _shape(table):
+                    log.warning(
+                        "the %s table is from another version of the registry: replacing the "
+                        "tables; agents register again on their next heartbeat",
+                        table.name,
+                    )
+                    AgentRow.metadata.drop_all(conn, tables=TABLES)
+                    break
+            AgentRow.metadata.create_all(conn, tables=TABLES)
 
     def register(self, definition: AgentDefinition) -> AgentRecord:
         """Insert or replace an agent; registering also counts as a heartbeat."""
@@ -314,15 +319,18 @@ class AgentStore:
         return found if by_wait else sorted(found, key=lambda record: record.agent_id)
 
     def reap(self) -> list[str]:
-        """Remove agents critical for longer than the grace; return their ids."""
+        """Remove agents critical for longer than the grace; return their ids.
+
+        One DELETE tests the expiry and removes (its capabilities by the cascade), so it is
+        safe to run in every replica at once: a heartbeat committed before it makes the
+        agent not match (PostgreSQL re-checks the condition on the row's newest version);
+        one that comes later waits for it, finds no agent, and the agent registers again.
+        Selecting the ids first and deleting them by id would remove an agent whose
+        heartbeat landed in between.
+        """
         cutoff = self.clock() - self.reap_after
         with self.engine.begin() as conn:
-            expired = select(AGENTS.c.agent_id).where(AGENTS.c.expires_at < cutoff)
-            agent_ids = list(conn.execute(expired).scalars())
-            if agent_ids:
-                conn.execute(delete(CAPABILITIES).where(CAPABILITIES.c.agent_id.in_(agent_ids)))
-                conn.execute(delete(AGENTS).where(AGENTS.c.agent_id.in_(agent_ids)))
-        return agent_ids
+            return list(conn.execute(_REAP, {"cutoff": cutoff}).scalars())
 
     def count(self) -> int:
         with self.engine.connect() as conn:
@@ -343,6 +351,23 @@ class AgentStore:
     def _fetch(self, query) -> list[AgentRecord]:
         with self.engine.connect() as conn:
             return _records(conn.execute(query).all())
+
+
+def _shape(source, name: str | None = None) -> tuple:
+    """A table's columns and the ON DELETE of its foreign keys: of ``source`` (a Table),
+    or of the stored table ``name`` as ``source`` (an Inspector) reflects it."""
+    if name is None:
+        columns = {column.name for column in source.columns}
+        keys = {
+            (key.column.table.name, (key.ondelete or "").upper()) for key in source.foreign_keys
+        }
+    else:
+        columns = {column["name"] for column in source.get_columns(name)}
+        keys = {
+            (key["referred_table"], (key.get("options", {}).get("ondelete") or "").upper())
+            for key in source.get_foreign_keys(name)
+        }
+    return columns, keys
 
 
 def _records(rows) -> list[AgentRecord]:

@@ -59,7 +59,10 @@ class CapabilityRow(SQLModel, table=True):
         Index("ix_agent_capabilities_wait", "capability", "expected_wait_ms", "agent_id"),
     )
 
-    agent_id: str = Field(foreign_key="agents.agent_id", primary_key=True, max_length=128)
+    # Removing an agent removes its rows in the same statement: the reaper's one DELETE.
+    agent_id: str = Field(
+        foreign_key="agents.agent_id", ondelete="CASCADE", primary_key=True, max_length=128
+    )
     capability: str = Field(primary_key=True, max_length=64)
     expected_wait_ms: float | None = None
 

@@ -1,0 +1,189 @@
+"""Registry replicas on one database: reaping and liveness safe with several, the clock
+of the database deciding TTLs, and wrappers and routers failing over between replicas."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import create_engine, event, text
+
+from registry.clock import DatabaseClock, registry_clock
+from registry.store import AgentStore
+from schemas.agents import AgentDefinition, DiscoverRequest, Heartbeat
+from tests.conftest import FakeClock
+
+TTL, GRACE = 30.0, 300.0
+
+
+@pytest.fixture
+def two_stores(database_url):
+    """Two replicas' stores on one database, each with its own clock (as two hosts)."""
+    engines = [create_engine(database_url), create_engine(database_url)]
+    stores = [
+        AgentStore(engine, FakeClock(), default_ttl=TTL, reap_after=GRACE) for engine in engines
+    ]
+    stores[0].create_tables()
+    yield stores
+    for engine in engines:
+        engine.dispose()
+
+
+def found(store: AgentStore, capability: str) -> list[str]:
+    request = DiscoverRequest(capabilities=[capability], include_unhealthy=True)
+    return [record.agent_id for record in store.discover(request)]
+
+
+def test_a_heartbeat_landing_inside_a_reap_keeps_the_agent(two_stores, agent):
+    """The reaper of replica A decides at a time when the agent is past its grace; replica
+    B's heartbeat commits after that decision, just before A's first DELETE runs (where the
+    old select-then-delete-by-id had already chosen its victims). The agent must stay."""
+    reaper, beater = two_stores
+    beater.register(AgentDefinition.model_validate(agent))
+    agent_id = agent["agent_id"]
+    beater.clock.advance(TTL + GRACE + 5)  # B's heartbeat comes late, but before the reap
+    reaper.clock.advance(TTL + GRACE + 10)
+
+    landed: list[str] = []
+
+    @event.listens_for(reaper.engine, "before_cursor_execute")
+    def heartbeat_first(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("DELETE") and not landed:
+            landed.append(statement)
+            beater.heartbeat(agent_id, Heartbeat())
+
+    assert reaper.reap() == []
+    assert landed  # the heartbeat did land inside the reap
+    assert beater.get(agent_id).status == "passing"
+    assert found(beater, "planning") == [agent_id]  # its capabilities too
+
+
+def test_two_reapers_at_once_remove_an_expired_agent_once(two_stores, agent):
+    first, second = two_stores
+    first.register(AgentDefinition.model_validate(agent | {"agent_id": "gone"}))
+    for store in two_stores:
+        store.clock.advance(TTL + GRACE + 1)
+    first.register(AgentDefinition.model_validate(agent | {"agent_id": "live"}))
+    results = [first.reap(), second.reap()]
+    assert sorted(results) == [[], ["gone"]]
+    assert [record.agent_id for record in first.list(limit=10)] == ["live"]
+    assert found(second, "planning") == ["live"]  # the reaped one's capabilities went with it
+
+
+def test_expiry_is_decided_by_the_registry_clock_not_the_agents(two_stores, agent):
+    """Whichever replica answers reads the same expiry: a heartbeat through B keeps an
+    agent registered through A alive, and nothing the agent sends moves its expiry."""
+    a, b = two_stores
+    record = a.register(AgentDefinition.model_validate(agent))
+    a.clock.advance(TTL - 1)
+    b.clock.advance(TTL - 1)
+    ack = b.heartbeat(agent["agent_id"], Heartbeat())
+    assert ack.expires_at.timestamp() == pytest.approx(
+        record.registered_at.timestamp() + 2 * TTL - 1
+    )
+    a.clock.advance(TTL - 1)
+    assert a.get(agent["agent_id"]).status == "passing"
+    a.clock.advance(2)
+    assert a.get(agent["agent_id"]).status == "critical"
+
+
+def test_an_older_table_without_the_cascade_is_replaced(tmp_path, agent):
+    engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    store = AgentStore(engine, FakeClock(), default_ttl=TTL, reap_after=GRACE)
+    store.create_tables()
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE agent_capabilities"))
+        conn.execute(
+            text(
+                "CREATE TABLE agent_capabilities (agent_id VARCHAR(128) NOT NULL "
+                "REFERENCES agents (agent_id), capability VARCHAR(64) NOT NULL, "
+                "expected_wait_ms FLOAT, PRIMARY KEY (agent_id, capability))"
+            )
+        )
+    store.create_tables()
+    store.register(AgentDefinition.model_validate(agent))
+    store.clock.advance(TTL + GRACE + 1)
+    assert store.reap() == [agent["agent_id"]]
+    engine.dispose()
+
+
+# --- the database's clock ------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_replicas_with_skewed_clocks_read_the_databases_time(postgres_server):
+    """Two hosts an hour apart agree within the round trip: both read the database's."""
+    engine = create_engine(postgres_server)
+    try:
+        assert isinstance(registry_clock(engine), DatabaseClock)
+        with engine.connect() as conn:
+            database_now = float(conn.execute(text("SELECT extract(epoch FROM now())")).scalar())
+        ahead = DatabaseClock(engine, local=lambda: database_now + 3_600)
+        behind = DatabaseClock(engine, local=lambda: database_now - 3_600)
+        assert ahead() == pytest.approx(behind(), abs=1.0)
+        assert ahead() == pytest.approx(database_now, abs=1.0)
+    finally:
+        engine.dispose()
+
+
+def test_the_offset_is_measured_again_only_when_due_and_kept_on_failure():
+    local, monotonic = FakeClock(1_000.0), FakeClock(0.0)
+    readings = [1_100.0]
+
+    class OneValueEngine:
+        """An engine whose database's clock reads from ``readings`` (empty: unreachable)."""
+
+        def connect(self):
+            return self
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def execute(self, _statement):
+            if not readings:
+                raise ConnectionError("the database is away")
+            value = readings.pop(0)
+            return type("Result", (), {"scalar_one": staticmethod(lambda: value)})()
+
+    clock = DatabaseClock(OneValueEngine(), local=local, monotonic=monotonic, resync=30)
+    assert clock() == 1_100.0  # measured at the first reading
+    local.advance(5)
+    monotonic.advance(5)
+    assert clock() == 1_105.0  # not due: the local clock plus the offset
+    monotonic.advance(30)
+    assert clock() == 1_105.0  # due, but the database is away: the last offset stays
+    readings.append(1_205.0)
+    monotonic.advance(30)
+    assert clock() == 1_205.0
+
+
+@pytest.mark.postgres
+def test_replicas_starting_at_once_create_the_tables_once(postgres_server):
+    engines = [create_engine(postgres_server) for _ in range(3)]
+    stores = [AgentStore(e, FakeClock(), default_ttl=TTL, reap_after=GRACE) for e in engines]
+    with engines[0].begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS agent_capabilities, agents"))
+    failures: list[BaseException] = []
+
+    def create(store: AgentStore) -> None:
+        try:
+            store.create_tables()
+        except BaseException as exc:  # reported by the assertion below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=create, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    try:
+        assert failures == []
+        assert stores[1].count() == 0
+    finally:
+        with engines[0].begin() as conn:
+            conn.execute(text("DROP TABLE IF EXISTS agent_capabilities, agents"))
+        for engine in engines:
+            engine.dispose()
