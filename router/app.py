@@ -23,7 +23,7 @@ from router.settings import RouterSettings
 from router.upstream import EMBEDDINGS_PATH, LocalAgents, Upstreams
 from router.usage import UsageLog, UsageStore
 from services.common.database import create_db_engine, db_runner
-from services.common.http import install_plumbing, peer_client, serve_lean
+from services.common.http import Failover, install_plumbing, peer_failover, serve_lean
 
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 MODEL_CALL_PATHS = (*CHAT_PATHS, EMBEDDINGS_PATH)
@@ -32,7 +32,7 @@ MODEL_CALL_PATHS = (*CHAT_PATHS, EMBEDDINGS_PATH)
 def create_app(
     settings: RouterSettings,
     *,
-    registry_client: httpx.AsyncClient | None = None,
+    registry_client: httpx.AsyncClient | Failover | None = None,
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -42,7 +42,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as owned:
-            http = peer_client(registry_client, settings.registry_url, owned)
+            http = peer_failover(registry_client, settings.registries, owned)
             timeout = aiohttp.ClientTimeout(
                 total=None,
                 sock_connect=settings.connect_timeout_seconds,

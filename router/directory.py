@@ -2,7 +2,8 @@
 
 A request never waits on the registry: the router reads every passing agent in the
 background every ``discovery_refresh_seconds`` and routes from that snapshot. While the
-registry cannot be read, the last snapshot stays (with its age in ``/health``): agents
+registry cannot be read (any of its replicas: ``http`` fails over between them, see
+services.common.http.Failover), the last snapshot stays (with its age in ``/health``): agents
 that stop answering are caught by the circuit breakers, not by the registry.
 """
 
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 
 from router.candidates import Candidate, by_capability
 from schemas.agents import AgentList, AgentRecord
+from services.common.http import Failover
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ MAX_AGENTS = 100_000  # a bound on what one refresh reads
 class Directory:
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: Failover | httpx.AsyncClient,
         *,
         interval: float,
         clock: Callable[[], float],
@@ -68,7 +70,7 @@ class Directory:
 
 
 async def read_agents(
-    http: httpx.AsyncClient, *, most: int, status: str | None = None
+    http: Failover | httpx.AsyncClient, *, most: int, status: str | None = None
 ) -> list[AgentRecord]:
     """The registry's agents (of ``status`` only, when given), page by page, at most
     ``most``. Raises what the client or the validation raise."""

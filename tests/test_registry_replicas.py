@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import threading
 
+import httpx
 import pytest
 from sqlalchemy import create_engine, event, text
 
 from registry.clock import DatabaseClock, registry_clock
 from registry.store import AgentStore
+from router.directory import Directory
 from schemas.agents import AgentDefinition, DiscoverRequest, Heartbeat
+from services.common.http import Failover
+from services.wrapper.registration import Registrar
 from tests.conftest import FakeClock
 
 TTL, GRACE = 30.0, 300.0
@@ -187,3 +191,133 @@ def test_replicas_starting_at_once_create_the_tables_once(postgres_server):
             conn.execute(text("DROP TABLE IF EXISTS agent_capabilities, agents"))
         for engine in engines:
             engine.dispose()
+
+
+# --- failing over between replicas, in-process ------------------------------------------------
+
+
+class Replica(httpx.AsyncBaseTransport):
+    """One registry replica in front of the shared in-process registry: it can go down (a
+    refused connection) or answer 503; it records the paths it was asked."""
+
+    def __init__(self, app) -> None:
+        self.inner = httpx.ASGITransport(app=app)
+        self.state = "up"  # "up", "down" or "failing"
+        self.asked: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.asked.append(f"{request.method} {request.url.path}")
+        if self.state == "down":
+            raise httpx.ConnectError("connection refused", request=request)
+        if self.state == "failing":
+            return httpx.Response(503, json={"error": {"message": "database unavailable"}})
+        return await self.inner.handle_async_request(request)
+
+
+@pytest.fixture
+def replicas(wrapper_registry):
+    """Replicas a, b and c of one registry, and a Failover over them in that order."""
+    found = {name: Replica(wrapper_registry.app) for name in "abc"}
+    clients = [
+        httpx.AsyncClient(transport=replica, base_url=f"http://registry-{name}.test")
+        for name, replica in found.items()
+    ]
+    return found, Failover(clients)
+
+
+def registrar_on(http: Failover, definition: AgentDefinition, delays: list[float]) -> Registrar:
+    async def sleep(delay: float) -> None:
+        delays.append(delay)
+
+    async def current() -> AgentDefinition:
+        return definition
+
+    async def check() -> Heartbeat:
+        return Heartbeat()
+
+    return Registrar(
+        http, definition=current, check=check, interval=5, sleep=sleep, random=lambda: 1.0
+    )
+
+
+@pytest.mark.anyio
+async def test_the_registrar_registers_with_the_next_replica_and_stays_there(replicas, agent):
+    found, http = replicas
+    found["a"].state = "down"
+    delays: list[float] = []
+    registrar = registrar_on(http, AgentDefinition.model_validate(agent), delays)
+    await registrar.register()
+    assert (found["a"].asked, found["b"].asked) == (["POST /register"], ["POST /register"])
+    assert delays == []  # the next replica at once, not after a backoff
+    await registrar.beat()
+    beat = f"POST /heartbeat/{agent['agent_id']}"
+    assert found["a"].asked == ["POST /register"]  # the replica that answered is asked first
+    assert found["b"].asked == ["POST /register", beat]
+    assert found["c"].asked == []
+
+
+@pytest.mark.anyio
+async def test_a_heartbeat_fails_over_on_a_5xx_and_keeps_the_registration(replicas, agent):
+    found, http = replicas
+    delays: list[float] = []
+    registrar = registrar_on(http, AgentDefinition.model_validate(agent), delays)
+    await registrar.register()
+    found["a"].state = "failing"
+    await registrar.beat()
+    beat = f"POST /heartbeat/{agent['agent_id']}"
+    assert found["a"].asked == ["POST /register", beat]
+    assert found["b"].asked == [beat]  # it knows the agent: the database is shared
+    assert registrar.registered is not None
+    assert registrar.passing
+    found["b"].state = "down"
+    await registrar.beat()  # b, then c; a is not asked again before them
+    assert found["c"].asked == [beat]
+    assert found["a"].asked == ["POST /register", beat]
+
+
+@pytest.mark.anyio
+async def test_with_every_replica_down_registration_backs_off_then_goes_round(replicas, agent):
+    found, http = replicas
+    for replica in found.values():
+        replica.state = "down"
+    delays: list[float] = []
+    registrar = registrar_on(http, AgentDefinition.model_validate(agent), delays)
+    sleep = registrar.sleep
+
+    async def recover_after_two(delay: float) -> None:
+        await sleep(delay)
+        if len(delays) == 2:
+            found["c"].state = "up"
+
+    registrar.sleep = recover_after_two
+    await registrar.register()
+    assert len(delays) == 2  # a backoff after each round in which none answered
+    # Each round starts after the replica the last one started with: abc, bca, then c.
+    assert [len(replica.asked) for replica in found.values()] == [2, 2, 3]
+    assert http.base_url == httpx.URL("http://registry-c.test")
+
+
+@pytest.mark.anyio
+async def test_every_replica_answering_5xx_gives_the_last_answer(replicas):
+    found, http = replicas
+    for replica in found.values():
+        replica.state = "failing"
+    response = await http.get("/agents")
+    assert response.status_code == 503
+    assert [replica.asked for replica in found.values()] == [["GET /agents"]] * 3
+
+
+@pytest.mark.anyio
+async def test_the_directory_reads_whichever_replica_answers(replicas, wrapper_registry, agent):
+    found, http = replicas
+    assert wrapper_registry.post("/register", json=agent).status_code == 200
+    found["a"].state = "down"
+
+    async def never(_: float) -> None:
+        raise AssertionError("no sleep expected")
+
+    directory = Directory(http, interval=1, clock=FakeClock(), sleep=never)
+    await directory.refresh()
+    assert directory.error is None
+    assert [record.agent_id for record in directory.agents] == [agent["agent_id"]]
+    assert found["b"].asked == ["GET /agents"]

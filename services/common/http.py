@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Collection, Iterable
+import logging
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, get_type_hints
 
 import httpx
@@ -29,6 +30,8 @@ from services.common.openapi import install_openapi
 from services.common.probes import Readiness, install_probes
 from services.common.strict_json import check_json
 
+log = logging.getLogger(__name__)
+
 # Another daemon of the swarm (the registry, the router): it answers in milliseconds.
 PEER_TIMEOUT = httpx.Timeout(5.0)
 
@@ -42,6 +45,77 @@ def peer_client(
     client = httpx.AsyncClient(base_url=base_url, timeout=PEER_TIMEOUT)
     owned.push_async_callback(client.aclose)
     return client
+
+
+class Failover:
+    """Peers answering the same API (registry replicas on one database), used as one client.
+
+    A request goes to the peer that answered last; on a connection failure, a timeout or a
+    5xx it goes on to the next, each peer tried once per request, so one that is down costs
+    a refused connection, not a missed heartbeat. When none answers, the last 5xx is
+    returned, else the last failure raised: the caller's own retry (its backoff) decides
+    what comes next, and starts from the peer after the one that failed first.
+    """
+
+    def __init__(self, clients: Sequence[httpx.AsyncClient]) -> None:
+        if not clients:
+            raise ValueError("a failover needs at least one client")
+        self.clients = list(clients)
+        self.current = 0
+
+    @property
+    def base_url(self) -> httpx.URL:
+        """The peer requests go to first."""
+        return self.clients[self.current].base_url
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        first, count = self.current, len(self.clients)
+        failure: httpx.TransportError | None = None
+        answered: httpx.Response | None = None
+        for step in range(count):
+            client = self.clients[(first + step) % count]
+            try:
+                response = await client.request(method, url, **kwargs)
+            except httpx.TransportError as exc:
+                failure, problem = exc, str(exc) or type(exc).__name__
+            else:
+                if response.status_code < 500:
+                    self.current = (first + step) % count
+                    return response
+                answered, problem = response, f"{response.status_code}"
+            if step < count - 1:
+                following = self.clients[(first + step + 1) % count].base_url
+                log.warning(
+                    "%s did not answer (%s): trying %s", client.base_url, problem, following
+                )
+        self.current = (first + 1) % count
+        if answered is not None:
+            return answered
+        assert failure is not None
+        raise failure
+
+    async def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return await self.request("GET", url, **kwargs)
+
+    async def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return await self.request("POST", url, **kwargs)
+
+    async def delete(self, url: str, **kwargs: Any) -> httpx.Response:
+        return await self.request("DELETE", url, **kwargs)
+
+
+def peer_failover(
+    given: httpx.AsyncClient | Failover | None,
+    base_urls: Sequence[str],
+    owned: contextlib.AsyncExitStack,
+) -> Failover:
+    """``given`` (a test passes one, or a client it wraps), else a client per URL in
+    ``base_urls``, tried in that order, closed with ``owned``."""
+    if isinstance(given, Failover):
+        return given
+    if given is not None:
+        return Failover([given])
+    return Failover([peer_client(None, url, owned) for url in base_urls])
 
 
 def install_plumbing(

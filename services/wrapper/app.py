@@ -14,7 +14,13 @@ import ollama
 from fastapi import FastAPI
 
 from schemas.agents import AgentDefinition, Heartbeat
-from services.common.http import install_plumbing, peer_client, serve_lean
+from services.common.http import (
+    Failover,
+    install_plumbing,
+    peer_client,
+    peer_failover,
+    serve_lean,
+)
 from services.wrapper import embed_routes, ollama_routes, openai_routes, status_routes, tmd_routes
 from services.wrapper.aiohttp_client import AiohttpClient, ollama_client
 from services.wrapper.backend import Backend, FinalAnswer
@@ -41,7 +47,7 @@ def create_app(
     settings: WrapperSettings,
     *,
     backend: ollama.AsyncClient | AiohttpClient | None = None,
-    registry_client: httpx.AsyncClient | None = None,
+    registry_client: httpx.AsyncClient | Failover | None = None,
     usage_client: httpx.AsyncClient | None = None,
     clock: Callable[[], float] = time.perf_counter,
     sleep: Sleep = asyncio.sleep,
@@ -59,7 +65,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as owned:
-            http = peer_client(registry_client, settings.registry_url, owned)
+            http = peer_failover(registry_client, settings.registries, owned)
             reporter = None
             if settings.usage_url is not None:
                 to_router = peer_client(usage_client, settings.usage_url, owned)

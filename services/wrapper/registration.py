@@ -1,7 +1,8 @@
 """Being discoverable: register with the registry, heartbeat, deregister.
 
-Registration retries with exponential backoff and full jitter until the registry answers
-(the wrapper serves meanwhile); heartbeats carry the wrapper's own check and its load; a
+Registration retries with exponential backoff and full jitter until a registry answers
+(the wrapper serves meanwhile; with several registry replicas, each request tries them in
+turn, see services.common.http.Failover); heartbeats carry the wrapper's own check and its load; a
 404 (the registry forgot the agent), a changed definition (model facts learnt late) or a
 heartbeat acknowledging another definition than the one registered (someone replaced the
 record: the ack carries its fingerprint, so noticing costs no request) registers again; a
@@ -33,6 +34,7 @@ from schemas.health import ModelInfo
 from schemas.ollama import EmbedRequest
 from services.common.backoff import backoff_delay
 from services.common.errors import SwarmError
+from services.common.http import Failover
 from services.wrapper.backend import Backend
 from services.wrapper.openai_backend import OpenAIBackend
 from services.wrapper.settings import WrapperSettings
@@ -112,9 +114,13 @@ def with_embedding(definition: AgentDefinition, embeds: bool) -> AgentDefinition
 
 
 class Registrar:
+    """Registers and heartbeats with the registries of ``http``: whichever replica answers
+    (services.common.http.Failover); the registration is the shared database's, so it
+    carries over to the next replica, and one that does not know the agent answers 404."""
+
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: Failover | httpx.AsyncClient,
         *,
         definition: Callable[[], Awaitable[AgentDefinition]],
         check: Callable[[], Awaitable[Heartbeat]],
@@ -169,7 +175,12 @@ class Registrar:
                 if response.status_code == 200:
                     self.registered = definition
                     self.fingerprint = _fingerprint_of(response)
-                    log.info("registered %s at %s", definition.agent_id, definition.endpoint)
+                    log.info(
+                        "registered %s at %s with the registry at %s",
+                        definition.agent_id,
+                        definition.endpoint,
+                        self.http.base_url,
+                    )
                     return
                 problem = f"registry answered {response.status_code}: {response.text[:200]}"
             delay = backoff_delay(attempt, self.random)

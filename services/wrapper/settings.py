@@ -27,6 +27,11 @@ class WrapperSettings(WrapperConfig):
     )
     backend_api_key: SecretStr | None = None  # an openai backend's key, from api_key_env
     registry_url: str
+    registry_urls: list[str] | None = Field(
+        default=None,
+        description="The registry replicas, tried in order (profile registry.urls); "
+        "None: registry_url alone.",
+    )
     usage_url: str | None = None  # the router, where model calls are reported; None: not
     registry_token: SecretStr | None = None
     endpoint: str
@@ -44,6 +49,11 @@ class WrapperSettings(WrapperConfig):
         if taxonomy is not None:
             load_taxonomy(taxonomy)  # a bad taxonomy stops the start-up, naming the key
         return taxonomy
+
+    @property
+    def registries(self) -> list[str]:
+        """The registries to register with, first tried first."""
+        return self.registry_urls or [self.registry_url]
 
     @cached_property
     def tmd_taxonomy(self) -> Taxonomy | None:
@@ -83,7 +93,8 @@ class WrapperSettings(WrapperConfig):
             "backend_api_key": (os.environ.get(backend.api_key_env or "") or None)
             if openai
             else None,
-            "registry_url": swarm.registry_url,
+            "registry_url": swarm.registry_urls[0],
+            "registry_urls": swarm.registry_urls,
             # A wrapper in front of another wrapper (the TLC classifier) makes no model call
             # of its own: the one behind it reports the call, once.
             "usage_url": None if config.backend in swarm.wrappers else swarm.router_url,
