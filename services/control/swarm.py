@@ -1,5 +1,7 @@
-"""The swarm's life: bring every daemon of the profile up under supervisord, wait until each
-is healthy, report their state, and take them down again."""
+"""The swarm's life: bring every daemon of the profile (or of this host's part of a fleet:
+see :mod:`services.control.daemons`) up under supervisord, wait until each is healthy,
+report their state, and take them down again. One supervisord per state directory runs one
+part: three "hosts" on one machine each have their own SWARM_DATA_DIR."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from schemas.config import BackendConfig, SwarmSettings
-from services.control.daemons import Daemon, daemons, external_backends
+from services.control.daemons import EVERYTHING, Daemon, Part, daemons, external_backends
 from services.control.supervisor import (
     Supervisor,
     config_path,
@@ -48,15 +50,28 @@ class DaemonStatus:
     url: str
 
 
-def up(settings: SwarmSettings, *, timeout: float, say: Callable[[str], None]) -> None:
-    """Start (or bring in line with the profile) every daemon; return once all are healthy."""
+def up(
+    settings: SwarmSettings,
+    *,
+    timeout: float,
+    say: Callable[[str], None],
+    part: Part = EVERYTHING,
+) -> None:
+    """Start (or bring in line with the profile) every daemon of ``part``; return once all
+    are healthy."""
+    if part != EVERYTHING and settings.registry_token is None:
+        # A token generated here would be this host's alone: the others' writes would fail.
+        raise SwarmError(
+            f"--role {part.role}: the hosts of a fleet share one registry token: set "
+            "SWARM_REGISTRY_TOKEN (or registry_token_file), the same on every host"
+        )
     supervisor = Supervisor(settings)
     running = supervisor.running()
     if not running:
-        check_ports(settings)
-    check_models(settings)
+        check_ports(settings, part)
+    check_models(settings, part)
     new_token = settings.registry_token is None and not token_path(settings).exists()
-    write_config(settings)
+    write_config(settings, part)
     since = log_size(settings)
     if running:
         say("supervisord already running; applying the current profile")
@@ -67,46 +82,58 @@ def up(settings: SwarmSettings, *, timeout: float, say: Callable[[str], None]) -
     else:
         say(f"starting supervisord (logs in {settings.state_dir / 'logs'})")
         supervisor.start()
-    check_external_backends(settings, say)
+    check_external_backends(settings, say, part)
     say("waiting until every daemon is healthy")
     try:
-        wait_healthy(settings, timeout, since=since)
+        wait_healthy(settings, timeout, since=since, part=part)
     except KeepsDying as exc:
         # Restarting it again would only burn the CPU; `status` still says how it died.
         supervisor.keep_stopped(exc.daemon)
         raise
 
 
-def write_config(settings: SwarmSettings) -> Path:
-    """supervisord's config for the profile, with the swarm token's file (created when
-    the profile configures no token); its path."""
+def write_config(settings: SwarmSettings, part: Part = EVERYTHING) -> Path:
+    """supervisord's config for the profile's daemons of ``part``, with the swarm token's
+    file (created when the profile configures no token); its path."""
     try:
         token_file = ensure_token_file(settings)
     except TokenFileError as exc:
         raise SwarmError(f"swarm token: {exc}") from None
     path = config_path(settings)
-    path.write_text(render_config(settings, daemons(settings), token_file=token_file))
+    path.write_text(render_config(settings, daemons(settings, part=part), token_file=token_file))
     return path
 
 
-def down(settings: SwarmSettings, *, say: Callable[[str], None]) -> bool:
-    """Stop every daemon and supervisord; False if the swarm was not running."""
+def down(settings: SwarmSettings, *, say: Callable[[str], None], part: Part = EVERYTHING) -> bool:
+    """Stop the daemons of ``part``, and supervisord once it runs no other; False if the
+    swarm was not running."""
     supervisor = Supervisor(settings)
     if not supervisor.running():
         return False
+    processes = supervisor.processes()
+    mine = [d.name for d in daemons(settings, part=part) if d.name in processes]
+    others = [
+        name
+        for name, info in processes.items()
+        if name not in mine and info.get("statename") in ("RUNNING", "STARTING", "BACKOFF")
+    ]
     # Wrappers first, while the registry can still take their deregistration.
-    supervisor.stop([name for name in supervisor.processes() if name.startswith("wrapper-")])
+    supervisor.stop([name for name in mine if name.startswith("wrapper-")])
+    if others:
+        supervisor.stop([name for name in mine if not name.startswith("wrapper-")])
+        say(f"stopped {part.describe()}; supervisord still runs {', '.join(sorted(others))}")
+        return True
     supervisor.shutdown()
     say("stopped")
     return True
 
 
-def status(settings: SwarmSettings) -> list[DaemonStatus]:
+def status(settings: SwarmSettings, part: Part = EVERYTHING) -> list[DaemonStatus]:
     supervisor = Supervisor(settings)
     processes = supervisor.processes() if supervisor.running() else {}
     exits = unexpected_exits(settings) if processes else {}
     found = []
-    for daemon in daemons(settings):
+    for daemon in daemons(settings, part=part):
         info = processes.get(daemon.name, {})
         healthy, health = _health(daemon.health_url)
         if not healthy and (died := exits.get(daemon.name)):
@@ -123,12 +150,18 @@ def status(settings: SwarmSettings) -> list[DaemonStatus]:
     return found
 
 
-def wait_healthy(settings: SwarmSettings, timeout: float, *, since: int | None = None) -> None:
+def wait_healthy(
+    settings: SwarmSettings,
+    timeout: float,
+    *,
+    since: int | None = None,
+    part: Part = EVERYTHING,
+) -> None:
     """Poll every daemon's health until all answer 200; else name the first one that kept
     dying (since byte ``since`` of supervisord's log; default: from now) and how, or that
     did not come up in time, with the last lines of its log."""
     since = log_size(settings) if since is None else since
-    pending = daemons(settings)
+    pending = daemons(settings, part=part)
     deadline = time.monotonic() + timeout
     while pending:
         pending = [daemon for daemon in pending if not _health(daemon.health_url)[0]]
@@ -159,9 +192,9 @@ def describe_exit(how: str, daemon: str = "") -> str:
     return said
 
 
-def check_ports(settings: SwarmSettings) -> None:
+def check_ports(settings: SwarmSettings, part: Part = EVERYTHING) -> None:
     """Before a fresh start: a port the profile wants that something else holds."""
-    for daemon in daemons(settings):
+    for daemon in daemons(settings, part=part):
         address = urlsplit(daemon.health_url)
         if _listening(address.hostname or "127.0.0.1", address.port or 80):
             raise SwarmError(
@@ -170,13 +203,14 @@ def check_ports(settings: SwarmSettings) -> None:
             )
 
 
-def check_models(settings: SwarmSettings) -> None:
-    """An embedded backend whose packaged model is not installed."""
+def check_models(settings: SwarmSettings, part: Part = EVERYTHING) -> None:
+    """An embedded backend of ``part`` whose packaged model is not installed."""
     # Only the catalog: no llama.cpp import for a check.
     from services.modelhost.catalog import ModelUnavailable, lookup, package_dir
 
+    hosted = {daemon.section for daemon in daemons(settings, part=part)}
     for name, backend in settings.backends.items():
-        if backend.kind != "embedded":
+        if backend.kind != "embedded" or f"backends.{name}" not in hosted:
             continue
         try:
             package_dir(lookup(backend.model))
@@ -184,11 +218,13 @@ def check_models(settings: SwarmSettings) -> None:
             raise SwarmError(f"backend {name!r}: {exc}") from None
 
 
-def check_external_backends(settings: SwarmSettings, say: Callable[[str], None]) -> None:
+def check_external_backends(
+    settings: SwarmSettings, say: Callable[[str], None], part: Part = EVERYTHING
+) -> None:
     """Warn about an Ollama or OpenAI-compatible server that does not answer, or lacks a
     model a wrapper serves on it. The server is the user's: the swarm starts anyway, those
     wrappers unhealthy."""
-    for name, url in external_backends(settings).items():
+    for name, url in external_backends(settings, part).items():
         backend = settings.backends[name]
         what = "Ollama" if backend.kind == "ollama" else "OpenAI-compatible"
         try:
