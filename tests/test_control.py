@@ -446,6 +446,18 @@ def test_a_control_host_binds_its_registry_and_router_to_its_address():
     assert found["router"].health_url == "http://127.0.0.5:6103/health"
 
 
+def test_up_lists_the_urls_of_its_part_only():
+    settings = load_settings(FLEET)
+    assert cli.urls(settings, Part("node", "127.0.0.4")) == [
+        ("reasoner_b", "http://127.0.0.4:8051/v1", "model smollm2:135m")
+    ]
+    assert [row[:2] for row in cli.urls(settings, Part("control", "127.0.0.5"))] == [
+        ("router", "http://127.0.0.5:6103/v1"),
+        ("dashboard", "http://127.0.0.5:6103/dashboard"),
+        ("registry", "http://127.0.0.5:6121"),
+    ]
+
+
 def test_a_node_is_this_machine_only_at_its_own_addresses():
     assert is_this_machine("127.0.0.3")
     assert is_this_machine("localhost")
@@ -503,6 +515,7 @@ def test_a_control_host_runs_the_registry_and_router_on_its_address(tmp_path):
     try:
         up = swarm("up", "--timeout", "60", *part)
         assert up.returncode == 0, up.stdout + up.stderr
+        assert f"router     http://127.0.0.2:{ports['router']}/v1" in up.stdout
         for name, port in ports.items():
             assert httpx.get(f"http://127.0.0.2:{port}/health").status_code == 200, name
             with pytest.raises(httpx.ConnectError):  # not on the profile's own host

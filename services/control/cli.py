@@ -17,7 +17,7 @@ import httpx
 
 from schemas.config import ConfigError, SwarmSettings, load_settings, replica_name
 from services.control import swarm
-from services.control.daemons import ROLES, Part
+from services.control.daemons import EVERYTHING, ROLES, Part, daemons
 from services.control.token_file import token_path
 
 TIMEOUT = httpx.Timeout(10.0, read=300.0)  # a model may take a while to answer
@@ -44,23 +44,28 @@ def cmd_up(settings: SwarmSettings, args: argparse.Namespace) -> int:
     swarm.up(settings, timeout=args.timeout, say=say, part=part(args))
     print_status(settings, args)
     print()
-    rows = [*urls(settings), ("logs", str(settings.state_dir / "logs"), "")]
+    rows = [*urls(settings, part(args)), ("logs", str(settings.state_dir / "logs"), "")]
     if settings.registry_token is None:  # generated: say where, for outside clients
         rows.append(("token", str(token_path(settings)), "registry writes, usage reports"))
     table(None, [*rows, ("stop with", "./scripts/stop_all.sh", "(or: swarm down)")])
     return 0
 
 
-def urls(settings: SwarmSettings) -> list[tuple[str, str, str]]:
-    found = [
-        ("router", f"{settings.router_url}/v1", 'OpenAI API, model "capability:<name>"'),
-        ("dashboard", f"{settings.router_url}/dashboard", "costs and latency"),
-        ("registry", settings.registry_url, f"agents; docs at {settings.registry_url}/docs"),
-    ]
+def urls(settings: SwarmSettings, part: Part = EVERYTHING) -> list[tuple[str, str, str]]:
+    """Where the daemons ``part`` runs are reached: the router, dashboard, registry, and
+    each wrapper at the address it advertises."""
+    running = {d.name: d.health_url.removesuffix("/health") for d in daemons(settings, part=part)}
+    found = []
+    if router := running.get("router"):
+        found.append(("router", f"{router}/v1", 'OpenAI API, model "capability:<name>"'))
+        found.append(("dashboard", f"{router}/dashboard", "costs and latency"))
+    if registry := running.get("registry"):
+        found.append(("registry", registry, f"agents; docs at {registry}/docs"))
     for name, wrapper in settings.wrappers.items():
         for replica in range(1, wrapper.replicas + 1):
-            url = settings.local_url(wrapper.host, wrapper.port + replica - 1)
-            found.append((replica_name(name, replica), f"{url}/v1", f"model {wrapper.model}"))
+            if replica_name(f"wrapper-{name}", replica) in running:
+                url = settings.wrapper_url(name, replica)
+                found.append((replica_name(name, replica), f"{url}/v1", f"model {wrapper.model}"))
     return found
 
 
