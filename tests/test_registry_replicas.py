@@ -3,19 +3,28 @@ of the database deciding TTLs, and wrappers and routers failing over between rep
 
 from __future__ import annotations
 
+import itertools
+import json
 import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import make_url
 
 from registry.clock import DatabaseClock, registry_clock
 from registry.store import AgentStore
 from router.directory import Directory
 from schemas.agents import AgentDefinition, DiscoverRequest, Heartbeat
+from schemas.config import load_settings
 from services.common.http import Failover
 from services.wrapper.registration import Registrar
-from tests.conftest import FakeClock
+from tests.conftest import DATA, Daemons, FakeClock, free_port
 
 TTL, GRACE = 30.0, 300.0
 
@@ -321,3 +330,146 @@ async def test_the_directory_reads_whichever_replica_answers(replicas, wrapper_r
     assert directory.error is None
     assert [record.agent_id for record in directory.agents] == [agent["agent_id"]]
     assert found["b"].asked == ["GET /agents"]
+
+
+# --- real processes: two registries on one PostgreSQL, a wrapper on both ------------------
+
+PROCESS_TTL = 3.0  # seconds: short, so that a gap in the heartbeats would show
+
+
+@pytest.fixture
+def replica_database(postgres_server) -> Iterator[str]:
+    """A database of its own on the suite's PostgreSQL, dropped afterwards."""
+    name = f"replicas_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(postgres_server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def two_registries(replica_database, tmp_path) -> Iterator[tuple[Daemons, list[str]]]:
+    """Registries a and b as processes on one database; their URLs in that order."""
+    ports = [free_port(), free_port()]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    daemons = Daemons(
+        tmp_path,
+        SWARM_DATABASE_URL=replica_database,
+        SWARM_REGISTRY__TTL_SECONDS=str(PROCESS_TTL),
+        SWARM_REGISTRY__URLS=json.dumps(urls),
+    )
+    try:
+        for name, port, url in zip("ab", ports, urls, strict=True):
+            daemons.start(name, "registry", "--port", str(port), url=url)
+        yield daemons, urls
+    finally:
+        daemons.kill_all()
+
+
+@pytest.mark.process
+@pytest.mark.postgres
+def test_what_one_registry_is_told_the_other_answers(two_registries, agent):
+    _, (a, b) = two_registries
+    agent = agent | {"ttl_seconds": PROCESS_TTL}
+    assert httpx.post(f"{a}/register", json=agent).status_code == 200
+    found = httpx.post(f"{b}/discover", json={"capabilities": ["planning"]}).json()["agents"]
+    assert [record["agent_id"] for record in found] == [agent["agent_id"]]
+    # Heartbeats through b alone keep the agent registered through a alive past its TTL.
+    end = time.monotonic() + 2 * PROCESS_TTL
+    while time.monotonic() < end:
+        beat = httpx.post(f"{b}/heartbeat/{agent['agent_id']}", json={"status": "passing"})
+        assert beat.status_code == 200
+        time.sleep(PROCESS_TTL / 6)
+    record = httpx.get(f"{a}/agents/{agent['agent_id']}").json()
+    assert record["status"] == "passing"
+
+
+class FakeOllama(BaseHTTPRequestHandler):
+    """An Ollama serving one model's metadata: enough for a wrapper to pass its checks."""
+
+    model = "smollm2:135m"
+
+    def do_GET(self) -> None:
+        if self.path == "/api/tags":
+            listing = json.loads((DATA / "ollama" / "tags.json").read_text())
+            entry = listing["models"][0] | {"name": self.model, "model": self.model}
+            self._answer({"models": [entry]})
+        elif self.path == "/api/version":
+            self._answer(json.loads((DATA / "ollama" / "version.json").read_text()))
+        elif self.path == "/api/ps":
+            self._answer({"models": []})
+        else:
+            self._answer({"error": "not found"}, 404)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        if self.path == "/api/show":
+            self._answer(json.loads((DATA / "ollama" / "show.json").read_text()))
+        else:
+            self._answer({"error": "not served here"}, 404)
+
+    def _answer(self, body: dict, status: int = 200) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_ollama() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.process
+@pytest.mark.postgres
+def test_a_wrapper_whose_registry_is_killed_stays_registered_through_the_other(
+    two_registries, fake_ollama
+):
+    daemons, (_, b) = two_registries
+    port = free_port()
+    daemons.env |= {
+        "SWARM_BACKENDS__SMOLLM2__PORT": str(fake_ollama),
+        "SWARM_WRAPPERS__REASONER__PORT": str(port),
+        "SWARM_WRAPPERS__REASONER__HEARTBEAT_INTERVAL_SECONDS": str(PROCESS_TTL / 6),
+    }
+    daemons.start("reasoner", "services", "reasoner", url=f"http://127.0.0.1:{port}")
+    agent_id = load_settings(None).wrappers["reasoner"].agent_id
+
+    def record() -> dict:
+        return httpx.get(f"{b}/agents/{agent_id}", timeout=2).json()
+
+    deadline = time.monotonic() + 20
+    while record().get("status") != "passing":
+        assert time.monotonic() < deadline, record()
+        time.sleep(0.1)
+
+    daemons.running["a"].kill()  # SIGKILL: no goodbye, its connections refused from now
+    daemons.running["a"].wait(timeout=10)
+    killed = time.time()
+    beats: list[float] = []
+    end = time.monotonic() + 3 * PROCESS_TTL
+    while time.monotonic() < end:
+        seen = record()
+        assert seen["status"] == "passing", seen  # never expired: no gap past the TTL
+        beats.append(datetime.fromisoformat(seen["last_heartbeat"]).timestamp())
+        time.sleep(0.1)
+    seen_beats = sorted(set(beats))  # from the last one through a, as sampled
+    assert len([beat for beat in seen_beats if beat > killed]) >= 3, daemons.log("reasoner")
+    assert max(later - earlier for earlier, later in itertools.pairwise(seen_beats)) < PROCESS_TTL
+    assert "trying http://127.0.0.1" in daemons.log("reasoner")
