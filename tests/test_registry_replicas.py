@@ -473,3 +473,26 @@ def test_a_wrapper_whose_registry_is_killed_stays_registered_through_the_other(
     assert len([beat for beat in seen_beats if beat > killed]) >= 3, daemons.log("reasoner")
     assert max(later - earlier for earlier, later in itertools.pairwise(seen_beats)) < PROCESS_TTL
     assert "trying http://127.0.0.1" in daemons.log("reasoner")
+
+
+@pytest.mark.process
+@pytest.mark.postgres
+def test_a_router_whose_registry_is_killed_reads_the_other(two_registries, agent):
+    daemons, (_, b) = two_registries
+    port = free_port()
+    daemons.env |= {
+        "SWARM_ROUTER__PORT": str(port),
+        "SWARM_ROUTER__DISCOVERY_REFRESH_SECONDS": "0.2",
+    }
+    router = f"http://127.0.0.1:{port}"
+    daemons.start("router", "router", url=router)
+    daemons.running["a"].kill()
+    daemons.running["a"].wait(timeout=10)
+    # Registered after a died, so the router can only learn of it from b.
+    assert httpx.post(f"{b}/register", json=agent).status_code == 200
+    wanted = "capability:planning"
+    deadline = time.monotonic() + 10
+    while wanted not in [m["id"] for m in httpx.get(f"{router}/v1/models").json()["data"]]:
+        assert time.monotonic() < deadline, daemons.log("router")
+        time.sleep(0.1)
+    assert httpx.get(f"{router}/health").json()["status"] == "healthy"

@@ -77,17 +77,15 @@ class Failover:
             try:
                 response = await client.request(method, url, **kwargs)
             except httpx.TransportError as exc:
-                failure, problem = exc, str(exc) or type(exc).__name__
+                failure, problem = exc, f"is unreachable ({str(exc) or type(exc).__name__})"
             else:
                 if response.status_code < 500:
                     self.current = (first + step) % count
                     return response
-                answered, problem = response, f"{response.status_code}"
+                answered, problem = response, f"answered {response.status_code}"
             if step < count - 1:
                 following = self.clients[(first + step + 1) % count].base_url
-                log.warning(
-                    "%s did not answer (%s): trying %s", client.base_url, problem, following
-                )
+                log.warning("%s %s: trying %s", client.base_url, problem, following)
         self.current = (first + 1) % count
         if answered is not None:
             return answered
