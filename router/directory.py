@@ -35,7 +35,7 @@ class Directory:
         clock: Callable[[], float],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self.http = http
+        self.http = http if isinstance(http, Failover) else Failover([http])
         self.interval = interval
         self.clock = clock
         self.sleep = sleep
@@ -50,7 +50,7 @@ class Directory:
         try:
             agents = await read_agents(self.http, most=MAX_AGENTS, status="passing")
         except (httpx.HTTPError, ValidationError) as exc:
-            self.error = f"the registry at {self.http.base_url} cannot be read: {exc}"
+            self.error = f"no registry ({self.http.peers}) can be read: {exc}"
             log.warning("%s", self.error)
             return
         self.agents, self.read_at, self.error = agents, self.clock(), None

@@ -330,6 +330,12 @@ async def test_the_directory_reads_whichever_replica_answers(replicas, wrapper_r
     assert directory.error is None
     assert [record.agent_id for record in directory.agents] == [agent["agent_id"]]
     assert found["b"].asked == ["GET /agents"]
+    for replica in found.values():
+        replica.state = "down"
+    await directory.refresh()  # none answers: the last snapshot stays, the error names all
+    assert [record.agent_id for record in directory.agents] == [agent["agent_id"]]
+    assert directory.error is not None
+    assert all(f"registry-{name}.test" in directory.error for name in "abc")
 
 
 # --- real processes: two registries on one PostgreSQL, a wrapper on both ------------------

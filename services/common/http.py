@@ -68,6 +68,11 @@ class Failover:
         """The peer requests go to first."""
         return self.clients[self.current].base_url
 
+    @property
+    def peers(self) -> str:
+        """Every peer's URL, in the order tried, for messages."""
+        return ", ".join(str(client.base_url) for client in self.clients)
+
     async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         first, count = self.current, len(self.clients)
         failure: httpx.TransportError | None = None
