@@ -23,6 +23,7 @@ from router.settings import RouterSettings
 from schemas.config import SwarmSettings
 from schemas.usage import UsageRecord
 from services.common.backoff import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS
+from services.common.http import Failover
 from services.wrapper.__main__ import main
 from services.wrapper.registration import RECOVERY_SECONDS
 from services.wrapper.settings import WrapperSettings
@@ -569,6 +570,29 @@ async def router_app(registry_http, tmp_path):
         yield app
 
 
+@pytest.fixture
+async def router_replicas(router_app, registry_http, tmp_path):
+    """Two routers on one usage store, each behind an ``Outage`` (up)."""
+    settings = RouterSettings(
+        registry_url="http://registry.test", database_url=f"sqlite:///{tmp_path / 'usage.db'}"
+    )
+    second = create_router_app(settings, registry_client=registry_http)
+    async with second.router.lifespan_context(second):
+        outages = [Outage(router_app), Outage(second)]
+        for outage in outages:
+            outage.down = False
+        yield outages
+
+
+async def calls_stored(router) -> int:
+    """The calls in the usage store, as ``router`` answers."""
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=router), base_url="http://router.test"
+    ) as client:
+        summary = await client.get("/api/usage/summary", params={"window": "1h"})
+    return summary.json()["calls"]
+
+
 async def test_every_model_call_is_reported_to_the_router_and_survives_its_outage(
     start_wrapper, backend, router_app
 ):
@@ -640,3 +664,68 @@ def test_the_usage_buffer_keeps_the_newest_when_full():
         reporter.add(usage_record(n))
     assert [r.record_id for r in reporter.pending.records] == ["r2", "r3", "r4"]
     assert reporter.pending.dropped == 2
+
+
+async def test_usage_goes_to_whichever_router_answers_and_none_is_lost(
+    start_wrapper, backend, router_replicas
+):
+    a, b = router_replicas
+    clients = [
+        httpx.AsyncClient(transport=outage, base_url=f"http://router-{name}.test")
+        for name, outage in zip("ab", router_replicas, strict=True)
+    ]
+    settings = make_settings(
+        usage_url="http://router-a.test",
+        usage_urls=["http://router-a.test", "http://router-b.test"],
+    )
+    wrapper = await start_wrapper(settings, usage_client=Failover(clients))
+    reporter = wrapper.app.state.usage
+    backend.post("/api/chat").respond(json=read("chat_response.json"))
+
+    async def call() -> None:
+        await wrapper.ollama.chat(MODEL, [{"role": "user", "content": "hi"}])
+
+    a.down = True  # the first router refuses connections: the batch goes to the second
+    await call()
+    assert await reporter.flush()
+    assert (len(reporter.pending), a.refused) == (0, 1)
+    assert await calls_stored(b.inner.app) == 1
+
+    b.down = True  # both down: the record waits
+    await call()
+    assert not await reporter.flush()
+    assert len(reporter.pending) == 1
+    a.down = False  # one back: it takes what waited
+    assert await reporter.flush()
+    assert await reporter.flush()  # nothing left, nothing sent twice
+    assert len(reporter.pending) == 0
+    assert await calls_stored(a.inner.app) == 2  # the one store, whichever router answers
+    for client in clients:
+        await client.aclose()
+
+
+def test_a_wrapper_reports_usage_to_the_profiles_router_replicas():
+    def profile(**router) -> SwarmSettings:
+        return SwarmSettings(
+            backends={"gemma3": {"kind": "embedded", "port": 11435, "model": "gemma3:270m"}},
+            wrappers={
+                "classifier": {
+                    "agent_id": "llm_gemma3_270m",
+                    "name": "classifier",
+                    "port": 8051,
+                    "model": "gemma3:270m",
+                    "backend": "gemma3",
+                    "capabilities": ["classification"],
+                    "role": "classifier",
+                }
+            },
+            router=router,
+        )
+
+    fleet = WrapperSettings.from_swarm(
+        profile(urls=["http://10.0.0.2:6103", "http://10.0.0.3:6103/"]), "classifier"
+    )
+    assert fleet.routers == ["http://10.0.0.2:6103", "http://10.0.0.3:6103"]
+    assert fleet.usage_url == "http://10.0.0.2:6103"
+    alone = profile()
+    assert WrapperSettings.from_swarm(alone, "classifier").routers == [alone.router_url]

@@ -17,7 +17,6 @@ from schemas.agents import AgentDefinition, Heartbeat
 from services.common.http import (
     Failover,
     install_plumbing,
-    peer_client,
     peer_failover,
     serve_lean,
 )
@@ -48,7 +47,7 @@ def create_app(
     *,
     backend: ollama.AsyncClient | AiohttpClient | None = None,
     registry_client: httpx.AsyncClient | Failover | None = None,
-    usage_client: httpx.AsyncClient | None = None,
+    usage_client: httpx.AsyncClient | Failover | None = None,
     clock: Callable[[], float] = time.perf_counter,
     sleep: Sleep = asyncio.sleep,
     random: Callable[[], float] = random_module.random,
@@ -56,10 +55,11 @@ def create_app(
     """The wrapper for one profile entry.
 
     ``backend`` (the official ollama client, or an ``AiohttpClient`` on an openai
-    backend's /v1), ``registry_client`` and ``usage_client`` (to the router, where usage is
-    reported when ``settings.usage_url`` is set) are used as given (and left open) when
-    passed; otherwise the lifespan creates and closes them. ``clock`` times calls and
-    uptime; ``sleep`` and ``random`` drive the registration and reporting backoff.
+    backend's /v1), ``registry_client`` and ``usage_client`` (to the routers, where usage is
+    reported when ``settings.usage_url`` is set; a client or a ``Failover`` over several)
+    are used as given (and left open) when passed; otherwise the lifespan creates and
+    closes them. ``clock`` times calls and uptime; ``sleep`` and ``random`` drive the
+    registration and reporting backoff.
     """
 
     @contextlib.asynccontextmanager
@@ -67,8 +67,8 @@ def create_app(
         async with contextlib.AsyncExitStack() as owned:
             http = peer_failover(registry_client, settings.registries, owned)
             reporter = None
-            if settings.usage_url is not None:
-                to_router = peer_client(usage_client, settings.usage_url, owned)
+            if settings.routers:
+                to_router = peer_failover(usage_client, settings.routers, owned)
                 reporter = UsageReporter(
                     to_router, token=settings.registry_token, sleep=sleep, random=random
                 )

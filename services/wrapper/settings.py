@@ -33,6 +33,11 @@ class WrapperSettings(WrapperConfig):
         "None: registry_url alone.",
     )
     usage_url: str | None = None  # the router, where model calls are reported; None: not
+    usage_urls: list[str] | None = Field(
+        default=None,
+        description="The router replicas on one usage store, tried in order (profile "
+        "router.urls); None: usage_url alone.",
+    )
     registry_token: SecretStr | None = None
     endpoint: str
     replica: int = Field(default=1, ge=1, description="Which of the entry's replicas this is.")
@@ -54,6 +59,13 @@ class WrapperSettings(WrapperConfig):
     def registries(self) -> list[str]:
         """The registries to register with, first tried first."""
         return self.registry_urls or [self.registry_url]
+
+    @property
+    def routers(self) -> list[str]:
+        """The routers usage is reported to, first tried first; empty when not reported."""
+        if self.usage_url is None:
+            return []
+        return self.usage_urls or [self.usage_url]
 
     @cached_property
     def tmd_taxonomy(self) -> Taxonomy | None:
@@ -78,6 +90,9 @@ class WrapperSettings(WrapperConfig):
         given = {k: v for k, v in overrides.items() if v is not None}
         backend = swarm.backends.get(config.backend)
         openai = backend is not None and backend.kind == "openai"
+        # A wrapper in front of another wrapper (the TLC classifier) makes no model call
+        # of its own: the one behind it reports the call, once.
+        chained = config.backend in swarm.wrappers
         host = given.get("host") or config.host or swarm.host
         port = given.get("port") or config.port + replica - 1
         values = config.model_dump() | {
@@ -95,9 +110,8 @@ class WrapperSettings(WrapperConfig):
             else None,
             "registry_url": swarm.registry_urls[0],
             "registry_urls": swarm.registry_urls,
-            # A wrapper in front of another wrapper (the TLC classifier) makes no model call
-            # of its own: the one behind it reports the call, once.
-            "usage_url": None if config.backend in swarm.wrappers else swarm.router_url,
+            "usage_url": None if chained else swarm.router_urls[0],
+            "usage_urls": None if chained else swarm.router_urls,
             "registry_token": swarm.registry_token,
             # What routers on other hosts call: never the any-address it may bind.
             "endpoint": swarm.local_url(config.advertise or host, port),

@@ -1,9 +1,10 @@
 """The wrapper's model calls, reported to the router's ``POST /usage`` in batches.
 
-Records wait in a bounded buffer until the router acknowledges them: a router that is
+Records wait in a bounded buffer until a router acknowledges them: a router that is
 down or restarting loses nothing of what the wrapper saw, within the bound (beyond it the
-oldest go first, counted in the log). A resent batch is harmless: every record has its
-own id, and the router stores each once.
+oldest go first, counted in the log). With router replicas on one usage store, a batch
+goes to whichever answers (a ``Failover`` over them). A resent batch is harmless: every
+record has its own id, and the usage store keeps each once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydantic import SecretStr
 
 from schemas.usage import MAX_BATCH, REFUSALS_LOGGED, UsageBatch, UsageRecord
 from services.common.backoff import backoff_delay
+from services.common.http import Failover
 from services.common.pending import Pending
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ FLUSH_INTERVAL_SECONDS = 2.0
 class UsageReporter:
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: httpx.AsyncClient | Failover,
         *,
         token: SecretStr | None = None,
         interval: float = FLUSH_INTERVAL_SECONDS,
@@ -49,7 +51,7 @@ class UsageReporter:
         self.pending.add(record)
 
     async def flush(self) -> bool:
-        """Send what is pending, a batch at a time; False when the router failed."""
+        """Send what is pending, a batch at a time; False when no router took it."""
         try:
             await self.pending.deliver(self._send, MAX_BATCH)
         except httpx.HTTPError as exc:
