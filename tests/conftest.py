@@ -10,10 +10,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +126,25 @@ def database_url(request, tmp_path) -> Iterator[str]:
     engine = create_engine(url)
     AgentRow.metadata.drop_all(engine, tables=TABLES)
     engine.dispose()
+
+
+@pytest.fixture
+def fresh_database(postgres_server) -> Iterator[str]:
+    """A database of its own on the suite's PostgreSQL (for processes that share one), dropped
+    afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(postgres_server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 # --- the registry ----------------------------------------------------------------------
@@ -258,6 +280,75 @@ class Daemons:
                 process.kill()
             process.wait(timeout=10)
         self.running.clear()
+
+
+class FakeOllama(BaseHTTPRequestHandler):
+    """An Ollama serving one model: its metadata (enough for a wrapper to pass its checks)
+    and a recorded answer to every chat, after ``latency`` seconds."""
+
+    model = "smollm2:135m"
+    latency = 0.0
+
+    def do_GET(self) -> None:
+        if self.path == "/api/tags":
+            listing = json.loads((DATA / "ollama" / "tags.json").read_text())
+            entry = listing["models"][0] | {"name": self.model, "model": self.model}
+            self._answer({"models": [entry]})
+        elif self.path == "/api/version":
+            self._answer(json.loads((DATA / "ollama" / "version.json").read_text()))
+        elif self.path == "/api/ps":
+            self._answer({"models": []})
+        else:
+            self._answer({"error": "not found"}, 404)
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+        if self.path == "/api/show":
+            self._answer(json.loads((DATA / "ollama" / "show.json").read_text()))
+        elif self.path == "/api/chat" and body.get("stream", True):
+            time.sleep(self.latency)
+            lines = (DATA / "ollama" / "chat_stream.ndjson").read_text().splitlines()
+            chunks = [json.loads(line) | {"model": self.model} for line in lines if line]
+            self._send("\n".join(json.dumps(chunk) for chunk in chunks) + "\n", "x-ndjson")
+        elif self.path == "/api/chat":
+            time.sleep(self.latency)
+            answer = json.loads((DATA / "ollama" / "chat_response.json").read_text())
+            self._answer(answer | {"model": self.model})
+        else:
+            self._answer({"error": "not served here"}, 404)
+
+    def _answer(self, body: dict, status: int = 200) -> None:
+        self._send(json.dumps(body), "json", status)
+
+    def _send(self, text: str, kind: str, status: int = 200) -> None:
+        data = text.encode()
+        self.send_response(status)
+        self.send_header("content-type", f"application/{kind}")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def fake_ollama_at(host: str = "127.0.0.1", *, latency: float = 0.0) -> Iterator[int]:
+    """A FakeOllama on ``host`` (a free port, yielded) whose chats take ``latency`` s."""
+    handler = type("FakeOllamaAt", (FakeOllama,), {"latency": latency})
+    server = ThreadingHTTPServer((host, 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def fake_ollama() -> Iterator[int]:
+    with fake_ollama_at() as port:
+        yield port
 
 
 def reasoner_swarm(directory: Path, *extra: str, **env: str) -> Daemons:

@@ -15,102 +15,26 @@ import contextlib
 import json
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine, select
 
 from router.usage import T as USAGE
-from tests.conftest import DATA, Daemons, free_port
+from tests.conftest import Daemons, fake_ollama_at, free_port
 
 TOKEN = "fleet-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CONTROLS = (CONTROL_A, CONTROL_B) = ("127.0.0.2", "127.0.0.3")
 NODES = ("127.0.0.3", "127.0.0.4")
 TTL = 3.0  # seconds: short, so that a gap in a wrapper's heartbeats would show
+# Seconds each chat takes: long enough that a router killed under load has calls in flight.
+LATENCY = 0.05
 CHAT = {"model": "capability:reasoning", "messages": [{"role": "user", "content": "Hi"}]}
 
 pytestmark = [pytest.mark.process, pytest.mark.postgres]
-
-
-class FakeOllama(BaseHTTPRequestHandler):
-    """An Ollama with one model: its metadata, and a recorded answer to every chat."""
-
-    model = "smollm2:135m"
-    latency = 0.05  # seconds a chat takes: long enough that a killed router has calls in flight
-
-    def do_GET(self) -> None:
-        if self.path == "/api/tags":
-            listing = json.loads((DATA / "ollama" / "tags.json").read_text())
-            entry = listing["models"][0] | {"name": self.model, "model": self.model}
-            self._answer({"models": [entry]})
-        elif self.path == "/api/version":
-            self._answer(json.loads((DATA / "ollama" / "version.json").read_text()))
-        elif self.path == "/api/ps":
-            self._answer({"models": []})
-        else:
-            self._answer({"error": "not found"}, 404)
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
-        if self.path == "/api/show":
-            self._answer(json.loads((DATA / "ollama" / "show.json").read_text()))
-        elif self.path == "/api/chat" and body.get("stream", True):
-            time.sleep(self.latency)
-            lines = (DATA / "ollama" / "chat_stream.ndjson").read_text().splitlines()
-            chunks = [json.loads(line) | {"model": self.model} for line in lines if line]
-            self._send("\n".join(json.dumps(chunk) for chunk in chunks) + "\n", "x-ndjson")
-        elif self.path == "/api/chat":
-            time.sleep(self.latency)
-            answer = json.loads((DATA / "ollama" / "chat_response.json").read_text())
-            self._answer(answer | {"model": self.model})
-        else:
-            self._answer({"error": "not served here"}, 404)
-
-    def _answer(self, body: dict, status: int = 200) -> None:
-        self._send(json.dumps(body), "json", status)
-
-    def _send(self, text: str, kind: str, status: int = 200) -> None:
-        data = text.encode()
-        self.send_response(status)
-        self.send_header("content-type", f"application/{kind}")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def fake_ollama(host: str) -> Iterator[int]:
-    server = ThreadingHTTPServer((host, 0), FakeOllama)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@pytest.fixture
-def fleet_database(postgres_server) -> Iterator[str]:
-    """A database of the fleet's own on the suite's PostgreSQL, dropped afterwards."""
-    name = f"fleet_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(postgres_server).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @dataclass
@@ -123,12 +47,12 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(fleet_database, tmp_path) -> Iterator[Fleet]:
+def fleet(fresh_database, tmp_path) -> Iterator[Fleet]:
     ports = {name: free_port() for name in ("registry", "router")}
     registries = [f"http://{host}:{ports['registry']}" for host in CONTROLS]
     routers = [f"http://{host}:{ports['router']}" for host in CONTROLS]
     profile = {
-        "SWARM_DATABASE_URL": fleet_database,
+        "SWARM_DATABASE_URL": fresh_database,
         "SWARM_REGISTRY_TOKEN": TOKEN,
         "SWARM_REGISTRY__URLS": json.dumps(registries),
         "SWARM_REGISTRY__TTL_SECONDS": str(TTL),
@@ -153,7 +77,10 @@ def fleet(fleet_database, tmp_path) -> Iterator[Fleet]:
                 argv = ("--host", address, "--port", str(ports["router"]))
                 hosts[name].start("router", "router", *argv, url=router)
             for node, agent_id in zip(NODES, agents, strict=True):
-                backend, port = stack.enter_context(fake_ollama(node)), free_port()
+                backend, port = (
+                    stack.enter_context(fake_ollama_at(node, latency=LATENCY)),
+                    free_port(),
+                )
                 hosts[node] = host(
                     node,
                     SWARM_BACKENDS__SMOLLM2__HOST=node,
@@ -164,7 +91,7 @@ def fleet(fleet_database, tmp_path) -> Iterator[Fleet]:
                     SWARM_WRAPPERS__REASONER__HEARTBEAT_INTERVAL_SECONDS=str(TTL / 6),
                 )
                 hosts[node].start("reasoner", "services", "reasoner", url=f"http://{node}:{port}")
-            yield Fleet(registries, routers, agents, hosts, fleet_database)
+            yield Fleet(registries, routers, agents, hosts, fresh_database)
         finally:
             for daemons in hosts.values():
                 daemons.kill_all()

@@ -7,15 +7,12 @@ import itertools
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import make_url
 
 from registry.clock import DatabaseClock, registry_clock
 from registry.store import AgentStore
@@ -24,7 +21,7 @@ from schemas.agents import AgentDefinition, DiscoverRequest, Heartbeat
 from schemas.config import load_settings
 from services.common.http import Failover
 from services.wrapper.registration import Registrar
-from tests.conftest import DATA, Daemons, FakeClock, free_port
+from tests.conftest import Daemons, FakeClock, free_port
 
 TTL, GRACE = 30.0, 300.0
 
@@ -344,28 +341,13 @@ PROCESS_TTL = 3.0  # seconds: short, so that a gap in the heartbeats would show
 
 
 @pytest.fixture
-def replica_database(postgres_server) -> Iterator[str]:
-    """A database of its own on the suite's PostgreSQL, dropped afterwards."""
-    name = f"replicas_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(postgres_server).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@pytest.fixture
-def two_registries(replica_database, tmp_path) -> Iterator[tuple[Daemons, list[str]]]:
+def two_registries(fresh_database, tmp_path) -> Iterator[tuple[Daemons, list[str]]]:
     """Registries a and b as processes on one database; their URLs in that order."""
     ports = [free_port(), free_port()]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     daemons = Daemons(
         tmp_path,
-        SWARM_DATABASE_URL=replica_database,
+        SWARM_DATABASE_URL=fresh_database,
         SWARM_REGISTRY__TTL_SECONDS=str(PROCESS_TTL),
         SWARM_REGISTRY__URLS=json.dumps(urls),
     )
@@ -393,53 +375,6 @@ def test_what_one_registry_is_told_the_other_answers(two_registries, agent):
         time.sleep(PROCESS_TTL / 6)
     record = httpx.get(f"{a}/agents/{agent['agent_id']}").json()
     assert record["status"] == "passing"
-
-
-class FakeOllama(BaseHTTPRequestHandler):
-    """An Ollama serving one model's metadata: enough for a wrapper to pass its checks."""
-
-    model = "smollm2:135m"
-
-    def do_GET(self) -> None:
-        if self.path == "/api/tags":
-            listing = json.loads((DATA / "ollama" / "tags.json").read_text())
-            entry = listing["models"][0] | {"name": self.model, "model": self.model}
-            self._answer({"models": [entry]})
-        elif self.path == "/api/version":
-            self._answer(json.loads((DATA / "ollama" / "version.json").read_text()))
-        elif self.path == "/api/ps":
-            self._answer({"models": []})
-        else:
-            self._answer({"error": "not found"}, 404)
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        if self.path == "/api/show":
-            self._answer(json.loads((DATA / "ollama" / "show.json").read_text()))
-        else:
-            self._answer({"error": "not served here"}, 404)
-
-    def _answer(self, body: dict, status: int = 200) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-@pytest.fixture
-def fake_ollama() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.process
