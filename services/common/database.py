@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,19 @@ from sqlalchemy.engine import make_url
 
 Runner = Callable[..., Awaitable[Any]]
 
+# asyncio.to_thread's executor (ThreadPoolExecutor's default size), where db_runner sends a
+# network database's calls: as many can hold a connection at once.
+WORKER_THREADS = min(32, (os.cpu_count() or 1) + 4)
+
 
 def create_db_engine(url: str) -> Engine:
     parsed = make_url(url)
     # pydantic-core parses the JSON columns several times faster than the json module.
     options: dict[str, Any] = {"json_deserializer": pydantic_core.from_json}
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, **options)
+        # A pool smaller than the worker threads opens an overflow connection, and closes it
+        # on return, whenever they are all busy: a new server process per burst.
+        return create_engine(url, pool_pre_ping=True, pool_size=WORKER_THREADS, **options)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 5}, **options)
