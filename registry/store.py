@@ -50,7 +50,7 @@ from schemas.agents import (
     HeartbeatAck,
     definition_fingerprint,
 )
-from services.common.database import Runner
+from services.common.database import Runner, schema_turn
 from services.common.errors import NotFound
 
 log = logging.getLogger(__name__)
@@ -173,9 +173,7 @@ class AgentStore:
         Replicas starting at once on one PostgreSQL take turns (an advisory lock held to the
         commit; PostgreSQL's DDL is transactional): one creates, the others find the tables.
         """
-        with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
+        with schema_turn(self.engine, SCHEMA_LOCK) as conn:
             found = inspect(conn)
             for table in TABLES:
                 if found.has_table(table.name) and _shape(found, table.name) != _shape(table):

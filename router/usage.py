@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from sqlalchemy import (
     Boolean,
     Column,
+    Connection,
     Engine,
     Float,
     Index,
@@ -40,12 +41,15 @@ from schemas.usage import (
     UsageSummary,
     UsageTimeseries,
 )
+from services.common.database import schema_turn
 from services.common.pending import Pending
 
 log = logging.getLogger(__name__)
 
 MAX_LATENCIES = 100_000  # rows read for the percentiles and histograms of one by-agent answer
 PRUNE_EVERY_SECONDS = 3_600
+# The key of the PostgreSQL advisory lock router replicas take to create the ledger in turn.
+SCHEMA_LOCK = 0x5377_6172_6D4C_6467  # "SwarmLdg"
 # Dollars to the nano-dollar: a short text embedded at $0.00002 per 1k tokens costs
 # $0.0000004, which six decimals would show as nothing.
 MONEY_DECIMALS = 9
@@ -112,8 +116,9 @@ class UsageStore:
         self.clock = clock
         self.reference_price_per_1k = reference_price_per_1k
         self.reference_embedding_price_per_1k = reference_embedding_price_per_1k
-        METADATA.create_all(engine)
-        add_missing_columns(engine, T)
+        with schema_turn(engine, SCHEMA_LOCK) as conn:
+            METADATA.create_all(conn)
+            add_missing_columns(conn, T)
         self._insert = _insert_or_ignore(engine.dialect.name)
 
     def add(self, records: Sequence[UsageRecord]) -> int:
@@ -346,23 +351,22 @@ class UsageLog:
             await self.flush()
 
 
-def add_missing_columns(engine: Engine, table: Table) -> list[str]:
+def add_missing_columns(conn: Connection, table: Table) -> list[str]:
     """Add the nullable columns ``table`` has and the database's table lacks (made by an
     older router): ``create_all`` makes missing tables only, and a ledger is never
     dropped to be made again. ``ALTER TABLE ... ADD COLUMN``, as SQLite and PostgreSQL
     both have it. Returns the names added."""
-    present = {column["name"] for column in inspect(engine).get_columns(table.name)}
+    present = {column["name"] for column in inspect(conn).get_columns(table.name)}
     missing = [column for column in table.columns if column.name not in present]
-    quote = engine.dialect.identifier_preparer.quote
-    with engine.begin() as conn:
-        for column in missing:
-            if not column.nullable:  # a row already stored would have no value for it
-                raise RuntimeError(f"the {table.name} table lacks the column {column.name}")
-            kind = column.type.compile(dialect=engine.dialect)
-            conn.execute(
-                text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
-            )
-            log.info("the %s table had no column %s: added", table.name, column.name)
+    quote = conn.dialect.identifier_preparer.quote
+    for column in missing:
+        if not column.nullable:  # a row already stored would have no value for it
+            raise RuntimeError(f"the {table.name} table lacks the column {column.name}")
+        kind = column.type.compile(dialect=conn.dialect)
+        conn.execute(
+            text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
+        )
+        log.info("the %s table had no column %s: added", table.name, column.name)
     return [column.name for column in missing]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from datetime import UTC, datetime
 
 import httpx
@@ -840,6 +841,33 @@ async def test_local_first_then_the_cloud_when_the_local_agent_fails(
     assert fell_back.headers["X-Routed-To"] == "openai"
 
 
+@pytest.mark.postgres
+def test_routers_starting_at_once_on_one_postgresql_create_the_ledger_once(fresh_database):
+    # Without their turns, two CREATE TABLEs at once: one fails on PostgreSQL's duplicate key.
+    engines = [create_db_engine(fresh_database) for _ in range(3)]
+    failures: list[BaseException] = []
+    start = threading.Barrier(len(engines))
+
+    def open_ledger(engine) -> None:
+        start.wait()
+        try:
+            UsageStore(engine, clock=FakeClock(NOW.timestamp()), reference_price_per_1k=0.0)
+        except BaseException as exc:  # reported by the assertion below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=open_ledger, args=(engine,)) for engine in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    try:
+        assert failures == []
+        assert set(inspect(engines[0]).get_table_names()) >= {"usage"}
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
 def test_the_usage_store_is_the_same_on_sqlite_and_postgresql(database_url):
     engine = create_db_engine(database_url)
     try:
@@ -1291,7 +1319,8 @@ def test_a_usage_table_made_before_spills_gets_their_columns_and_keeps_its_rows(
         )
         assert store.add([spilled]) == 1
         assert store.summary(3_600).spills == 1
-        assert add_missing_columns(engine, T) == []  # a second start adds nothing
+        with engine.begin() as conn:
+            assert add_missing_columns(conn, T) == []  # a second start adds nothing
     finally:
         METADATA.drop_all(engine)
         engine.dispose()

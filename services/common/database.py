@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pydantic_core
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
 
 Runner = Callable[..., Awaitable[Any]]
@@ -59,3 +60,15 @@ def db_runner(engine: Engine) -> Runner:
 
         return run_inline
     return asyncio.to_thread
+
+
+@contextlib.contextmanager
+def schema_turn(engine: Engine, key: int) -> Iterator[Connection]:
+    """A transaction in which this process alone creates or changes the tables ``key``
+    names: replicas starting at once on one PostgreSQL take turns (an advisory lock held to
+    the commit; PostgreSQL's DDL is transactional), so one creates and the others find the
+    tables, where two would both create them and one fail on a duplicate key."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(key)))
+        yield conn
