@@ -161,12 +161,19 @@ def wait_healthy(
     dying (since byte ``since`` of supervisord's log; default: from now) and how, or that
     did not come up in time, with the last lines of its log."""
     since = log_size(settings) if since is None else since
-    pending = daemons(settings, part=part)
+    wanted = daemons(settings, part=part)
+    pending = wanted
     deadline = time.monotonic() + timeout
-    while pending:
+    while True:
         pending = [daemon for daemon in pending if not _health(daemon.health_url)[0]]
         if not pending:
-            return
+            # supervisord says RUNNING only startsecs after a start: until then `status`
+            # would call a daemon that answers STARTING (within the deadline: health is
+            # what counts).
+            if time.monotonic() > deadline or not _starting(settings, wanted):
+                return
+            time.sleep(0.25)
+            continue
         exits = unexpected_exits(settings, since=since)
         for daemon in pending:
             if len(died := exits.get(daemon.name, ())) >= DEATHS_BEFORE_GIVING_UP:
@@ -174,6 +181,12 @@ def wait_healthy(
         if time.monotonic() > deadline:
             raise SwarmError(_not_healthy(settings, daemon=pending[0], timeout=timeout))
         time.sleep(0.25)
+
+
+def _starting(settings: SwarmSettings, wanted: list[Daemon]) -> bool:
+    supervisor = Supervisor(settings)
+    processes = supervisor.processes() if supervisor.running() else {}
+    return any(processes.get(d.name, {}).get("statename") == "STARTING" for d in wanted)
 
 
 REBUILD = "rebuild it for this CPU with .venv/bin/python scripts/engine.py check --rebuild"
