@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -508,6 +508,27 @@ async def post_and_leave(app: Any, path: str, body: dict, spec_version: str) -> 
 
 
 # --- wrappers (only the Ollama backend is mocked) ---------------------------------------
+
+
+def failures_at_once(calls: Sequence[Callable[[], object]]) -> list[BaseException]:
+    """Run ``calls`` in threads let go together (replicas starting at once); return what
+    they raised."""
+    failures: list[BaseException] = []
+    start = threading.Barrier(len(calls))
+
+    def run(call: Callable[[], object]) -> None:
+        start.wait()
+        try:
+            call()
+        except BaseException as exc:  # the caller asserts there are none
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return failures
 
 
 def data(name: str) -> Any:

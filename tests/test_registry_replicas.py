@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -21,7 +20,7 @@ from schemas.agents import AgentDefinition, DiscoverRequest, Heartbeat
 from schemas.config import load_settings
 from services.common.http import Failover
 from services.wrapper.registration import Registrar
-from tests.conftest import Daemons, FakeClock, free_port
+from tests.conftest import Daemons, FakeClock, failures_at_once, free_port
 
 TTL, GRACE = 30.0, 300.0
 
@@ -176,19 +175,7 @@ def test_replicas_starting_at_once_create_the_tables_once(postgres_server):
     stores = [AgentStore(e, FakeClock(), default_ttl=TTL, reap_after=GRACE) for e in engines]
     with engines[0].begin() as conn:
         conn.execute(text("DROP TABLE IF EXISTS agent_capabilities, agents"))
-    failures: list[BaseException] = []
-
-    def create(store: AgentStore) -> None:
-        try:
-            store.create_tables()
-        except BaseException as exc:  # reported by the assertion below
-            failures.append(exc)
-
-    threads = [threading.Thread(target=create, args=(store,)) for store in stores]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    failures = failures_at_once([store.create_tables for store in stores])
     try:
         assert failures == []
         assert stores[1].count() == 0

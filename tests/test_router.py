@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from datetime import UTC, datetime
+from functools import partial
 
 import httpx
 import pytest
@@ -36,6 +36,7 @@ from tests.conftest import (
     FakeClock,
     call_record,
     data,
+    failures_at_once,
     free_port,
     post_and_leave,
 )
@@ -845,21 +846,10 @@ async def test_local_first_then_the_cloud_when_the_local_agent_fails(
 def test_routers_starting_at_once_on_one_postgresql_create_the_ledger_once(fresh_database):
     # Without their turns, two CREATE TABLEs at once: one fails on PostgreSQL's duplicate key.
     engines = [create_db_engine(fresh_database) for _ in range(3)]
-    failures: list[BaseException] = []
-    start = threading.Barrier(len(engines))
-
-    def open_ledger(engine) -> None:
-        start.wait()
-        try:
-            UsageStore(engine, clock=FakeClock(NOW.timestamp()), reference_price_per_1k=0.0)
-        except BaseException as exc:  # reported by the assertion below
-            failures.append(exc)
-
-    threads = [threading.Thread(target=open_ledger, args=(engine,)) for engine in engines]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    clock = FakeClock(NOW.timestamp())
+    failures = failures_at_once(
+        [partial(UsageStore, engine, clock=clock, reference_price_per_1k=0.0) for engine in engines]
+    )
     try:
         assert failures == []
         assert set(inspect(engines[0]).get_table_names()) >= {"usage"}
