@@ -402,19 +402,24 @@ async def test_without_the_token_a_secured_registry_refuses_and_it_keeps_trying(
 # --- start-up ------------------------------------------------------------------------------
 
 
+# A profile's gemma3 host and the classifier wrapper on it, for the settings' tests.
+GEMMA_BACKEND = {"gemma3": {"kind": "embedded", "port": 11435, "model": "gemma3:270m"}}
+GEMMA_CLASSIFIER = {
+    "agent_id": "llm_gemma3_270m",
+    "name": "classifier",
+    "port": 8051,
+    "model": "gemma3:270m",
+    "backend": "gemma3",
+    "capabilities": ["classification"],
+    "role": "classifier",
+}
+
+
 def test_settings_resolve_from_the_profile_for_chained_wrappers():
     swarm = SwarmSettings(
-        backends={"gemma3": {"kind": "embedded", "port": 11435, "model": "gemma3:270m"}},
+        backends=GEMMA_BACKEND,
         wrappers={
-            "classifier": {
-                "agent_id": "llm_gemma3_270m",
-                "name": "classifier",
-                "port": 8051,
-                "model": "gemma3:270m",
-                "backend": "gemma3",
-                "capabilities": ["classification"],
-                "role": "classifier",
-            },
+            "classifier": GEMMA_CLASSIFIER,
             "tlc": {
                 "agent_id": "tlc_domain_classifier",
                 "name": "TLC",
@@ -707,19 +712,7 @@ async def test_usage_goes_to_whichever_router_answers_and_none_is_lost(
 def test_a_wrapper_reports_usage_to_the_profiles_router_replicas():
     def profile(**router) -> SwarmSettings:
         return SwarmSettings(
-            backends={"gemma3": {"kind": "embedded", "port": 11435, "model": "gemma3:270m"}},
-            wrappers={
-                "classifier": {
-                    "agent_id": "llm_gemma3_270m",
-                    "name": "classifier",
-                    "port": 8051,
-                    "model": "gemma3:270m",
-                    "backend": "gemma3",
-                    "capabilities": ["classification"],
-                    "role": "classifier",
-                }
-            },
-            router=router,
+            backends=GEMMA_BACKEND, wrappers={"classifier": GEMMA_CLASSIFIER}, router=router
         )
 
     fleet = WrapperSettings.from_swarm(
