@@ -333,9 +333,8 @@ class FakeOllama(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def fake_ollama_at(host: str = "127.0.0.1", *, latency: float = 0.0) -> Iterator[int]:
-    """A FakeOllama on ``host`` (a free port, yielded) whose chats take ``latency`` s."""
-    handler = type("FakeOllamaAt", (FakeOllama,), {"latency": latency})
+def serving(handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1") -> Iterator[int]:
+    """A real HTTP server of ``handler`` on ``host`` (a free port, yielded), in a thread."""
     server = ThreadingHTTPServer((host, 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -343,6 +342,13 @@ def fake_ollama_at(host: str = "127.0.0.1", *, latency: float = 0.0) -> Iterator
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def fake_ollama_at(host: str = "127.0.0.1", *, latency: float = 0.0) -> Iterator[int]:
+    """A FakeOllama on ``host`` (a free port, yielded) whose chats take ``latency`` s."""
+    with serving(type("FakeOllamaAt", (FakeOllama,), {"latency": latency}), host) as port:
+        yield port
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
@@ -37,6 +37,7 @@ from tests.conftest import (
     make_settings,
     process_env,
     read,
+    serving,
     wait_healthy,
 )
 
@@ -517,16 +518,22 @@ class _Backend(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.fixture
+def backend_port() -> Iterator[int]:
+    with serving(_Backend) as port:
+        yield port
+
+
 @pytest.mark.process
-def test_the_process_registers_serves_and_deregisters_on_sigterm(tmp_path, start_registry_process):
-    backend = ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
+def test_the_process_registers_serves_and_deregisters_on_sigterm(
+    tmp_path, start_registry_process, backend_port
+):
     ports = {"registry": free_port(), "wrapper": free_port()}
     _, registry = start_registry_process(ports["registry"])
     env = process_env(
         tmp_path,
         SWARM_REGISTRY__PORT=str(ports["registry"]),
-        SWARM_BACKENDS__SMOLLM2__PORT=str(backend.server_address[1]),
+        SWARM_BACKENDS__SMOLLM2__PORT=str(backend_port),
         SWARM_WRAPPERS__REASONER__PORT=str(ports["wrapper"]),
     )
     process = subprocess.Popen(
@@ -559,7 +566,6 @@ def test_the_process_registers_serves_and_deregisters_on_sigterm(tmp_path, start
         process.wait(timeout=10)
         if process.stdout:
             process.stdout.close()
-        backend.shutdown()
 
 
 # --- usage reports to the router ---------------------------------------------------------

@@ -4,9 +4,8 @@ serving SmolLM2, reached through the wrapper with the official openai and ollama
 from __future__ import annotations
 
 import json
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import openai
@@ -23,6 +22,7 @@ from tests.conftest import (
     data,
     free_port,
     make_settings,
+    serving,
 )
 
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -285,14 +285,9 @@ class _IgnoresFormat(BaseHTTPRequestHandler):
 
 @pytest.fixture
 async def ignores_format(start_wrapper):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _IgnoresFormat)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    with serving(_IgnoresFormat) as port:
+        url = f"http://127.0.0.1:{port}/v1"
         yield await start_wrapper(openai_settings(url, max_tokens_limit=64), backend=None)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.parametrize(
