@@ -94,6 +94,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` free ports, all different: each is held until the last is found (ports
+    taken one by one may repeat, and two daemons of a profile on one port refuse it)."""
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in held:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in held]
+
+
+def port_map(*names: str) -> dict[str, int]:
+    """A free port for each name, all different."""
+    return dict(zip(names, free_ports(len(names)), strict=True))
+
+
 # --- databases -------------------------------------------------------------------------
 
 
@@ -357,19 +372,25 @@ def fake_ollama() -> Iterator[int]:
         yield port
 
 
-def reasoner_swarm(directory: Path, *extra: str, **env: str) -> Daemons:
+def reasoner_swarm(
+    directory: Path, *extra: str, dead_backends: Sequence[str] = (), **env: str
+) -> Daemons:
     """The default profile's registry, SmolLM2 model host, reasoner wrapper and router, each
-    on a free port and started (``urls`` by those names, and ``extra`` services' ports set
-    but not started); ``env`` sets more of the profile."""
+    on its own free port and started (``urls`` by those names; ``extra`` wrappers' ports and
+    ``dead_backends``' are set but nothing is started there); ``env`` sets more of the
+    profile."""
     wrappers = ("reasoner", *extra)
     names = ("registry", "host", "router", *wrappers)
-    ports = {name: free_port() for name in names}
+    taken = free_ports(len(names) + len(dead_backends))
+    ports = dict(zip(names, taken[: len(names)], strict=True))
+    dead = dict(zip(dead_backends, taken[len(names) :], strict=True))
     daemons = Daemons(
         directory,
         SWARM_REGISTRY__PORT=str(ports["registry"]),
         SWARM_BACKENDS__SMOLLM2__PORT=str(ports["host"]),
         SWARM_ROUTER__PORT=str(ports["router"]),
         **{f"SWARM_WRAPPERS__{name.upper()}__PORT": str(ports[name]) for name in wrappers},
+        **{f"SWARM_BACKENDS__{name.upper()}__PORT": str(port) for name, port in dead.items()},
         **env,
     )
     daemons.urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}

@@ -26,7 +26,7 @@ from services.control.supervisor import render_config
 from services.control.swarm import check_external_backends, describe_exit, write_config
 from services.control.token_file import ensure_token_file
 from services.wrapper.settings import WrapperSettings
-from tests.conftest import DATA, REPO, free_port, process_env, read
+from tests.conftest import DATA, REPO, free_port, port_map, process_env, read
 
 
 @pytest.fixture(autouse=True)
@@ -183,7 +183,7 @@ def test_each_replica_is_its_own_daemon_started_with_its_number_not_its_config(t
 
 
 def test_status_shows_each_replica_as_its_own_daemon(profile, capsys):
-    ports = {name: free_port() for name in ("host", "reasoner")}
+    ports = port_map("host", "reasoner")
     profile(
         REPLICAS.replace("9100", str(ports["host"]))
         .replace("9000", str(ports["reasoner"]))

@@ -24,7 +24,7 @@ import openai
 import pytest
 
 from services.control.supervisor import process_alive
-from tests.conftest import free_port, process_env
+from tests.conftest import port_map, process_env
 
 pytestmark = pytest.mark.process
 
@@ -44,7 +44,7 @@ REREGISTER_S = 10  # DESIGN 7: a dead wrapper is back in routing within 10 s of 
 
 class Swarm:
     def __init__(self, tmp_path: Path) -> None:
-        self.ports = {name: free_port() for name in DAEMON_PORTS}
+        self.ports = port_map(*DAEMON_PORTS)
         self.env = process_env(
             tmp_path, **{DAEMON_PORTS[name]: str(port) for name, port in self.ports.items()}
         )

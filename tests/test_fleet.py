@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from router.usage import T as USAGE
-from tests.conftest import Daemons, fake_ollama_at, free_port
+from tests.conftest import Daemons, fake_ollama_at, free_port, port_map
 
 TOKEN = "fleet-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -48,7 +48,7 @@ class Fleet:
 
 @pytest.fixture
 def fleet(fresh_database, tmp_path) -> Iterator[Fleet]:
-    ports = {name: free_port() for name in ("registry", "router")}
+    ports = port_map("registry", "router")
     registries = [f"http://{host}:{ports['registry']}" for host in CONTROLS]
     routers = [f"http://{host}:{ports['router']}" for host in CONTROLS]
     profile = {

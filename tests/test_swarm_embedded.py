@@ -14,7 +14,7 @@ import ollama
 import openai
 import pytest
 
-from tests.conftest import free_port, reasoner_swarm
+from tests.conftest import reasoner_swarm
 
 pytestmark = pytest.mark.process
 
@@ -27,7 +27,7 @@ def swarm(tmp_path_factory):
     daemons = reasoner_swarm(
         tmp_path_factory.mktemp("swarm"),
         "classifier",
-        SWARM_BACKENDS__GEMMA3__PORT=str(free_port()),  # never started: a dead backend
+        dead_backends=["gemma3"],  # the classifier's backend is never started
         SWARM_WRAPPERS__REASONER__HEARTBEAT_INTERVAL_SECONDS="0.5",
     )
     yield daemons

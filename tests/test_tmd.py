@@ -21,6 +21,7 @@ from tests.conftest import (
     Daemons,
     free_port,
     make_settings,
+    port_map,
     recorded_answer,
     sent_json,
     split_prompt,
@@ -363,7 +364,7 @@ FLOOR_TOP1, FLOOR_TOP3 = 0.70, 0.85
 
 @pytest.fixture(scope="module")
 def tlc_chain(tmp_path_factory):
-    ports = {name: free_port() for name in ("host", "classifier", "tlc")}
+    ports = port_map("host", "classifier", "tlc")
     daemons = Daemons(
         tmp_path_factory.mktemp("tlc"),
         SWARM_REGISTRY__PORT=str(free_port()),  # none: the wrappers retry in the background
